@@ -1,0 +1,30 @@
+//! # Stagecoach coordinator
+//!
+//! Keeps every migration's state in SQL, holds capacity slots and stage
+//! leases, and streams task assignments over gRPC to stateless workers. See
+//! `../shared/DESIGN.md` for the vocabulary, state machines and invariants.
+//!
+//! ## Layout, top to bottom
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`server`] | assembles store, core, loops and the gRPC server; `run(config, listener, shutdown)` |
+//! | [`grpc`] | thin `MigrationService`, `WorkerService`, `AdminService` handlers; all proto ↔ domain conversions; the error → status mapping |
+//! | [`engine`] | the scheduling core: validation, one store transition per call, acting on its effects; the connected-worker registry; the dispatcher and sweeper loops |
+//! | [`store`] | the `Store` trait and its backends; each state change is one transaction with its precondition in SQL |
+//! | [`domain`] | plans and their validation, migration/stage/task states, leases, events — no protobuf, no SQL |
+//! | [`config`] | the typed configuration (flags, `STAGECOACH_…` environment) |
+//! | [`demo`] | `coordinator demo`: a whole local system running the sample export |
+//!
+//! Correctness never depends on in-memory state: the registry and the
+//! notification channels are caches, rebuilt when workers reconnect.
+
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod engine;
+pub mod error;
+pub mod grpc;
+pub mod server;
+pub mod store;

@@ -1,1 +1,83 @@
-fn main() {}
+//! The `coordinator` binary: parse the command line, set up logging, and hand
+//! over to `server::run` or `demo::run`.
+
+use clap::{Parser, Subcommand};
+use stagecoach_coordinator::config::{Config, LogFormat};
+use stagecoach_coordinator::{demo, server};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "coordinator", version, about = "The Stagecoach coordinator: multi-stage migrations on a worker fleet")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API (migrations, workers, admin, health, reflection).
+    Serve(Config),
+    /// Run a whole local system on a fresh SQLite file with the sample export migration.
+    Demo(demo::DemoArgs),
+}
+
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            signal().await;
+            shutdown.cancel();
+        });
+    }
+    match cli.command {
+        Command::Serve(config) => {
+            init_logging(config.log_format, "info");
+            config.validate()?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("--listen {}: cannot bind: {e}", config.listen))?;
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, database = %config.database, ?config.log_format, "coordinator starting");
+            println!("stagecoach coordinator listening on {addr}");
+            server::run(config, listener, shutdown).await?;
+        }
+        Command::Demo(args) => {
+            init_logging(LogFormat::Text, "warn");
+            let ok = demo::run(args, shutdown).await?;
+            if !ok {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! Configuration: one typed struct, from flags with `STAGECOACH_…`
+//! environment fallbacks and sane defaults, validated once at start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::engine::Timing;
+use crate::store::Limits;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings of `coordinator serve`.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on (use port 0 for an ephemeral port).
+    #[arg(long, env = "STAGECOACH_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Database URL: `sqlite://PATH` (created if missing) or a plain path.
+    #[arg(long, env = "STAGECOACH_DATABASE_URL", default_value = "sqlite://stagecoach.db")]
+    pub database: String,
+    /// How often workers send heartbeats, in milliseconds.
+    #[arg(long, env = "STAGECOACH_HEARTBEAT_INTERVAL_MS", default_value_t = 1_000)]
+    pub heartbeat_interval_ms: u64,
+    /// How long a lease lasts without a heartbeat, in milliseconds.
+    #[arg(long, env = "STAGECOACH_LEASE_DURATION_MS", default_value_t = 10_000)]
+    pub lease_duration_ms: u64,
+    /// How often to sweep for expired leases, due retries and deadlines, in milliseconds.
+    #[arg(long, env = "STAGECOACH_SWEEP_INTERVAL_MS", default_value_t = 500)]
+    pub sweep_interval_ms: u64,
+    /// Slots of the `default` pool when it is first created.
+    #[arg(long, env = "STAGECOACH_DEFAULT_POOL_SLOTS", default_value_t = 10)]
+    pub default_pool_slots: u32,
+    /// Lease expiries a task survives before it is dead.
+    #[arg(long, env = "STAGECOACH_MAX_REASSIGNMENTS", default_value_t = 5)]
+    pub max_reassignments: u32,
+    /// Log format.
+    #[arg(long, env = "STAGECOACH_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// A setting that makes no sense, named with how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {message}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+impl Config {
+    /// Checks the settings against each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |flag, message: String| Err(ConfigError { flag, message });
+        if self.heartbeat_interval_ms == 0 {
+            return err("heartbeat-interval-ms", "must be positive".into());
+        }
+        if self.lease_duration_ms < 2 * self.heartbeat_interval_ms {
+            return err(
+                "lease-duration-ms",
+                format!(
+                    "{} ms must be at least twice the heartbeat interval ({} ms), or one late heartbeat loses the lease",
+                    self.lease_duration_ms, self.heartbeat_interval_ms
+                ),
+            );
+        }
+        if self.sweep_interval_ms == 0 {
+            return err("sweep-interval-ms", "must be positive".into());
+        }
+        if self.default_pool_slots == 0 {
+            return err("default-pool-slots", "must be at least 1".into());
+        }
+        if self.max_reassignments == 0 {
+            return err("max-reassignments", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn timing(&self) -> Timing {
+        Timing {
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+            lease_duration: Duration::from_millis(self.lease_duration_ms),
+            sweep_interval: Duration::from_millis(self.sweep_interval_ms),
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits { lease_ms: self.lease_duration_ms as i64, max_reassignments: self.max_reassignments }
+    }
+}

@@ -1,0 +1,8 @@
+//! Domain types: plans and their validation, migrations, stages, tasks,
+//! leases and events. No protobuf and no SQL here.
+
+mod model;
+mod plan;
+
+pub use model::*;
+pub use plan::{PlanSpec, RetryPolicy, StageSpec, TaskSpec, validate_name, validate_task};

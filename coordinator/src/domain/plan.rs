@@ -1,0 +1,284 @@
+//! Plans: the templates migrations run, and the one place they are validated.
+//!
+//! A plan arrives either as a protobuf message (converted in `grpc::convert`)
+//! or as a JSON document; both end up as a [`PlanSpec`] and go through
+//! [`PlanSpec::validate`], so the rules and the error messages are the same
+//! whichever way a client sends it. Errors name the field with its path
+//! (`stages[1].tasks[0].kind`) so a user can find it in a long plan.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Most stages a plan may have.
+pub const MAX_STAGES: usize = 10_000;
+/// Most tasks a plan may declare up front (more can be added at run time).
+pub const MAX_STATIC_TASKS: usize = 1_000_000;
+/// Most attempts a task may be given.
+pub const MAX_ATTEMPTS: u32 = 100;
+
+/// A named template: an ordered list of stages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSpec {
+    pub name: String,
+    /// Assigned by the store; ignored on input.
+    #[serde(default)]
+    pub version: u32,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub stages: Vec<StageSpec>,
+}
+
+/// One stage of a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    pub name: String,
+    #[serde(default)]
+    pub serial: bool,
+    #[serde(default)]
+    pub dynamic: bool,
+    #[serde(default)]
+    pub tasks: Vec<TaskSpec>,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// One task of a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub kind: String,
+    #[serde(default = "empty_object")]
+    pub payload: Value,
+    /// 0 means the stage's policy.
+    #[serde(default)]
+    pub max_attempts: u32,
+}
+
+/// How a stage's failed tasks are retried; 0 means "the default".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    #[serde(default)]
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub initial_backoff_ms: u32,
+    #[serde(default)]
+    pub max_backoff_ms: u32,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+impl RetryPolicy {
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+    pub const DEFAULT_INITIAL_BACKOFF_MS: u32 = 1_000;
+    pub const DEFAULT_MAX_BACKOFF_MS: u32 = 60_000;
+
+    /// The policy with every default filled in.
+    pub fn resolved(self) -> Self {
+        let or = |v: u32, d: u32| if v == 0 { d } else { v };
+        Self {
+            max_attempts: or(self.max_attempts, Self::DEFAULT_MAX_ATTEMPTS),
+            initial_backoff_ms: or(self.initial_backoff_ms, Self::DEFAULT_INITIAL_BACKOFF_MS),
+            max_backoff_ms: or(self.max_backoff_ms, Self::DEFAULT_MAX_BACKOFF_MS),
+        }
+    }
+}
+
+impl PlanSpec {
+    /// Parses a plan from JSON, rejecting unknown fields with their path.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let de = &mut serde_json::Deserializer::from_str(json);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." || path.is_empty() {
+                "plan_json".to_string()
+            } else {
+                format!("plan_json.{path}")
+            };
+            Error::invalid(field, format!("{}; fix the JSON plan document", e.inner()))
+        })
+    }
+
+    /// Checks every rule a plan must follow. `field` prefixes error paths
+    /// (e.g. `plan` or `inline_plan`).
+    pub fn validate(&self, field: &str) -> Result<()> {
+        let at = |rest: &str| {
+            if field.is_empty() {
+                rest.to_string()
+            } else {
+                format!("{field}.{rest}")
+            }
+        };
+        validate_name(&at("name"), &self.name, "plan name")?;
+        if self.stages.is_empty() {
+            return Err(Error::invalid(
+                at("stages"),
+                "a plan needs at least one stage; add a stage with at least one task",
+            ));
+        }
+        if self.stages.len() > MAX_STAGES {
+            return Err(Error::invalid(
+                at("stages"),
+                format!("{} stages is more than the limit of {MAX_STAGES}", self.stages.len()),
+            ));
+        }
+        let mut static_tasks = 0usize;
+        for (i, stage) in self.stages.iter().enumerate() {
+            let sf = at(&format!("stages[{i}]"));
+            validate_name(&format!("{sf}.name"), &stage.name, "stage name")?;
+            if let Some(j) = self.stages[..i].iter().position(|s| s.name == stage.name) {
+                return Err(Error::invalid(
+                    format!("{sf}.name"),
+                    format!(
+                        "stage name {:?} is already used by stages[{j}]; stage names must be unique within a plan",
+                        stage.name
+                    ),
+                ));
+            }
+            if stage.tasks.is_empty() && !stage.dynamic {
+                return Err(Error::invalid(
+                    format!("{sf}.tasks"),
+                    format!(
+                        "stage {:?} has no tasks; add at least one task, or set \"dynamic\": true if earlier tasks add its tasks at run time",
+                        stage.name
+                    ),
+                ));
+            }
+            validate_retry(&format!("{sf}.retry"), &stage.retry)?;
+            for (j, task) in stage.tasks.iter().enumerate() {
+                validate_task(&format!("{sf}.tasks[{j}]"), &task.kind, &task.payload, task.max_attempts)?;
+            }
+            static_tasks += stage.tasks.len();
+        }
+        if static_tasks > MAX_STATIC_TASKS {
+            return Err(Error::invalid(
+                at("stages"),
+                format!(
+                    "{static_tasks} tasks is more than the limit of {MAX_STATIC_TASKS} declared tasks; add tasks at run time from an earlier stage instead"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Index of the stage with this name.
+    pub fn stage_index(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+}
+
+/// Checks one task's fields (also used for tasks added at run time).
+pub fn validate_task(field: &str, kind: &str, payload: &Value, max_attempts: u32) -> Result<()> {
+    validate_name(&format!("{field}.kind"), kind, "task kind")?;
+    if !payload.is_object() {
+        return Err(Error::invalid(
+            format!("{field}.payload"),
+            "the payload must be a JSON object, e.g. {\"table\": \"users\"}",
+        ));
+    }
+    if max_attempts > MAX_ATTEMPTS {
+        return Err(Error::invalid(
+            format!("{field}.max_attempts"),
+            format!("{max_attempts} is more than the limit of {MAX_ATTEMPTS}; use 1-{MAX_ATTEMPTS}, or 0 for the stage's policy"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_retry(field: &str, r: &RetryPolicy) -> Result<()> {
+    if r.max_attempts > MAX_ATTEMPTS {
+        return Err(Error::invalid(
+            format!("{field}.max_attempts"),
+            format!("{} is more than the limit of {MAX_ATTEMPTS}; use 1-{MAX_ATTEMPTS}, or 0 for the default", r.max_attempts),
+        ));
+    }
+    let r = r.resolved();
+    if r.initial_backoff_ms > r.max_backoff_ms {
+        return Err(Error::invalid(
+            format!("{field}.initial_backoff_ms"),
+            format!(
+                "{} ms is more than max_backoff_ms ({} ms); lower it or raise max_backoff_ms",
+                r.initial_backoff_ms, r.max_backoff_ms
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Names of plans, stages, task kinds and pools: 1-100 characters of
+/// `[A-Za-z0-9._-]`, so they are safe in URLs, logs and metric labels.
+pub fn validate_name(field: &str, value: &str, what: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, format!("the {what} is required")));
+    }
+    if value.len() > 100
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("{what} {value:?} must be 1-100 characters of A-Z, a-z, 0-9, '.', '_' or '-'"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(json: &str) -> Result<PlanSpec> {
+        let p = PlanSpec::from_json(json)?;
+        p.validate("")?;
+        Ok(p)
+    }
+
+    fn field_of(r: Result<PlanSpec>) -> String {
+        match r {
+            Err(Error::InvalidArgument { field, .. }) => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_dynamic_stage_without_tasks() {
+        let p = plan(r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"noop"}]},{"name":"b","dynamic":true}]}"#).unwrap();
+        assert_eq!(p.stages[0].tasks[0].payload, serde_json::json!({}));
+        assert_eq!(p.stage_index("b"), Some(1));
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        assert_eq!(field_of(plan(r#"{"name":"p","stages":[]}"#)), "stages");
+        assert_eq!(field_of(plan(r#"{"name":"p","stages":[{"name":"a"}]}"#)), "stages[0].tasks");
+        assert_eq!(
+            field_of(plan(r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x"}]},{"name":"a","tasks":[{"kind":"x"}]}]}"#)),
+            "stages[1].name"
+        );
+        assert_eq!(field_of(plan(r#"{"name":"","stages":[{"name":"a","tasks":[{"kind":"x"}]}]}"#)), "name");
+        assert_eq!(
+            field_of(plan(r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x y"}]}]}"#)),
+            "stages[0].tasks[0].kind"
+        );
+        assert_eq!(
+            field_of(plan(r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x","payload":[1]}]}]}"#)),
+            "stages[0].tasks[0].payload"
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_fields_with_their_path() {
+        let err = plan(r#"{"name":"p","stages":[{"name":"a","tasks":[{"knd":"noop"}]}]}"#).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("plan_json.stages[0].tasks[0]"), "{msg}");
+        assert!(msg.contains("unknown field `knd`"), "{msg}");
+    }
+}

@@ -1,0 +1,78 @@
+//! The coordinator's two background loops. Both are `select!` on a wake-up
+//! (or tick) and the shutdown token, and do one pass at a time.
+//!
+//! Work is pushed, not polled: a commit that makes tasks ready wakes the
+//! dispatcher at once; the dispatcher's tick is only a safety net, and the
+//! sweeper's tick is the only timer that finds expired leases, due retries
+//! and deadlines.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Coordinator, WorkerEvent};
+use crate::domain::SweepReport;
+
+/// Hands ready tasks to eligible workers until shutdown.
+pub async fn run_dispatcher(core: Arc<Coordinator>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(core.timing.sweep_interval.max(Duration::from_millis(100)) * 4);
+    loop {
+        tokio::select! {
+            _ = core.wake.notified() => {}
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if let Err(e) = dispatch_once(&core).await {
+            tracing::error!(error = %e, "dispatch pass failed; retrying on the next wake-up");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            core.wake.notify_one();
+        }
+    }
+}
+
+/// One dispatch pass: each eligible worker claims up to its free slots.
+/// Returns how many tasks were assigned.
+pub async fn dispatch_once(core: &Coordinator) -> crate::error::Result<usize> {
+    // A worker that missed three heartbeats gets no new work; its leases are
+    // only reclaimed when they expire (a longer threshold).
+    let recent = core.timing.heartbeat_interval * 3;
+    let mut assigned = 0;
+    for worker in core.registry.eligible(recent) {
+        let claimed = core.store.claim(&worker.spec.worker_id, &worker.spec.kinds, worker.spec.slots).await?;
+        for a in claimed {
+            let (lease, migration_id) = (a.lease, a.migration_id);
+            if worker.tx.send(WorkerEvent::Assign(a)).is_err() {
+                // The stream closed between the claim and the send: give the
+                // task back at once instead of waiting for the lease to expire.
+                let fx = core.store.release(&worker.spec.worker_id, lease).await?;
+                core.apply(fx);
+            } else {
+                assigned += 1;
+            }
+            let _ = core.changes.send(migration_id);
+        }
+    }
+    Ok(assigned)
+}
+
+/// Sweeps expired leases, due retries and deadlines until shutdown.
+pub async fn run_sweeper(core: Arc<Coordinator>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(core.timing.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match core.store.sweep().await {
+            Ok((report, fx)) => {
+                if report != SweepReport::default() {
+                    tracing::info!(?report, "sweep");
+                }
+                core.apply(fx);
+            }
+            Err(e) => tracing::error!(error = %e, "sweep failed; trying again on the next tick"),
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The scheduling core: what the gRPC services call. It validates requests
+//! in domain terms, runs each state change as one store transaction, and acts
+//! on the committed [`Effects`]: wake the dispatcher, tell watchers, push
+//! cancel notices. No protobuf here, so it is tested without a network.
+
+mod loops;
+mod registry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{
+    Completion, Event, Failure, HeartbeatOutcome, LeaseStatus, Migration, MigrationFilter, NewMigration, PlanSpec,
+    Pool, ReportAck, validate_name,
+};
+use crate::error::{Error, Result};
+use crate::store::{Effects, Store, SubjectView};
+
+pub use loops::{run_dispatcher, run_sweeper};
+pub use registry::{Registry, WorkerEvent, WorkerSpec, WorkerView};
+
+/// Timing of the worker protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How often workers send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// How long a lease lasts after it is granted or renewed.
+    pub lease_duration: Duration,
+    /// How often the sweeper looks for expired leases, due retries and deadlines.
+    pub sweep_interval: Duration,
+}
+
+/// Where a migration's plan comes from.
+#[derive(Debug, Clone)]
+pub enum PlanSource {
+    /// A stored plan, by name (its latest version).
+    Named(String),
+    /// A plan given with the request.
+    Inline(PlanSpec),
+}
+
+/// A client's request to create a migration, before validation.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub plan: PlanSource,
+    pub subject: String,
+    pub parameters: Value,
+    pub pool: String,
+    pub deadline_ms: Option<i64>,
+    pub idempotency_key: Option<String>,
+}
+
+/// The coordinator's core, shared by every service and background loop.
+pub struct Coordinator {
+    store: Arc<dyn Store>,
+    registry: Registry,
+    wake: Notify,
+    changes: broadcast::Sender<i64>,
+    timing: Timing,
+    shutdown: CancellationToken,
+}
+
+impl Coordinator {
+    /// A core over `store`; `shutdown` ends its loops and streams.
+    pub fn new(store: Arc<dyn Store>, timing: Timing, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            registry: Registry::default(),
+            wake: Notify::new(),
+            changes: broadcast::channel(4096).0,
+            timing,
+            shutdown,
+        })
+    }
+
+    /// Resolves when the coordinator starts shutting down.
+    pub async fn shutting_down(&self) {
+        self.shutdown.cancelled().await
+    }
+
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// Acts on what a committed transition changed.
+    fn apply(&self, fx: Effects) {
+        for lease in fx.revoked {
+            let event = WorkerEvent::Cancel { lease: lease.lease, reason: lease.reason };
+            self.registry.send(&lease.worker_id, event);
+        }
+        for id in fx.touched {
+            // No receivers is fine: nobody is watching.
+            let _ = self.changes.send(id);
+        }
+        if fx.dispatch {
+            self.wake.notify_one();
+        }
+    }
+
+    // --- plans -----------------------------------------------------------
+
+    pub async fn put_plan(&self, plan: PlanSpec) -> Result<PlanSpec> {
+        plan.validate("")?;
+        self.store.put_plan(&plan).await
+    }
+
+    pub async fn get_plan(&self, name: &str) -> Result<PlanSpec> {
+        self.store.get_plan(name).await?.ok_or_else(|| plan_not_found(name))
+    }
+
+    pub async fn list_plans(&self) -> Result<Vec<PlanSpec>> {
+        self.store.list_plans().await
+    }
+
+    // --- migrations ------------------------------------------------------
+
+    /// Creates (or, for a repeated idempotency key, finds) a migration.
+    pub async fn create_migration(&self, req: CreateRequest) -> Result<(Migration, bool)> {
+        let subject = req.subject.trim();
+        if subject.is_empty() {
+            return Err(Error::invalid("subject", "the subject is required, e.g. \"project/42\""));
+        }
+        if subject.len() > 500 {
+            return Err(Error::invalid("subject", "the subject must be at most 500 characters"));
+        }
+        if !req.parameters.is_object() {
+            return Err(Error::invalid("parameters", "parameters must be a JSON object"));
+        }
+        let pool = if req.pool.is_empty() { "default".to_string() } else { req.pool };
+        validate_name("pool", &pool, "pool name")?;
+        if let Some(key) = &req.idempotency_key
+            && key.len() > 200
+        {
+            return Err(Error::invalid("idempotency_key", "the idempotency key must be at most 200 characters"));
+        }
+        let plan = match req.plan {
+            PlanSource::Named(name) => {
+                if name.is_empty() {
+                    return Err(Error::invalid("plan_name", "name a stored plan, or give inline_plan"));
+                }
+                self.get_plan(&name).await?
+            }
+            PlanSource::Inline(plan) => {
+                plan.validate("inline_plan")?;
+                plan
+            }
+        };
+        let new = NewMigration {
+            plan,
+            subject: subject.to_string(),
+            parameters: req.parameters,
+            pool,
+            deadline_ms: req.deadline_ms,
+            idempotency_key: req.idempotency_key.filter(|k| !k.is_empty()),
+        };
+        let (created, fx) = self.store.create_migration(&new).await?;
+        self.apply(fx);
+        let migration = self.get_migration(created.migration_id).await?;
+        Ok((migration, created.created))
+    }
+
+    pub async fn get_migration(&self, id: i64) -> Result<Migration> {
+        self.store.get_migration(id).await?.ok_or_else(|| migration_not_found(id))
+    }
+
+    pub async fn list_migrations(&self, filter: &MigrationFilter) -> Result<Vec<Migration>> {
+        self.store.list_migrations(filter).await
+    }
+
+    pub async fn list_events(&self, migration_id: i64, after_id: i64, limit: u32) -> Result<Vec<Event>> {
+        self.get_migration(migration_id).await?;
+        self.store.list_events(migration_id, after_id, limit).await
+    }
+
+    pub async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Migration> {
+        let fx = self.store.cancel_migration(id, reason).await?;
+        self.apply(fx);
+        self.get_migration(id).await
+    }
+
+    pub async fn retry_migration(&self, id: i64) -> Result<Migration> {
+        let fx = self.store.retry_migration(id).await?;
+        self.apply(fx);
+        self.get_migration(id).await
+    }
+
+    pub async fn subject_status(&self, subject: &str) -> Result<SubjectView> {
+        if subject.is_empty() {
+            return Err(Error::invalid("subject", "the subject is required, e.g. \"project/42\""));
+        }
+        self.store.subject_status(subject).await
+    }
+
+    /// Notifications of migrations that changed (by id), for watchers.
+    pub fn changes(&self) -> broadcast::Receiver<i64> {
+        self.changes.subscribe()
+    }
+
+    // --- workers ---------------------------------------------------------
+
+    /// Registers a worker's stream. Events for it arrive on the returned
+    /// receiver; call [`Coordinator::unsubscribe`] with the connection number
+    /// when the stream ends.
+    pub fn subscribe(&self, spec: WorkerSpec) -> Result<(u64, mpsc::UnboundedReceiver<WorkerEvent>)> {
+        if spec.worker_id.is_empty() || spec.worker_id.len() > 200 {
+            return Err(Error::invalid("worker_id", "a worker id of 1-200 characters is required; keep it across reconnects"));
+        }
+        if spec.kinds.is_empty() {
+            return Err(Error::invalid("kinds", "name at least one task kind the worker handles"));
+        }
+        for (i, kind) in spec.kinds.iter().enumerate() {
+            validate_name(&format!("kinds[{i}]"), kind, "task kind")?;
+        }
+        if spec.slots == 0 || spec.slots > 10_000 {
+            return Err(Error::invalid("slots", "slots must be 1-10000: how many tasks the worker runs at once"));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = self.registry.connect(spec, tx);
+        self.wake.notify_one();
+        Ok((conn, rx))
+    }
+
+    pub fn unsubscribe(&self, worker_id: &str, conn: u64) {
+        self.registry.disconnect(worker_id, conn);
+    }
+
+    pub async fn heartbeat(&self, worker_id: &str, leases: &[LeaseStatus]) -> Result<HeartbeatOutcome> {
+        self.registry.seen(worker_id);
+        self.store.heartbeat(worker_id, leases).await
+    }
+
+    /// Records successful attempts, one transaction each, in order.
+    pub async fn complete(&self, worker_id: &str, reports: &[Completion]) -> Vec<Result<ReportAck>> {
+        let mut out = Vec::with_capacity(reports.len());
+        for c in reports {
+            out.push(self.store.complete(worker_id, c).await.map(|(ack, fx)| {
+                self.apply(fx);
+                ack
+            }));
+        }
+        out
+    }
+
+    /// Records failed attempts, one transaction each, in order.
+    pub async fn fail(&self, worker_id: &str, reports: &[Failure]) -> Vec<Result<ReportAck>> {
+        let mut out = Vec::with_capacity(reports.len());
+        for f in reports {
+            out.push(self.store.fail(worker_id, f).await.map(|(ack, fx)| {
+                self.apply(fx);
+                ack
+            }));
+        }
+        out
+    }
+
+    pub fn workers(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn drain_worker(&self, worker_id: &str) -> Result<WorkerView> {
+        self.registry
+            .drain(worker_id)
+            .ok_or_else(|| Error::NotFound(format!("worker {worker_id:?} is not connected to this coordinator")))
+    }
+
+    // --- pools -----------------------------------------------------------
+
+    pub async fn list_pools(&self) -> Result<Vec<Pool>> {
+        self.store.list_pools().await
+    }
+
+    pub async fn create_pool(&self, name: &str, slots: u32) -> Result<Pool> {
+        validate_name("name", name, "pool name")?;
+        check_slots(slots)?;
+        self.store.create_pool(name, slots).await
+    }
+
+    pub async fn set_pool_slots(&self, name: &str, slots: u32) -> Result<Pool> {
+        check_slots(slots)?;
+        let (pool, fx) = self.store.set_pool_slots(name, slots).await?;
+        self.apply(fx);
+        Ok(pool)
+    }
+
+    pub async fn set_pool_paused(&self, name: &str, paused: bool) -> Result<Pool> {
+        let (pool, fx) = self.store.set_pool_paused(name, paused).await?;
+        self.apply(fx);
+        Ok(pool)
+    }
+
+    /// Ends every worker stream (shutdown).
+    pub fn close_streams(&self) {
+        self.registry.close_all();
+    }
+}
+
+fn check_slots(slots: u32) -> Result<()> {
+    if slots == 0 || slots > 100_000 {
+        return Err(Error::invalid("slots", "slots must be 1-100000"));
+    }
+    Ok(())
+}
+
+fn plan_not_found(name: &str) -> Error {
+    Error::NotFound(format!("plan {name:?} does not exist; store it with PutPlan first, or list plans with ListPlans"))
+}
+
+fn migration_not_found(id: i64) -> Error {
+    Error::NotFound(format!("migration {id} does not exist"))
+}

@@ -1,0 +1,45 @@
+//! The coordinator's error type. Every variant maps to one gRPC code (in
+//! `grpc::status`) and carries a message that says what was wrong and how to
+//! fix it, because these messages are what a grpcurl user reads.
+
+/// Errors of the scheduling core and the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request or plan is malformed; `field` names the offending field.
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A second unfinished migration for a busy subject, or a taken name.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A report named a lease that is no longer live (I4).
+    #[error("{0}")]
+    LeaseNotHeld(String),
+    /// The transition is not allowed from the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The database failed; the operation did not happen.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date at start.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Stored data could not be decoded; a bug or a hand-edited database.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Result with the coordinator's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,14 @@
+//! The gRPC edge: three thin services over the core, the conversions between
+//! protobuf and domain types, and the one error-to-status mapping. Nothing
+//! below this module imports generated protobuf types.
+
+mod admin;
+pub mod convert;
+mod migration;
+mod status;
+mod worker;
+
+pub use admin::AdminApi;
+pub use migration::MigrationApi;
+pub use status::code_of;
+pub use worker::WorkerApi;

@@ -1,0 +1,83 @@
+//! Assembles and runs a coordinator: store, core, background loops and the
+//! gRPC server (three services, health and reflection on one port).
+//! Shutdown is a parameter, so tests and the demo drive it.
+
+use std::sync::Arc;
+
+use stagecoach_proto::v1::admin_service_server::AdminServiceServer;
+use stagecoach_proto::v1::migration_service_server::MigrationServiceServer;
+use stagecoach_proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::{Coordinator, run_dispatcher, run_sweeper};
+use crate::grpc::{AdminApi, MigrationApi, WorkerApi};
+use crate::store::{SqliteStore, Store};
+
+/// Why a coordinator could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("could not open the database: {0}")]
+    Store(#[from] crate::error::Error),
+    #[error("could not build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Opens the configured store and prepares the default pool.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServeError> {
+    config.validate()?;
+    let store = SqliteStore::open(&config.database, config.limits()).await?;
+    store.ensure_pool("default", config.default_pool_slots).await?;
+    Ok(Arc::new(store))
+}
+
+/// Serves on `listener` until `shutdown` is cancelled, then drains: worker
+/// and watch streams end, in-flight calls finish, the loops stop.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let store = open_store(&config).await?;
+    let core = Coordinator::new(store, config.timing(), shutdown.clone());
+    let dispatcher = tokio::spawn(run_dispatcher(core.clone(), shutdown.clone()));
+    let sweeper = tokio::spawn(run_sweeper(core.clone(), shutdown.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<MigrationServiceServer<MigrationApi>>().await;
+    health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    health.set_serving::<AdminServiceServer<AdminApi>>().await;
+    // Both reflection versions: grpcurl and many generated tools still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(stagecoach_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let drain = {
+        let core = core.clone();
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!("shutting down: closing worker streams");
+            core.close_streams();
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(MigrationServiceServer::new(MigrationApi::new(core.clone())))
+        .add_service(WorkerServiceServer::new(WorkerApi::new(core.clone())))
+        .add_service(AdminServiceServer::new(AdminApi::new(core.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .await?;
+    let _ = dispatcher.await;
+    let _ = sweeper.await;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

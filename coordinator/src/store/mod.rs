@@ -1,0 +1,124 @@
+//! Persistence: one [`Store`] trait, one file per backend.
+//!
+//! Every state change is one store method and one transaction whose SQL
+//! checks its precondition (state and fencing token), so correctness never
+//! depends on in-memory state and the coordinator can be killed at any
+//! instant. Each method returns the [`Effects`] the caller must act on after
+//! the commit (wake the dispatcher, tell watchers, send cancel notices) — the
+//! reply to a client or worker is sent only after the commit (I11).
+
+mod sqlite;
+
+use std::collections::BTreeSet;
+
+use async_trait::async_trait;
+
+use crate::domain::{
+    Assignment, Completion, Event, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken, Migration,
+    MigrationFilter, NewMigration, PlanSpec, Pool, ReportAck, Revoked, SubjectStatus, SweepReport,
+};
+use crate::error::Result;
+
+pub use sqlite::SqliteStore;
+
+/// What a committed transition means for the rest of the coordinator.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Effects {
+    /// Migrations whose state, progress or events changed.
+    pub touched: BTreeSet<i64>,
+    /// Leases that were taken away and whose workers must be told to stop.
+    pub revoked: Vec<Revoked>,
+    /// True when tasks became ready or worker slots freed: dispatch again.
+    pub dispatch: bool,
+}
+
+impl Effects {
+    pub(crate) fn touch(&mut self, migration_id: i64) {
+        self.touched.insert(migration_id);
+    }
+}
+
+/// Timing and limits the store applies; taken from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a lease lasts after it is granted or renewed.
+    pub lease_ms: i64,
+    /// Lease expiries a task survives before it is dead.
+    pub max_reassignments: u32,
+}
+
+/// The created (or found) migration and whether this call created it.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub migration_id: i64,
+    pub created: bool,
+}
+
+/// Subject status with the latest and the latest successful migration.
+#[derive(Debug, Clone)]
+pub struct SubjectView {
+    pub status: SubjectStatus,
+    pub latest: Option<Migration>,
+    pub last_succeeded: Option<Migration>,
+}
+
+/// The store interface. Mutating methods name the invariant they keep.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new version of a plan (validated by the caller).
+    async fn put_plan(&self, plan: &PlanSpec) -> Result<PlanSpec>;
+    /// The latest version of a plan.
+    async fn get_plan(&self, name: &str) -> Result<Option<PlanSpec>>;
+    /// The latest version of every plan, by name.
+    async fn list_plans(&self) -> Result<Vec<PlanSpec>>;
+
+    /// Creates a pool if it does not exist yet (start-up: the default pool).
+    async fn ensure_pool(&self, name: &str, slots: u32) -> Result<()>;
+    /// Creates a pool; `AlreadyExists` if the name is taken.
+    async fn create_pool(&self, name: &str, slots: u32) -> Result<Pool>;
+    /// Changes a pool's slots and admits at once if slots were added (I3).
+    async fn set_pool_slots(&self, name: &str, slots: u32) -> Result<(Pool, Effects)>;
+    /// Pauses or resumes admission into a pool (I3).
+    async fn set_pool_paused(&self, name: &str, paused: bool) -> Result<(Pool, Effects)>;
+    /// Every pool with its usage.
+    async fn list_pools(&self) -> Result<Vec<Pool>>;
+
+    /// Creates a migration and admits it if its pool has a free slot.
+    /// Keeps I8 (one unfinished run per subject, idempotency keys) and I3.
+    async fn create_migration(&self, m: &NewMigration) -> Result<(Created, Effects)>;
+    /// One migration with its per-stage progress.
+    async fn get_migration(&self, id: i64) -> Result<Option<Migration>>;
+    /// Migrations, newest first.
+    async fn list_migrations(&self, filter: &MigrationFilter) -> Result<Vec<Migration>>;
+    /// A page of one migration's events, oldest first.
+    async fn list_events(&self, migration_id: i64, after_id: i64, limit: u32) -> Result<Vec<Event>>;
+    /// What a client sees of a subject.
+    async fn subject_status(&self, subject: &str) -> Result<SubjectView>;
+
+    /// Leases up to `slots` minus the worker's live leases of ready tasks of
+    /// the given kinds, oldest ready first. Keeps I1 (only tasks of running
+    /// stages are ready), I4 (a task is claimed only from `ready`) and I12.
+    async fn claim(&self, worker_id: &str, kinds: &[String], slots: u32) -> Result<Vec<Assignment>>;
+    /// Puts a lease that could not be delivered back to `ready` without
+    /// counting an attempt against the task.
+    async fn release(&self, worker_id: &str, lease: LeaseToken) -> Result<Effects>;
+    /// Renews the worker's live leases and records progress; leases no longer
+    /// held come back as cancel notices (I4, I9).
+    async fn heartbeat(&self, worker_id: &str, leases: &[LeaseStatus]) -> Result<HeartbeatOutcome>;
+    /// Records a successful attempt; the last success of a stage starts the
+    /// next one. Keeps I1, I2, I4, I5.
+    async fn complete(&self, worker_id: &str, c: &Completion) -> Result<(ReportAck, Effects)>;
+    /// Records a failed attempt: retry after backoff, or the task is dead and
+    /// the migration fails. Keeps I4, I5, I7.
+    async fn fail(&self, worker_id: &str, f: &Failure) -> Result<(ReportAck, Effects)>;
+    /// Cancels a queued or running migration (I9).
+    async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Effects>;
+    /// Queues a failed or canceled migration again from its first unfinished
+    /// stage (I2, I8).
+    async fn retry_migration(&self, id: i64) -> Result<Effects>;
+    /// Reclaims expired leases and fails migrations past their deadline
+    /// (I6, I7, I10). Safe to run at any time.
+    async fn sweep(&self) -> Result<(SweepReport, Effects)>;
+    /// The live leases a worker holds.
+    async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>>;
+}

@@ -1,0 +1,352 @@
+//! The state machines of DESIGN.md as SQL, shared by every transition of the
+//! SQLite store. Each helper runs inside the caller's transaction and guards
+//! its update with the state it expects (`WHERE state = 'pending'` and so
+//! on): a transition that already happened is a no-op, which is what keeps a
+//! duplicate or late message from starting a stage twice (I2).
+
+use sqlx::{Row, SqliteConnection};
+
+use crate::clock::now_ms;
+use crate::domain::{EventKind, LeaseToken, MigrationState, Revoked};
+use crate::error::Result;
+use crate::store::Effects;
+
+/// Optional parts of an event.
+#[derive(Default)]
+pub(super) struct EventAt<'a> {
+    pub stage: Option<i64>,
+    pub task_id: i64,
+    pub attempt: i64,
+    pub worker: &'a str,
+    pub message: &'a str,
+}
+
+/// Appends one event to the log.
+pub(super) async fn event(
+    conn: &mut SqliteConnection,
+    migration_id: i64,
+    kind: EventKind,
+    at: EventAt<'_>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(migration_id)
+    .bind(now_ms())
+    .bind(kind.as_str())
+    .bind(at.stage)
+    .bind(at.task_id)
+    .bind(at.attempt)
+    .bind(at.worker)
+    .bind(at.message)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Admits the oldest queued migrations of a pool into every free slot, in one
+/// pass (I3), and starts their first unfinished stage.
+pub(super) async fn admit(conn: &mut SqliteConnection, pool: &str, fx: &mut Effects) -> Result<()> {
+    // A migration whose stages are all empty finishes during admission and
+    // frees its slot again, hence the loop.
+    loop {
+        let row = sqlx::query(
+            "SELECT p.slots, p.paused,
+                    (SELECT count(*) FROM migrations m WHERE m.pool = p.name AND m.state = 'running') AS running
+             FROM pools p WHERE p.name = ?",
+        )
+        .bind(pool)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(row) = row else { return Ok(()) };
+        let (slots, paused, running): (i64, bool, i64) = (row.get(0), row.get(1), row.get(2));
+        if paused || running >= slots {
+            return Ok(());
+        }
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM migrations WHERE pool = ? AND state = 'queued'
+             ORDER BY queued_at, id LIMIT ?",
+        )
+        .bind(pool)
+        .bind(slots - running)
+        .fetch_all(&mut *conn)
+        .await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut finished_any = false;
+        for id in ids {
+            let admitted = sqlx::query(
+                "UPDATE migrations SET state = 'running', admitted_at = ? WHERE id = ? AND state = 'queued'",
+            )
+            .bind(now_ms())
+            .bind(id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if admitted == 0 {
+                continue;
+            }
+            event(conn, id, EventKind::MigrationAdmitted, EventAt::default()).await?;
+            fx.touch(id);
+            let first: Option<i64> = sqlx::query_scalar(
+                "SELECT min(idx) FROM stages WHERE migration_id = ? AND state != 'succeeded'",
+            )
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?;
+            let count = stage_count(conn, id).await?;
+            finished_any |= enter_stage(conn, id, first.unwrap_or(count), fx).await?;
+        }
+        if !finished_any {
+            return Ok(());
+        }
+    }
+}
+
+async fn stage_count(conn: &mut SqliteConnection, migration_id: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM stages WHERE migration_id = ?")
+        .bind(migration_id)
+        .fetch_one(conn)
+        .await?)
+}
+
+/// Starts stage `idx` of a running migration: marks it running (once — I2)
+/// and makes its tasks ready (only the first one for a serial stage). An empty
+/// stage succeeds at once and the next one starts; past the last stage the
+/// migration succeeds. Returns true when the migration succeeded, so the
+/// caller admits into the freed slot.
+pub(super) async fn enter_stage(
+    conn: &mut SqliteConnection,
+    migration_id: i64,
+    mut idx: i64,
+    fx: &mut Effects,
+) -> Result<bool> {
+    let count = stage_count(conn, migration_id).await?;
+    loop {
+        if idx >= count {
+            return succeed_migration(conn, migration_id, fx).await;
+        }
+        let started = sqlx::query(
+            "UPDATE stages SET state = 'running', started_at = ?
+             WHERE migration_id = ? AND idx = ? AND state = 'pending'",
+        )
+        .bind(now_ms())
+        .bind(migration_id)
+        .bind(idx)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if started == 0 {
+            return Ok(false);
+        }
+        fx.touch(migration_id);
+        event(conn, migration_id, EventKind::StageStarted, EventAt { stage: Some(idx), ..Default::default() }).await?;
+        let (total, serial): (i64, bool) =
+            sqlx::query_as("SELECT total, serial FROM stages WHERE migration_id = ? AND idx = ?")
+                .bind(migration_id)
+                .bind(idx)
+                .fetch_one(&mut *conn)
+                .await?;
+        if total > 0 {
+            if serial {
+                ready_next_serial(conn, migration_id, idx).await?;
+            } else {
+                sqlx::query(
+                    "UPDATE tasks SET state = 'ready', ready_at = ?
+                     WHERE migration_id = ? AND stage_idx = ? AND state = 'pending'",
+                )
+                .bind(now_ms())
+                .bind(migration_id)
+                .bind(idx)
+                .execute(&mut *conn)
+                .await?;
+            }
+            fx.dispatch = true;
+            return Ok(false);
+        }
+        // A dynamic stage that received no tasks: nothing can add work to it
+        // any more, so it is done.
+        finish_stage(conn, migration_id, idx, fx).await?;
+        idx += 1;
+    }
+}
+
+/// Makes the next pending task of a serial stage ready, in insertion order.
+pub(super) async fn ready_next_serial(conn: &mut SqliteConnection, migration_id: i64, idx: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE tasks SET state = 'ready', ready_at = ?
+         WHERE id = (SELECT min(id) FROM tasks WHERE migration_id = ? AND stage_idx = ? AND state = 'pending')
+           -- a serial stage runs one task at a time
+           AND NOT EXISTS (SELECT 1 FROM tasks WHERE migration_id = ? AND stage_idx = ? AND state IN ('ready', 'leased'))",
+    )
+    .bind(now_ms())
+    .bind(migration_id)
+    .bind(idx)
+    .bind(migration_id)
+    .bind(idx)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks a running stage succeeded (once).
+async fn finish_stage(conn: &mut SqliteConnection, migration_id: i64, idx: i64, fx: &mut Effects) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE stages SET state = 'succeeded', finished_at = ?
+         WHERE migration_id = ? AND idx = ? AND state = 'running' AND succeeded = total",
+    )
+    .bind(now_ms())
+    .bind(migration_id)
+    .bind(idx)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if done == 1 {
+        fx.touch(migration_id);
+        event(conn, migration_id, EventKind::StageSucceeded, EventAt { stage: Some(idx), ..Default::default() }).await?;
+    }
+    Ok(done == 1)
+}
+
+/// After a task of stage `idx` succeeded: if it was the stage's last, the
+/// stage succeeds and the next one starts (I1). Returns true when the whole
+/// migration succeeded.
+pub(super) async fn after_task_success(
+    conn: &mut SqliteConnection,
+    migration_id: i64,
+    idx: i64,
+    fx: &mut Effects,
+) -> Result<bool> {
+    if finish_stage(conn, migration_id, idx, fx).await? {
+        enter_stage(conn, migration_id, idx + 1, fx).await
+    } else {
+        ready_next_serial_if(conn, migration_id, idx).await?;
+        Ok(false)
+    }
+}
+
+async fn ready_next_serial_if(conn: &mut SqliteConnection, migration_id: i64, idx: i64) -> Result<()> {
+    let serial: bool = sqlx::query_scalar("SELECT serial FROM stages WHERE migration_id = ? AND idx = ?")
+        .bind(migration_id)
+        .bind(idx)
+        .fetch_one(&mut *conn)
+        .await?;
+    if serial {
+        ready_next_serial(conn, migration_id, idx).await?;
+    }
+    Ok(())
+}
+
+async fn succeed_migration(conn: &mut SqliteConnection, migration_id: i64, fx: &mut Effects) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE migrations SET state = 'succeeded', finished_at = ? WHERE id = ? AND state = 'running'",
+    )
+    .bind(now_ms())
+    .bind(migration_id)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if done == 1 {
+        fx.touch(migration_id);
+        fx.dispatch = true;
+        event(conn, migration_id, EventKind::MigrationSucceeded, EventAt::default()).await?;
+    }
+    Ok(done == 1)
+}
+
+/// Ends a queued or running migration as failed or canceled: every unfinished
+/// task of a running stage is canceled, held leases are revoked (their
+/// workers get cancel notices, I9), the running stage ends, and the slot is
+/// freed. Returns false if the migration was already finished.
+pub(super) async fn abort_migration(
+    conn: &mut SqliteConnection,
+    migration_id: i64,
+    state: MigrationState,
+    reason: &str,
+    fx: &mut Effects,
+) -> Result<bool> {
+    debug_assert!(matches!(state, MigrationState::Failed | MigrationState::Canceled));
+    let pool: Option<String> = sqlx::query_scalar(
+        "UPDATE migrations SET state = ?, reason = ?, finished_at = ?
+         WHERE id = ? AND state IN ('queued', 'running') RETURNING pool",
+    )
+    .bind(state.as_str())
+    .bind(reason)
+    .bind(now_ms())
+    .bind(migration_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(pool) = pool else { return Ok(false) };
+    fx.touch(migration_id);
+    fx.dispatch = true;
+
+    let leased = sqlx::query(
+        "SELECT id, attempt, lease_worker FROM tasks WHERE migration_id = ? AND state = 'leased'",
+    )
+    .bind(migration_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let why = match state {
+        MigrationState::Canceled => "migration canceled",
+        _ => "migration failed",
+    };
+    for row in leased {
+        fx.revoked.push(Revoked {
+            worker_id: row.get::<Option<String>, _>(2).unwrap_or_default(),
+            lease: LeaseToken { task_id: row.get(0), attempt: row.get::<i64, _>(1) as u32 },
+            reason: why.to_string(),
+        });
+    }
+
+    let canceled = sqlx::query(
+        "UPDATE tasks SET state = 'canceled', lease_worker = NULL, lease_expires_at = NULL, finished_at = ?
+         WHERE migration_id = ? AND state IN ('pending', 'ready', 'leased')
+           AND stage_idx IN (SELECT idx FROM stages WHERE migration_id = ? AND state = 'running')
+         RETURNING id, stage_idx, attempt",
+    )
+    .bind(now_ms())
+    .bind(migration_id)
+    .bind(migration_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in &canceled {
+        let (task_id, stage, attempt): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        sqlx::query("UPDATE stages SET canceled = canceled + 1 WHERE migration_id = ? AND idx = ?")
+            .bind(migration_id)
+            .bind(stage)
+            .execute(&mut *conn)
+            .await?;
+        event(
+            conn,
+            migration_id,
+            EventKind::TaskCanceled,
+            EventAt { stage: Some(stage), task_id, attempt, message: why, ..Default::default() },
+        )
+        .await?;
+    }
+
+    let (stage_state, stage_event) = match state {
+        MigrationState::Canceled => ("canceled", EventKind::StageFailed),
+        _ => ("failed", EventKind::StageFailed),
+    };
+    let ended: Vec<i64> = sqlx::query_scalar(
+        "UPDATE stages SET state = ?, finished_at = ? WHERE migration_id = ? AND state = 'running' RETURNING idx",
+    )
+    .bind(stage_state)
+    .bind(now_ms())
+    .bind(migration_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    for idx in ended {
+        event(conn, migration_id, stage_event, EventAt { stage: Some(idx), message: reason, ..Default::default() }).await?;
+    }
+    let kind = match state {
+        MigrationState::Canceled => EventKind::MigrationCanceled,
+        _ => EventKind::MigrationFailed,
+    };
+    event(conn, migration_id, kind, EventAt { message: reason, ..Default::default() }).await?;
+    admit(conn, &pool, fx).await?;
+    Ok(true)
+}
