@@ -23,10 +23,18 @@ pub struct Config {
     #[arg(long, env = "STAGECOACH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Database URL: `sqlite://PATH` (created if missing) or a plain path.
-    #[arg(long, env = "STAGECOACH_DATABASE_URL", default_value = "sqlite://stagecoach.db")]
+    #[arg(
+        long,
+        env = "STAGECOACH_DATABASE_URL",
+        default_value = "sqlite://stagecoach.db"
+    )]
     pub database: String,
     /// How often workers send heartbeats, in milliseconds.
-    #[arg(long, env = "STAGECOACH_HEARTBEAT_INTERVAL_MS", default_value_t = 1_000)]
+    #[arg(
+        long,
+        env = "STAGECOACH_HEARTBEAT_INTERVAL_MS",
+        default_value_t = 1_000
+    )]
     pub heartbeat_interval_ms: u64,
     /// How long a lease lasts without a heartbeat, in milliseconds.
     #[arg(long, env = "STAGECOACH_LEASE_DURATION_MS", default_value_t = 10_000)]
@@ -41,7 +49,12 @@ pub struct Config {
     #[arg(long, env = "STAGECOACH_MAX_REASSIGNMENTS", default_value_t = 5)]
     pub max_reassignments: u32,
     /// Log format.
-    #[arg(long, env = "STAGECOACH_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "STAGECOACH_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -90,6 +103,9 @@ impl Config {
     }
 
     pub fn limits(&self) -> Limits {
-        Limits { lease_ms: self.lease_duration_ms as i64, max_reassignments: self.max_reassignments }
+        Limits {
+            lease_ms: self.lease_duration_ms as i64,
+            max_reassignments: self.max_reassignments,
+        }
     }
 }

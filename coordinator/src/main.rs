@@ -7,7 +7,11 @@ use stagecoach_coordinator::{demo, server};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "coordinator", version, about = "The Stagecoach coordinator: multi-stage migrations on a worker fleet")]
+#[command(
+    name = "coordinator",
+    version,
+    about = "The Stagecoach coordinator: multi-stage migrations on a worker fleet"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,7 +28,9 @@ enum Command {
 fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),

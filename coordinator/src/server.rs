@@ -12,7 +12,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::engine::{Coordinator, run_dispatcher, run_sweeper};
+use crate::engine::{Coordinator, run_dispatcher, run_remote_effects, run_sweeper};
 use crate::grpc::{AdminApi, MigrationApi, WorkerApi};
 use crate::store::{SqliteStore, Store};
 
@@ -33,20 +33,32 @@ pub enum ServeError {
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServeError> {
     config.validate()?;
     let store = SqliteStore::open(&config.database, config.limits()).await?;
-    store.ensure_pool("default", config.default_pool_slots).await?;
+    store
+        .ensure_pool("default", config.default_pool_slots)
+        .await?;
     Ok(Arc::new(store))
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then drains: worker
 /// and watch streams end, in-flight calls finish, the loops stop.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let store = open_store(&config).await?;
+    let remote = store.remote_effects().await?;
     let core = Coordinator::new(store, config.timing(), shutdown.clone());
+    if let Some(remote) = remote {
+        tokio::spawn(run_remote_effects(core.clone(), remote, shutdown.clone()));
+    }
     let dispatcher = tokio::spawn(run_dispatcher(core.clone(), shutdown.clone()));
     let sweeper = tokio::spawn(run_sweeper(core.clone(), shutdown.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<MigrationServiceServer<MigrationApi>>().await;
+    health
+        .set_serving::<MigrationServiceServer<MigrationApi>>()
+        .await;
     health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
     health.set_serving::<AdminServiceServer<AdminApi>>().await;
     // Both reflection versions: grpcurl and many generated tools still ask v1alpha.

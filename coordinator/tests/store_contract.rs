@@ -3,8 +3,8 @@
 
 use serde_json::json;
 use stagecoach_coordinator::domain::{
-    Completion, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState, NewMigration, NewTask, PlanSpec,
-    ReportAck, StageState,
+    Completion, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState, NewMigration, NewTask,
+    PlanSpec, ReportAck, StageState,
 };
 use stagecoach_coordinator::error::Error;
 use stagecoach_coordinator::store::{Limits, SqliteStore, Store};
@@ -23,7 +23,11 @@ async fn store_with(limits: Limits) -> Db {
 }
 
 async fn store() -> Db {
-    store_with(Limits { lease_ms: 60_000, max_reassignments: 3 }).await
+    store_with(Limits {
+        lease_ms: 60_000,
+        max_reassignments: 3,
+    })
+    .await
 }
 
 fn plan(json: serde_json::Value) -> PlanSpec {
@@ -51,7 +55,11 @@ fn new(plan: PlanSpec, subject: &str) -> NewMigration {
 }
 
 fn done(lease: LeaseToken) -> Completion {
-    Completion { lease, output: json!({}), add_tasks: vec![] }
+    Completion {
+        lease,
+        output: json!({}),
+        add_tasks: vec![],
+    }
 }
 
 const W: &str = "w1";
@@ -61,21 +69,40 @@ fn kinds(k: &[&str]) -> Vec<String> {
 }
 
 async fn kinds_of(s: &SqliteStore, id: i64) -> Vec<EventKind> {
-    s.list_events(id, 0, 10_000).await.unwrap().iter().map(|e| e.kind).collect()
+    s.list_events(id, 0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .collect()
 }
 
 #[tokio::test]
 async fn stages_run_in_order_and_the_migration_succeeds() {
     let db = store().await;
     let s = &db.store;
-    let (c, fx) = s.create_migration(&new(two_stage(), "project/1")).await.unwrap();
+    let (c, fx) = s
+        .create_migration(&new(two_stage(), "project/1"))
+        .await
+        .unwrap();
     assert!(c.created && fx.dispatch);
     let first = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
-    assert_eq!(first.len(), 2, "both tasks of stage a, none of stage b (I1)");
-    assert!(first.iter().all(|a| a.stage_index == 0 && a.lease.attempt == 1));
+    assert_eq!(
+        first.len(),
+        2,
+        "both tasks of stage a, none of stage b (I1)"
+    );
+    assert!(
+        first
+            .iter()
+            .all(|a| a.stage_index == 0 && a.lease.attempt == 1)
+    );
 
     s.complete(W, &done(first[0].lease)).await.unwrap();
-    assert!(s.claim(W, &kinds(&["noop"]), 10).await.unwrap().is_empty(), "stage b waits for all of a");
+    assert!(
+        s.claim(W, &kinds(&["noop"]), 10).await.unwrap().is_empty(),
+        "stage b waits for all of a"
+    );
     let (ack, _) = s.complete(W, &done(first[1].lease)).await.unwrap();
     assert_eq!(ack, ReportAck::Recorded);
     let second = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
@@ -87,10 +114,18 @@ async fn stages_run_in_order_and_the_migration_succeeds() {
     assert_eq!(m.state, MigrationState::Succeeded);
     for st in &m.stages {
         assert_eq!(st.state, StageState::Succeeded);
-        assert_eq!(st.total, st.succeeded + st.failed + st.canceled, "I5 counters");
+        assert_eq!(
+            st.total,
+            st.succeeded + st.failed + st.canceled,
+            "I5 counters"
+        );
     }
     let ev = kinds_of(s, c.migration_id).await;
-    assert_eq!(ev.iter().filter(|k| **k == EventKind::StageStarted).count(), 2, "I2");
+    assert_eq!(
+        ev.iter().filter(|k| **k == EventKind::StageStarted).count(),
+        2,
+        "I2"
+    );
     assert_eq!(ev.last(), Some(&EventKind::MigrationSucceeded));
 }
 
@@ -98,25 +133,39 @@ async fn stages_run_in_order_and_the_migration_succeeds() {
 async fn duplicate_and_stale_reports_change_nothing() {
     let db = store().await;
     let s = &db.store;
-    let (c, _) = s.create_migration(&new(two_stage(), "project/1")).await.unwrap();
+    let (c, _) = s
+        .create_migration(&new(two_stage(), "project/1"))
+        .await
+        .unwrap();
     let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     s.complete(W, &done(a[0].lease)).await.unwrap();
     let (ack, fx) = s.complete(W, &done(a[0].lease)).await.unwrap();
     assert_eq!(ack, ReportAck::Duplicate);
     assert!(fx.touched.is_empty());
 
-    let stale = LeaseToken { task_id: a[1].lease.task_id, attempt: 7 };
+    let stale = LeaseToken {
+        task_id: a[1].lease.task_id,
+        attempt: 7,
+    };
     let err = s.complete(W, &done(stale)).await.unwrap_err();
     assert!(matches!(err, Error::LeaseNotHeld(_)), "{err}");
     assert!(err.to_string().contains("no longer held"), "{err}");
     let other = s.complete("w2", &done(a[1].lease)).await.unwrap_err();
-    assert!(matches!(other, Error::LeaseNotHeld(_)), "a lease is held by one worker");
+    assert!(
+        matches!(other, Error::LeaseNotHeld(_)),
+        "a lease is held by one worker"
+    );
 
     let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
     assert_eq!(m.stages[0].succeeded, 1);
     assert_eq!(m.stages[1].state, StageState::Pending);
     let ev = kinds_of(s, c.migration_id).await;
-    assert_eq!(ev.iter().filter(|k| **k == EventKind::ReportRejected).count(), 2);
+    assert_eq!(
+        ev.iter()
+            .filter(|k| **k == EventKind::ReportRejected)
+            .count(),
+        2
+    );
 }
 
 #[tokio::test]
@@ -127,8 +176,16 @@ async fn worker_slots_bound_live_leases() {
         {"kind": "noop"}, {"kind": "noop"}, {"kind": "noop"}, {"kind": "noop"}, {"kind": "noop"}]}]}));
     s.create_migration(&new(p, "s")).await.unwrap();
     assert_eq!(s.claim(W, &kinds(&["noop"]), 2).await.unwrap().len(), 2);
-    assert_eq!(s.claim(W, &kinds(&["noop"]), 2).await.unwrap().len(), 0, "I12");
-    assert_eq!(s.claim(W, &kinds(&["other"]), 2).await.unwrap().len(), 0, "kinds filter");
+    assert_eq!(
+        s.claim(W, &kinds(&["noop"]), 2).await.unwrap().len(),
+        0,
+        "I12"
+    );
+    assert_eq!(
+        s.claim(W, &kinds(&["other"]), 2).await.unwrap().len(),
+        0,
+        "kinds filter"
+    );
     assert_eq!(s.claim("w2", &kinds(&["noop"]), 8).await.unwrap().len(), 3);
 }
 
@@ -136,21 +193,42 @@ async fn worker_slots_bound_live_leases() {
 async fn a_permanent_failure_fails_the_migration_and_stops_later_stages() {
     let db = store().await;
     let s = &db.store;
-    let (c, _) = s.create_migration(&new(two_stage(), "project/1")).await.unwrap();
+    let (c, _) = s
+        .create_migration(&new(two_stage(), "project/1"))
+        .await
+        .unwrap();
     let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
-    let f = Failure { lease: a[0].lease, error: "disk full".into(), retryable: false };
+    let f = Failure {
+        lease: a[0].lease,
+        error: "disk full".into(),
+        retryable: false,
+    };
     let (_, fx) = s.fail(W, &f).await.unwrap();
     assert_eq!(fx.revoked.len(), 1, "the sibling's lease is revoked");
     assert_eq!(fx.revoked[0].lease, a[1].lease);
     let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
     assert_eq!(m.state, MigrationState::Failed);
-    assert!(m.reason.contains("noop") && m.reason.contains("disk full"), "{}", m.reason);
+    assert!(
+        m.reason.contains("noop") && m.reason.contains("disk full"),
+        "{}",
+        m.reason
+    );
     assert_eq!(m.stages[0].state, StageState::Failed);
-    assert_eq!(m.stages[0].total, m.stages[0].succeeded + m.stages[0].failed + m.stages[0].canceled);
-    assert_eq!(m.stages[1].state, StageState::Pending, "no later stage started");
+    assert_eq!(
+        m.stages[0].total,
+        m.stages[0].succeeded + m.stages[0].failed + m.stages[0].canceled
+    );
+    assert_eq!(
+        m.stages[1].state,
+        StageState::Pending,
+        "no later stage started"
+    );
     assert!(s.claim(W, &kinds(&["noop"]), 10).await.unwrap().is_empty());
     // The sibling's late success is rejected.
-    assert!(matches!(s.complete(W, &done(a[1].lease)).await, Err(Error::LeaseNotHeld(_))));
+    assert!(matches!(
+        s.complete(W, &done(a[1].lease)).await,
+        Err(Error::LeaseNotHeld(_))
+    ));
     // A repeated Fail is answered as the first was.
     assert_eq!(s.fail(W, &f).await.unwrap().0, ReportAck::Duplicate);
 }
@@ -159,15 +237,35 @@ async fn a_permanent_failure_fails_the_migration_and_stops_later_stages() {
 async fn retryable_failures_back_off_then_the_task_dies() {
     let db = store().await;
     let s = &db.store;
-    let p = plan(json!({"name": "p", "stages": [{"name": "a", "retry": {"max_attempts": 2, "initial_backoff_ms": 1, "max_backoff_ms": 1},
-        "tasks": [{"kind": "noop"}]}]}));
+    let p = plan(
+        json!({"name": "p", "stages": [{"name": "a", "retry": {"max_attempts": 2, "initial_backoff_ms": 1, "max_backoff_ms": 1},
+        "tasks": [{"kind": "noop"}]}]}),
+    );
     let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
     let a = s.claim(W, &kinds(&["noop"]), 1).await.unwrap();
-    s.fail(W, &Failure { lease: a[0].lease, error: "flaky".into(), retryable: true }).await.unwrap();
+    s.fail(
+        W,
+        &Failure {
+            lease: a[0].lease,
+            error: "flaky".into(),
+            retryable: true,
+        },
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let b = s.claim(W, &kinds(&["noop"]), 1).await.unwrap();
     assert_eq!(b[0].lease.attempt, 2);
-    s.fail(W, &Failure { lease: b[0].lease, error: "flaky".into(), retryable: true }).await.unwrap();
+    s.fail(
+        W,
+        &Failure {
+            lease: b[0].lease,
+            error: "flaky".into(),
+            retryable: true,
+        },
+    )
+    .await
+    .unwrap();
     let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
     assert_eq!(m.state, MigrationState::Failed);
     assert!(m.reason.contains("after 2 attempts: flaky"), "{}", m.reason);
@@ -188,15 +286,34 @@ async fn tasks_fan_out_to_a_later_dynamic_stage_only() {
     let bad = Completion {
         lease: a[0].lease,
         output: json!({}),
-        add_tasks: vec![NewTask { stage: "inspect".into(), kind: "noop".into(), payload: json!({}), max_attempts: 0 }],
+        add_tasks: vec![NewTask {
+            stage: "inspect".into(),
+            kind: "noop".into(),
+            payload: json!({}),
+            max_attempts: 0,
+        }],
     };
     let err = s.complete(W, &bad).await.unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
-    let unknown = Completion { add_tasks: vec![NewTask { stage: "nope".into(), ..bad.add_tasks[0].clone() }], ..bad.clone() };
-    assert!(matches!(s.complete(W, &unknown).await, Err(Error::InvalidArgument { .. })));
+    let unknown = Completion {
+        add_tasks: vec![NewTask {
+            stage: "nope".into(),
+            ..bad.add_tasks[0].clone()
+        }],
+        ..bad.clone()
+    };
+    assert!(matches!(
+        s.complete(W, &unknown).await,
+        Err(Error::InvalidArgument { .. })
+    ));
     let fan = Completion {
         add_tasks: (0..3)
-            .map(|i| NewTask { stage: "export".into(), kind: "noop".into(), payload: json!({"i": i}), max_attempts: 0 })
+            .map(|i| NewTask {
+                stage: "export".into(),
+                kind: "noop".into(),
+                payload: json!({"i": i}),
+                max_attempts: 0,
+            })
             .collect(),
         ..bad
     };
@@ -239,19 +356,37 @@ async fn pools_admit_oldest_first_within_their_slots() {
     let one = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": [{"kind": "noop"}]}]}));
     let mut ids = vec![];
     for i in 0..4 {
-        ids.push(s.create_migration(&new(one.clone(), &format!("s{i}"))).await.unwrap().0.migration_id);
+        ids.push(
+            s.create_migration(&new(one.clone(), &format!("s{i}")))
+                .await
+                .unwrap()
+                .0
+                .migration_id,
+        );
     }
     let state = |id| async move { s.get_migration(id).await.unwrap().unwrap().state };
     assert_eq!(state(ids[1]).await, MigrationState::Running);
-    assert_eq!(state(ids[2]).await, MigrationState::Queued, "I3: never more than the slots");
+    assert_eq!(
+        state(ids[2]).await,
+        MigrationState::Queued,
+        "I3: never more than the slots"
+    );
     let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     assert_eq!(a.len(), 2);
     s.complete(W, &done(a[0].lease)).await.unwrap();
-    assert_eq!(state(ids[2]).await, MigrationState::Running, "admitted at once when a slot frees");
+    assert_eq!(
+        state(ids[2]).await,
+        MigrationState::Running,
+        "admitted at once when a slot frees"
+    );
     assert_eq!(state(ids[3]).await, MigrationState::Queued);
     s.set_pool_paused("default", true).await.unwrap();
     s.complete(W, &done(a[1].lease)).await.unwrap();
-    assert_eq!(state(ids[3]).await, MigrationState::Queued, "paused pools admit nothing");
+    assert_eq!(
+        state(ids[3]).await,
+        MigrationState::Queued,
+        "paused pools admit nothing"
+    );
     let (pool, _) = s.set_pool_paused("default", false).await.unwrap();
     assert_eq!((pool.running, pool.queued), (2, 0));
 }
@@ -266,9 +401,15 @@ async fn one_unfinished_run_per_subject_and_idempotent_create() {
     let (again, _) = s.create_migration(&m).await.unwrap();
     assert_eq!(again.migration_id, first.migration_id);
     assert!(!again.created);
-    let err = s.create_migration(&new(two_stage(), "project/9")).await.unwrap_err();
+    let err = s
+        .create_migration(&new(two_stage(), "project/9"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::AlreadyExists(_)));
-    assert!(err.to_string().contains(&first.migration_id.to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&first.migration_id.to_string()),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -283,12 +424,30 @@ async fn cancel_revokes_leases_and_retry_resumes_at_the_unfinished_stage() {
     let fx = s.cancel_migration(c.migration_id, "").await.unwrap();
     assert_eq!(fx.revoked.len(), 1);
     assert_eq!(fx.revoked[0].lease, b[0].lease);
-    let hb = s.heartbeat(W, &[LeaseStatus { lease: b[0].lease, done: 1, total: 2, checkpoint: None }]).await.unwrap();
-    assert_eq!(hb.cancel.len(), 1, "the heartbeat answer tells the worker to stop (I9)");
+    let hb = s
+        .heartbeat(
+            W,
+            &[LeaseStatus {
+                lease: b[0].lease,
+                done: 1,
+                total: 2,
+                checkpoint: None,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        hb.cancel.len(),
+        1,
+        "the heartbeat answer tells the worker to stop (I9)"
+    );
     assert!(s.claim(W, &kinds(&["noop"]), 10).await.unwrap().is_empty());
     let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
     assert_eq!(m.state, MigrationState::Canceled);
-    assert!(matches!(s.cancel_migration(c.migration_id, "").await, Err(Error::FailedPrecondition(_))));
+    assert!(matches!(
+        s.cancel_migration(c.migration_id, "").await,
+        Err(Error::FailedPrecondition(_))
+    ));
 
     s.retry_migration(c.migration_id).await.unwrap();
     let again = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
@@ -296,12 +455,23 @@ async fn cancel_revokes_leases_and_retry_resumes_at_the_unfinished_stage() {
     assert_eq!(again[0].stage_name, "b");
     assert_eq!(again[0].lease.attempt, b[0].lease.attempt + 1);
     s.complete(W, &done(again[0].lease)).await.unwrap();
-    assert_eq!(s.get_migration(c.migration_id).await.unwrap().unwrap().state, MigrationState::Succeeded);
+    assert_eq!(
+        s.get_migration(c.migration_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        MigrationState::Succeeded
+    );
 }
 
 #[tokio::test]
 async fn expired_leases_are_reassigned_until_the_cap() {
-    let db = store_with(Limits { lease_ms: 1, max_reassignments: 2 }).await;
+    let db = store_with(Limits {
+        lease_ms: 1,
+        max_reassignments: 2,
+    })
+    .await;
     let s = &db.store;
     let p = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": [{"kind": "noop"}]}]}));
     let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
@@ -311,7 +481,13 @@ async fn expired_leases_are_reassigned_until_the_cap() {
     assert_eq!(report.leases_expired, 1);
     let b = s.claim("w2", &kinds(&["noop"]), 1).await.unwrap();
     assert_eq!(b[0].lease.attempt, 2);
-    assert!(matches!(s.complete(W, &done(a[0].lease)).await, Err(Error::LeaseNotHeld(_))), "late worker rejected");
+    assert!(
+        matches!(
+            s.complete(W, &done(a[0].lease)).await,
+            Err(Error::LeaseNotHeld(_))
+        ),
+        "late worker rejected"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let (report, _) = s.sweep().await.unwrap();
     assert_eq!(report.tasks_dead, 1);
@@ -330,5 +506,32 @@ async fn a_migration_past_its_deadline_fails() {
     let (report, _) = s.sweep().await.unwrap();
     assert_eq!(report.deadlines_exceeded, 1);
     let got = s.get_migration(c.migration_id).await.unwrap().unwrap();
-    assert_eq!((got.state, got.reason.as_str()), (MigrationState::Failed, "deadline exceeded"));
+    assert_eq!(
+        (got.state, got.reason.as_str()),
+        (MigrationState::Failed, "deadline exceeded")
+    );
+}
+
+#[tokio::test]
+async fn an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told() {
+    let db = store().await;
+    let s = &db.store;
+    let p = plan(json!({"name": "p", "stages": [{"name": "a",
+        "retry": {"max_attempts": 2, "initial_backoff_ms": 1, "max_backoff_ms": 1, "attempt_timeout_ms": 1},
+        "tasks": [{"kind": "noop"}]}]}));
+    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
+    let a = s.claim(W, &kinds(&["noop"]), 1).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let (report, fx) = s.sweep().await.unwrap();
+    assert_eq!(report.attempts_timed_out, 1);
+    assert_eq!(fx.revoked.len(), 1);
+    assert_eq!(fx.revoked[0].lease, a[0].lease);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let b = s.claim(W, &kinds(&["noop"]), 1).await.unwrap();
+    assert_eq!(b[0].lease.attempt, 2);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    s.sweep().await.unwrap();
+    let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
+    assert_eq!(m.state, MigrationState::Failed);
+    assert!(m.reason.contains("timed out after 1 ms"), "{}", m.reason);
 }

@@ -54,6 +54,7 @@ CREATE TABLE stages (
     max_attempts       INTEGER NOT NULL,
     initial_backoff_ms INTEGER NOT NULL,
     max_backoff_ms     INTEGER NOT NULL,
+    attempt_timeout_ms INTEGER NOT NULL DEFAULT 0,  -- 0: no start-to-close limit
     started_at         INTEGER,
     finished_at        INTEGER,
     PRIMARY KEY (migration_id, idx)
@@ -73,6 +74,7 @@ CREATE TABLE tasks (
     ready_at         INTEGER NOT NULL DEFAULT 0,  -- retry backoff: not claimable before
     lease_worker     TEXT,
     lease_expires_at INTEGER,
+    attempt_deadline INTEGER,                     -- start-to-close timeout of the live attempt
     progress_done    INTEGER NOT NULL DEFAULT 0,
     progress_total   INTEGER NOT NULL DEFAULT 0,
     checkpoint       BLOB,

@@ -107,7 +107,9 @@ pub enum SubjectStatus {
 }
 
 /// The fencing token of one attempt: `(task id, attempt)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct LeaseToken {
     pub task_id: i64,
     pub attempt: u32,
@@ -246,7 +248,7 @@ pub enum ReportAck {
 }
 
 /// A lease that must be stopped on its worker (cancel, failure, deadline).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Revoked {
     pub worker_id: String,
     pub lease: LeaseToken,
@@ -280,4 +282,5 @@ pub struct SweepReport {
     pub leases_expired: u32,
     pub tasks_dead: u32,
     pub deadlines_exceeded: u32,
+    pub attempts_timed_out: u32,
 }

@@ -69,6 +69,9 @@ pub struct RetryPolicy {
     pub initial_backoff_ms: u32,
     #[serde(default)]
     pub max_backoff_ms: u32,
+    /// Longest an attempt may run (start to close); 0 means no limit.
+    #[serde(default)]
+    pub attempt_timeout_ms: u32,
 }
 
 fn empty_object() -> Value {
@@ -87,6 +90,7 @@ impl RetryPolicy {
             max_attempts: or(self.max_attempts, Self::DEFAULT_MAX_ATTEMPTS),
             initial_backoff_ms: or(self.initial_backoff_ms, Self::DEFAULT_INITIAL_BACKOFF_MS),
             max_backoff_ms: or(self.max_backoff_ms, Self::DEFAULT_MAX_BACKOFF_MS),
+            attempt_timeout_ms: self.attempt_timeout_ms,
         }
     }
 }
@@ -126,7 +130,10 @@ impl PlanSpec {
         if self.stages.len() > MAX_STAGES {
             return Err(Error::invalid(
                 at("stages"),
-                format!("{} stages is more than the limit of {MAX_STAGES}", self.stages.len()),
+                format!(
+                    "{} stages is more than the limit of {MAX_STAGES}",
+                    self.stages.len()
+                ),
             ));
         }
         let mut static_tasks = 0usize;
@@ -153,7 +160,12 @@ impl PlanSpec {
             }
             validate_retry(&format!("{sf}.retry"), &stage.retry)?;
             for (j, task) in stage.tasks.iter().enumerate() {
-                validate_task(&format!("{sf}.tasks[{j}]"), &task.kind, &task.payload, task.max_attempts)?;
+                validate_task(
+                    &format!("{sf}.tasks[{j}]"),
+                    &task.kind,
+                    &task.payload,
+                    task.max_attempts,
+                )?;
             }
             static_tasks += stage.tasks.len();
         }
@@ -186,7 +198,9 @@ pub fn validate_task(field: &str, kind: &str, payload: &Value, max_attempts: u32
     if max_attempts > MAX_ATTEMPTS {
         return Err(Error::invalid(
             format!("{field}.max_attempts"),
-            format!("{max_attempts} is more than the limit of {MAX_ATTEMPTS}; use 1-{MAX_ATTEMPTS}, or 0 for the stage's policy"),
+            format!(
+                "{max_attempts} is more than the limit of {MAX_ATTEMPTS}; use 1-{MAX_ATTEMPTS}, or 0 for the stage's policy"
+            ),
         ));
     }
     Ok(())
@@ -196,7 +210,10 @@ fn validate_retry(field: &str, r: &RetryPolicy) -> Result<()> {
     if r.max_attempts > MAX_ATTEMPTS {
         return Err(Error::invalid(
             format!("{field}.max_attempts"),
-            format!("{} is more than the limit of {MAX_ATTEMPTS}; use 1-{MAX_ATTEMPTS}, or 0 for the default", r.max_attempts),
+            format!(
+                "{} is more than the limit of {MAX_ATTEMPTS}; use 1-{MAX_ATTEMPTS}, or 0 for the default",
+                r.max_attempts
+            ),
         ));
     }
     let r = r.resolved();
@@ -258,25 +275,40 @@ mod tests {
     #[test]
     fn names_the_bad_field() {
         assert_eq!(field_of(plan(r#"{"name":"p","stages":[]}"#)), "stages");
-        assert_eq!(field_of(plan(r#"{"name":"p","stages":[{"name":"a"}]}"#)), "stages[0].tasks");
         assert_eq!(
-            field_of(plan(r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x"}]},{"name":"a","tasks":[{"kind":"x"}]}]}"#)),
+            field_of(plan(r#"{"name":"p","stages":[{"name":"a"}]}"#)),
+            "stages[0].tasks"
+        );
+        assert_eq!(
+            field_of(plan(
+                r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x"}]},{"name":"a","tasks":[{"kind":"x"}]}]}"#
+            )),
             "stages[1].name"
         );
-        assert_eq!(field_of(plan(r#"{"name":"","stages":[{"name":"a","tasks":[{"kind":"x"}]}]}"#)), "name");
         assert_eq!(
-            field_of(plan(r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x y"}]}]}"#)),
+            field_of(plan(
+                r#"{"name":"","stages":[{"name":"a","tasks":[{"kind":"x"}]}]}"#
+            )),
+            "name"
+        );
+        assert_eq!(
+            field_of(plan(
+                r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x y"}]}]}"#
+            )),
             "stages[0].tasks[0].kind"
         );
         assert_eq!(
-            field_of(plan(r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x","payload":[1]}]}]}"#)),
+            field_of(plan(
+                r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x","payload":[1]}]}]}"#
+            )),
             "stages[0].tasks[0].payload"
         );
     }
 
     #[test]
     fn rejects_unknown_fields_with_their_path() {
-        let err = plan(r#"{"name":"p","stages":[{"name":"a","tasks":[{"knd":"noop"}]}]}"#).unwrap_err();
+        let err =
+            plan(r#"{"name":"p","stages":[{"name":"a","tasks":[{"knd":"noop"}]}]}"#).unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("plan_json.stages[0].tasks[0]"), "{msg}");
         assert!(msg.contains("unknown field `knd`"), "{msg}");

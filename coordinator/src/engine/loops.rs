@@ -16,7 +16,8 @@ use crate::domain::SweepReport;
 
 /// Hands ready tasks to eligible workers until shutdown.
 pub async fn run_dispatcher(core: Arc<Coordinator>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(core.timing.sweep_interval.max(Duration::from_millis(100)) * 4);
+    let mut tick =
+        tokio::time::interval(core.timing.sweep_interval.max(Duration::from_millis(100)) * 4);
     loop {
         tokio::select! {
             _ = core.wake.notified() => {}
@@ -39,7 +40,14 @@ pub async fn dispatch_once(core: &Coordinator) -> crate::error::Result<usize> {
     let recent = core.timing.heartbeat_interval * 3;
     let mut assigned = 0;
     for worker in core.registry.eligible(recent) {
-        let claimed = core.store.claim(&worker.spec.worker_id, &worker.spec.kinds, worker.spec.slots).await?;
+        let claimed = core
+            .store
+            .claim(
+                &worker.spec.worker_id,
+                &worker.spec.kinds,
+                worker.spec.slots,
+            )
+            .await?;
         for a in claimed {
             let (lease, migration_id) = (a.lease, a.migration_id);
             if worker.tx.send(WorkerEvent::Assign(a)).is_err() {
@@ -73,6 +81,24 @@ pub async fn run_sweeper(core: Arc<Coordinator>, shutdown: CancellationToken) {
                 core.apply(fx);
             }
             Err(e) => tracing::error!(error = %e, "sweep failed; trying again on the next tick"),
+        }
+    }
+}
+
+/// Applies effects other coordinators committed (shared PostgreSQL) until
+/// shutdown or until the store's notification channel closes.
+pub async fn run_remote_effects(
+    core: Arc<Coordinator>,
+    mut remote: tokio::sync::mpsc::UnboundedReceiver<crate::store::Effects>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            fx = remote.recv() => match fx {
+                Some(fx) => core.apply(fx),
+                None => return,
+            },
+            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -14,13 +14,13 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{
-    Completion, Event, Failure, HeartbeatOutcome, LeaseStatus, Migration, MigrationFilter, NewMigration, PlanSpec,
-    Pool, ReportAck, validate_name,
+    Completion, Event, Failure, HeartbeatOutcome, LeaseStatus, Migration, MigrationFilter,
+    NewMigration, PlanSpec, Pool, ReportAck, validate_name,
 };
 use crate::error::{Error, Result};
 use crate::store::{Effects, Store, SubjectView};
 
-pub use loops::{run_dispatcher, run_sweeper};
+pub use loops::{run_dispatcher, run_remote_effects, run_sweeper};
 pub use registry::{Registry, WorkerEvent, WorkerSpec, WorkerView};
 
 /// Timing of the worker protocol.
@@ -93,7 +93,10 @@ impl Coordinator {
     /// Acts on what a committed transition changed.
     fn apply(&self, fx: Effects) {
         for lease in fx.revoked {
-            let event = WorkerEvent::Cancel { lease: lease.lease, reason: lease.reason };
+            let event = WorkerEvent::Cancel {
+                lease: lease.lease,
+                reason: lease.reason,
+            };
             self.registry.send(&lease.worker_id, event);
         }
         for id in fx.touched {
@@ -113,7 +116,10 @@ impl Coordinator {
     }
 
     pub async fn get_plan(&self, name: &str) -> Result<PlanSpec> {
-        self.store.get_plan(name).await?.ok_or_else(|| plan_not_found(name))
+        self.store
+            .get_plan(name)
+            .await?
+            .ok_or_else(|| plan_not_found(name))
     }
 
     pub async fn list_plans(&self) -> Result<Vec<PlanSpec>> {
@@ -126,25 +132,44 @@ impl Coordinator {
     pub async fn create_migration(&self, req: CreateRequest) -> Result<(Migration, bool)> {
         let subject = req.subject.trim();
         if subject.is_empty() {
-            return Err(Error::invalid("subject", "the subject is required, e.g. \"project/42\""));
+            return Err(Error::invalid(
+                "subject",
+                "the subject is required, e.g. \"project/42\"",
+            ));
         }
         if subject.len() > 500 {
-            return Err(Error::invalid("subject", "the subject must be at most 500 characters"));
+            return Err(Error::invalid(
+                "subject",
+                "the subject must be at most 500 characters",
+            ));
         }
         if !req.parameters.is_object() {
-            return Err(Error::invalid("parameters", "parameters must be a JSON object"));
+            return Err(Error::invalid(
+                "parameters",
+                "parameters must be a JSON object",
+            ));
         }
-        let pool = if req.pool.is_empty() { "default".to_string() } else { req.pool };
+        let pool = if req.pool.is_empty() {
+            "default".to_string()
+        } else {
+            req.pool
+        };
         validate_name("pool", &pool, "pool name")?;
         if let Some(key) = &req.idempotency_key
             && key.len() > 200
         {
-            return Err(Error::invalid("idempotency_key", "the idempotency key must be at most 200 characters"));
+            return Err(Error::invalid(
+                "idempotency_key",
+                "the idempotency key must be at most 200 characters",
+            ));
         }
         let plan = match req.plan {
             PlanSource::Named(name) => {
                 if name.is_empty() {
-                    return Err(Error::invalid("plan_name", "name a stored plan, or give inline_plan"));
+                    return Err(Error::invalid(
+                        "plan_name",
+                        "name a stored plan, or give inline_plan",
+                    ));
                 }
                 self.get_plan(&name).await?
             }
@@ -168,14 +193,22 @@ impl Coordinator {
     }
 
     pub async fn get_migration(&self, id: i64) -> Result<Migration> {
-        self.store.get_migration(id).await?.ok_or_else(|| migration_not_found(id))
+        self.store
+            .get_migration(id)
+            .await?
+            .ok_or_else(|| migration_not_found(id))
     }
 
     pub async fn list_migrations(&self, filter: &MigrationFilter) -> Result<Vec<Migration>> {
         self.store.list_migrations(filter).await
     }
 
-    pub async fn list_events(&self, migration_id: i64, after_id: i64, limit: u32) -> Result<Vec<Event>> {
+    pub async fn list_events(
+        &self,
+        migration_id: i64,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>> {
         self.get_migration(migration_id).await?;
         self.store.list_events(migration_id, after_id, limit).await
     }
@@ -194,7 +227,10 @@ impl Coordinator {
 
     pub async fn subject_status(&self, subject: &str) -> Result<SubjectView> {
         if subject.is_empty() {
-            return Err(Error::invalid("subject", "the subject is required, e.g. \"project/42\""));
+            return Err(Error::invalid(
+                "subject",
+                "the subject is required, e.g. \"project/42\"",
+            ));
         }
         self.store.subject_status(subject).await
     }
@@ -209,18 +245,30 @@ impl Coordinator {
     /// Registers a worker's stream. Events for it arrive on the returned
     /// receiver; call [`Coordinator::unsubscribe`] with the connection number
     /// when the stream ends.
-    pub fn subscribe(&self, spec: WorkerSpec) -> Result<(u64, mpsc::UnboundedReceiver<WorkerEvent>)> {
+    pub fn subscribe(
+        &self,
+        spec: WorkerSpec,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<WorkerEvent>)> {
         if spec.worker_id.is_empty() || spec.worker_id.len() > 200 {
-            return Err(Error::invalid("worker_id", "a worker id of 1-200 characters is required; keep it across reconnects"));
+            return Err(Error::invalid(
+                "worker_id",
+                "a worker id of 1-200 characters is required; keep it across reconnects",
+            ));
         }
         if spec.kinds.is_empty() {
-            return Err(Error::invalid("kinds", "name at least one task kind the worker handles"));
+            return Err(Error::invalid(
+                "kinds",
+                "name at least one task kind the worker handles",
+            ));
         }
         for (i, kind) in spec.kinds.iter().enumerate() {
             validate_name(&format!("kinds[{i}]"), kind, "task kind")?;
         }
         if spec.slots == 0 || spec.slots > 10_000 {
-            return Err(Error::invalid("slots", "slots must be 1-10000: how many tasks the worker runs at once"));
+            return Err(Error::invalid(
+                "slots",
+                "slots must be 1-10000: how many tasks the worker runs at once",
+            ));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = self.registry.connect(spec, tx);
@@ -232,13 +280,21 @@ impl Coordinator {
         self.registry.disconnect(worker_id, conn);
     }
 
-    pub async fn heartbeat(&self, worker_id: &str, leases: &[LeaseStatus]) -> Result<HeartbeatOutcome> {
+    pub async fn heartbeat(
+        &self,
+        worker_id: &str,
+        leases: &[LeaseStatus],
+    ) -> Result<HeartbeatOutcome> {
         self.registry.seen(worker_id);
         self.store.heartbeat(worker_id, leases).await
     }
 
     /// Records successful attempts, one transaction each, in order.
-    pub async fn complete(&self, worker_id: &str, reports: &[Completion]) -> Vec<Result<ReportAck>> {
+    pub async fn complete(
+        &self,
+        worker_id: &str,
+        reports: &[Completion],
+    ) -> Vec<Result<ReportAck>> {
         let mut out = Vec::with_capacity(reports.len());
         for c in reports {
             out.push(self.store.complete(worker_id, c).await.map(|(ack, fx)| {
@@ -266,9 +322,11 @@ impl Coordinator {
     }
 
     pub fn drain_worker(&self, worker_id: &str) -> Result<WorkerView> {
-        self.registry
-            .drain(worker_id)
-            .ok_or_else(|| Error::NotFound(format!("worker {worker_id:?} is not connected to this coordinator")))
+        self.registry.drain(worker_id).ok_or_else(|| {
+            Error::NotFound(format!(
+                "worker {worker_id:?} is not connected to this coordinator"
+            ))
+        })
     }
 
     // --- pools -----------------------------------------------------------
@@ -310,7 +368,9 @@ fn check_slots(slots: u32) -> Result<()> {
 }
 
 fn plan_not_found(name: &str) -> Error {
-    Error::NotFound(format!("plan {name:?} does not exist; store it with PutPlan first, or list plans with ListPlans"))
+    Error::NotFound(format!(
+        "plan {name:?} does not exist; store it with PutPlan first, or list plans with ListPlans"
+    ))
 }
 
 fn migration_not_found(id: i64) -> Error {

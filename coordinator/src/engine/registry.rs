@@ -108,13 +108,18 @@ impl Registry {
         self.lock()
             .values()
             .filter(|c| !c.draining && c.last_seen.elapsed() <= recent && !c.tx.is_closed())
-            .map(|c| Eligible { spec: c.spec.clone(), tx: c.tx.clone() })
+            .map(|c| Eligible {
+                spec: c.spec.clone(),
+                tx: c.tx.clone(),
+            })
             .collect()
     }
 
     /// Sends an event to a worker if it is connected here.
     pub(crate) fn send(&self, worker_id: &str, event: WorkerEvent) -> bool {
-        self.lock().get(worker_id).is_some_and(|c| c.tx.send(event).is_ok())
+        self.lock()
+            .get(worker_id)
+            .is_some_and(|c| c.tx.send(event).is_ok())
     }
 
     /// Every connected worker, by id.
@@ -137,5 +142,9 @@ impl Registry {
 }
 
 fn view(c: &Connected) -> WorkerView {
-    WorkerView { spec: c.spec.clone(), connected_at_ms: c.connected_at_ms, draining: c.draining }
+    WorkerView {
+        spec: c.spec.clone(),
+        connected_at_ms: c.connected_at_ms,
+        draining: c.draining,
+    }
 }

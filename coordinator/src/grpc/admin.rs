@@ -21,15 +21,25 @@ impl AdminApi {
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
-    async fn list_pools(&self, _: Request<pb::ListPoolsRequest>) -> Result<Response<pb::ListPoolsResponse>, Status> {
+    async fn list_pools(
+        &self,
+        _: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         let pools = self.core.list_pools().await?;
-        Ok(Response::new(pb::ListPoolsResponse { pools: pools.iter().map(pool_to_pb).collect() }))
+        Ok(Response::new(pb::ListPoolsResponse {
+            pools: pools.iter().map(pool_to_pb).collect(),
+        }))
     }
 
-    async fn create_pool(&self, req: Request<pb::CreatePoolRequest>) -> Result<Response<pb::CreatePoolResponse>, Status> {
+    async fn create_pool(
+        &self,
+        req: Request<pb::CreatePoolRequest>,
+    ) -> Result<Response<pb::CreatePoolResponse>, Status> {
         let r = req.into_inner();
         let pool = self.core.create_pool(&r.name, r.slots).await?;
-        Ok(Response::new(pb::CreatePoolResponse { pool: Some(pool_to_pb(&pool)) }))
+        Ok(Response::new(pb::CreatePoolResponse {
+            pool: Some(pool_to_pb(&pool)),
+        }))
     }
 
     async fn set_pool_slots(
@@ -38,17 +48,35 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::SetPoolSlotsResponse>, Status> {
         let r = req.into_inner();
         let pool = self.core.set_pool_slots(&r.name, r.slots).await?;
-        Ok(Response::new(pb::SetPoolSlotsResponse { pool: Some(pool_to_pb(&pool)) }))
+        Ok(Response::new(pb::SetPoolSlotsResponse {
+            pool: Some(pool_to_pb(&pool)),
+        }))
     }
 
-    async fn pause_pool(&self, req: Request<pb::PausePoolRequest>) -> Result<Response<pb::PausePoolResponse>, Status> {
-        let pool = self.core.set_pool_paused(&req.into_inner().name, true).await?;
-        Ok(Response::new(pb::PausePoolResponse { pool: Some(pool_to_pb(&pool)) }))
+    async fn pause_pool(
+        &self,
+        req: Request<pb::PausePoolRequest>,
+    ) -> Result<Response<pb::PausePoolResponse>, Status> {
+        let pool = self
+            .core
+            .set_pool_paused(&req.into_inner().name, true)
+            .await?;
+        Ok(Response::new(pb::PausePoolResponse {
+            pool: Some(pool_to_pb(&pool)),
+        }))
     }
 
-    async fn resume_pool(&self, req: Request<pb::ResumePoolRequest>) -> Result<Response<pb::ResumePoolResponse>, Status> {
-        let pool = self.core.set_pool_paused(&req.into_inner().name, false).await?;
-        Ok(Response::new(pb::ResumePoolResponse { pool: Some(pool_to_pb(&pool)) }))
+    async fn resume_pool(
+        &self,
+        req: Request<pb::ResumePoolRequest>,
+    ) -> Result<Response<pb::ResumePoolResponse>, Status> {
+        let pool = self
+            .core
+            .set_pool_paused(&req.into_inner().name, false)
+            .await?;
+        Ok(Response::new(pb::ResumePoolResponse {
+            pool: Some(pool_to_pb(&pool)),
+        }))
     }
 
     async fn list_workers(
@@ -70,6 +98,8 @@ impl AdminService for AdminApi {
         let id = req.into_inner().worker_id;
         let w = self.core.drain_worker(&id)?;
         let leases = self.core.store().live_leases(&id).await?;
-        Ok(Response::new(pb::DrainWorkerResponse { worker: Some(worker_to_pb(&w, leases)) }))
+        Ok(Response::new(pb::DrainWorkerResponse {
+            worker: Some(worker_to_pb(&w, leases)),
+        }))
     }
 }

@@ -7,14 +7,18 @@ use stagecoach_proto::json::{json_to_struct, struct_to_json};
 use stagecoach_proto::v1 as pb;
 
 use crate::domain::{
-    Assignment, Completion, Event, EventKind, Failure, LeaseStatus, LeaseToken, Migration, MigrationState,
-    NewTask, PlanSpec, Pool, RetryPolicy, StageProgress, StageSpec, StageState, SubjectStatus, TaskSpec,
+    Assignment, Completion, Event, EventKind, Failure, LeaseStatus, LeaseToken, Migration,
+    MigrationState, NewTask, PlanSpec, Pool, RetryPolicy, StageProgress, StageSpec, StageState,
+    SubjectStatus, TaskSpec,
 };
 use crate::engine::{WorkerEvent, WorkerView};
 use crate::error::{Error, Result};
 
 pub fn timestamp(ms: i64) -> Timestamp {
-    Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+    Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
 }
 
 fn opt_timestamp(ms: Option<i64>) -> Option<Timestamp> {
@@ -60,6 +64,7 @@ pub fn plan_from_pb(p: pb::Plan) -> PlanSpec {
                         max_attempts: r.max_attempts,
                         initial_backoff_ms: r.initial_backoff_ms,
                         max_backoff_ms: r.max_backoff_ms,
+                        attempt_timeout_ms: r.attempt_timeout_ms,
                     })
                     .unwrap_or_default(),
             })
@@ -92,6 +97,7 @@ pub fn plan_to_pb(p: &PlanSpec) -> pb::Plan {
                     max_attempts: s.retry.max_attempts,
                     initial_backoff_ms: s.retry.initial_backoff_ms,
                     max_backoff_ms: s.retry.max_backoff_ms,
+                    attempt_timeout_ms: s.retry.attempt_timeout_ms,
                 }),
             })
             .collect(),
@@ -111,8 +117,12 @@ pub fn migration_state_to_pb(s: MigrationState) -> pb::MigrationState {
 }
 
 pub fn migration_state_from_pb(field: &str, v: i32) -> Result<Option<MigrationState>> {
-    let state = pb::MigrationState::try_from(v)
-        .map_err(|_| Error::invalid(field, format!("{v} is not a MigrationState; use 0 (any) to 5")))?;
+    let state = pb::MigrationState::try_from(v).map_err(|_| {
+        Error::invalid(
+            field,
+            format!("{v} is not a MigrationState; use 0 (any) to 5"),
+        )
+    })?;
     Ok(match state {
         pb::MigrationState::Unspecified => None,
         pb::MigrationState::Queued => Some(MigrationState::Queued),
@@ -216,32 +226,55 @@ pub fn subject_status_to_pb(s: SubjectStatus) -> pb::SubjectStatus {
 }
 
 pub fn pool_to_pb(p: &Pool) -> pb::Pool {
-    pb::Pool { name: p.name.clone(), slots: p.slots, running: p.running, queued: p.queued, paused: p.paused }
+    pb::Pool {
+        name: p.name.clone(),
+        slots: p.slots,
+        running: p.running,
+        queued: p.queued,
+        paused: p.paused,
+    }
 }
 
 // --- worker protocol ---------------------------------------------------------
 
 pub fn lease_to_pb(l: LeaseToken) -> pb::LeaseToken {
-    pb::LeaseToken { task_id: l.task_id, attempt: l.attempt }
+    pb::LeaseToken {
+        task_id: l.task_id,
+        attempt: l.attempt,
+    }
 }
 
 pub fn lease_from_pb(field: &str, l: Option<&pb::LeaseToken>) -> Result<LeaseToken> {
-    let l = l.ok_or_else(|| Error::invalid(field, "the lease token is required: copy it from the Assignment"))?;
+    let l = l.ok_or_else(|| {
+        Error::invalid(
+            field,
+            "the lease token is required: copy it from the Assignment",
+        )
+    })?;
     if l.task_id <= 0 || l.attempt == 0 {
-        return Err(Error::invalid(field, "task_id and attempt must be positive: copy the token from the Assignment"));
+        return Err(Error::invalid(
+            field,
+            "task_id and attempt must be positive: copy the token from the Assignment",
+        ));
     }
-    Ok(LeaseToken { task_id: l.task_id, attempt: l.attempt })
+    Ok(LeaseToken {
+        task_id: l.task_id,
+        attempt: l.attempt,
+    })
 }
 
 pub fn worker_event_to_pb(e: WorkerEvent) -> pb::WorkerMessage {
     use pb::worker_message::Message;
     let message = match e {
         WorkerEvent::Assign(a) => Message::Assignment(assignment_to_pb(a)),
-        WorkerEvent::Cancel { lease, reason } => {
-            Message::Cancel(pb::CancelNotice { lease: Some(lease_to_pb(lease)), reason })
-        }
+        WorkerEvent::Cancel { lease, reason } => Message::Cancel(pb::CancelNotice {
+            lease: Some(lease_to_pb(lease)),
+            reason,
+        }),
     };
-    pb::WorkerMessage { message: Some(message) }
+    pb::WorkerMessage {
+        message: Some(message),
+    }
 }
 
 fn assignment_to_pb(a: Assignment) -> pb::Assignment {
@@ -289,9 +322,16 @@ pub fn completion_from_pb(i: usize, c: pb::Completion) -> Result<Completion> {
 pub fn failure_from_pb(i: usize, f: pb::Failure) -> Result<Failure> {
     let lease = lease_from_pb(&format!("failures[{i}].lease"), f.lease.as_ref())?;
     if f.error.is_empty() {
-        return Err(Error::invalid(format!("failures[{i}].error"), "say what went wrong: the error becomes the migration's reason"));
+        return Err(Error::invalid(
+            format!("failures[{i}].error"),
+            "say what went wrong: the error becomes the migration's reason",
+        ));
     }
-    Ok(Failure { lease, error: f.error, retryable: f.retryable })
+    Ok(Failure {
+        lease,
+        error: f.error,
+        retryable: f.retryable,
+    })
 }
 
 pub fn worker_to_pb(w: &WorkerView, leases: Vec<LeaseToken>) -> pb::WorkerInfo {
@@ -305,4 +345,3 @@ pub fn worker_to_pb(w: &WorkerView, leases: Vec<LeaseToken>) -> pb::WorkerInfo {
         draining: w.draining,
     }
 }
-

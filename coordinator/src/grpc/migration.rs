@@ -31,28 +31,47 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchMigrationResponse, 
 
 #[tonic::async_trait]
 impl MigrationService for MigrationApi {
-    async fn put_plan(&self, req: Request<pb::PutPlanRequest>) -> Result<Response<pb::PutPlanResponse>, Status> {
+    async fn put_plan(
+        &self,
+        req: Request<pb::PutPlanRequest>,
+    ) -> Result<Response<pb::PutPlanResponse>, Status> {
         let plan = match req.into_inner().source {
             Some(pb::put_plan_request::Source::Plan(p)) => plan_from_pb(p),
             Some(pb::put_plan_request::Source::PlanJson(json)) => PlanSpec::from_json(&json)?,
-            None => return Err(Error::invalid("plan", "give the plan as `plan` or as `plan_json`").into()),
+            None => {
+                return Err(
+                    Error::invalid("plan", "give the plan as `plan` or as `plan_json`").into(),
+                );
+            }
         };
         let stored = self.core.put_plan(plan).await?;
-        Ok(Response::new(pb::PutPlanResponse { plan: Some(plan_to_pb(&stored)) }))
+        Ok(Response::new(pb::PutPlanResponse {
+            plan: Some(plan_to_pb(&stored)),
+        }))
     }
 
-    async fn get_plan(&self, req: Request<pb::GetPlanRequest>) -> Result<Response<pb::GetPlanResponse>, Status> {
+    async fn get_plan(
+        &self,
+        req: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::GetPlanResponse>, Status> {
         let name = req.into_inner().name;
         if name.is_empty() {
             return Err(Error::invalid("name", "the plan name is required").into());
         }
         let plan = self.core.get_plan(&name).await?;
-        Ok(Response::new(pb::GetPlanResponse { plan: Some(plan_to_pb(&plan)) }))
+        Ok(Response::new(pb::GetPlanResponse {
+            plan: Some(plan_to_pb(&plan)),
+        }))
     }
 
-    async fn list_plans(&self, _: Request<pb::ListPlansRequest>) -> Result<Response<pb::ListPlansResponse>, Status> {
+    async fn list_plans(
+        &self,
+        _: Request<pb::ListPlansRequest>,
+    ) -> Result<Response<pb::ListPlansResponse>, Status> {
         let plans = self.core.list_plans().await?;
-        Ok(Response::new(pb::ListPlansResponse { plans: plans.iter().map(plan_to_pb).collect() }))
+        Ok(Response::new(pb::ListPlansResponse {
+            plans: plans.iter().map(plan_to_pb).collect(),
+        }))
     }
 
     async fn create_migration(
@@ -61,13 +80,25 @@ impl MigrationService for MigrationApi {
     ) -> Result<Response<pb::CreateMigrationResponse>, Status> {
         let r = req.into_inner();
         let plan = match r.plan_source {
-            Some(pb::create_migration_request::PlanSource::PlanName(name)) => PlanSource::Named(name),
-            Some(pb::create_migration_request::PlanSource::InlinePlan(p)) => PlanSource::Inline(plan_from_pb(p)),
+            Some(pb::create_migration_request::PlanSource::PlanName(name)) => {
+                PlanSource::Named(name)
+            }
+            Some(pb::create_migration_request::PlanSource::InlinePlan(p)) => {
+                PlanSource::Inline(plan_from_pb(p))
+            }
             None => {
-                return Err(Error::invalid("plan_name", "name a stored plan in `plan_name`, or give `inline_plan`").into());
+                return Err(Error::invalid(
+                    "plan_name",
+                    "name a stored plan in `plan_name`, or give `inline_plan`",
+                )
+                .into());
             }
         };
-        let deadline_ms = r.deadline.as_ref().map(|t| convert::timestamp_ms("deadline", t)).transpose()?;
+        let deadline_ms = r
+            .deadline
+            .as_ref()
+            .map(|t| convert::timestamp_ms("deadline", t))
+            .transpose()?;
         let (migration, created) = self
             .core
             .create_migration(CreateRequest {
@@ -79,15 +110,23 @@ impl MigrationService for MigrationApi {
                 idempotency_key: Some(r.idempotency_key).filter(|k| !k.is_empty()),
             })
             .await?;
-        Ok(Response::new(pb::CreateMigrationResponse { migration: Some(migration_to_pb(&migration)), created }))
+        Ok(Response::new(pb::CreateMigrationResponse {
+            migration: Some(migration_to_pb(&migration)),
+            created,
+        }))
     }
 
     async fn get_migration(
         &self,
         req: Request<pb::GetMigrationRequest>,
     ) -> Result<Response<pb::GetMigrationResponse>, Status> {
-        let m = self.core.get_migration(req.into_inner().migration_id).await?;
-        Ok(Response::new(pb::GetMigrationResponse { migration: Some(migration_to_pb(&m)) }))
+        let m = self
+            .core
+            .get_migration(req.into_inner().migration_id)
+            .await?;
+        Ok(Response::new(pb::GetMigrationResponse {
+            migration: Some(migration_to_pb(&m)),
+        }))
     }
 
     async fn list_migrations(
@@ -98,13 +137,22 @@ impl MigrationService for MigrationApi {
         let limit = match r.page_size {
             0 => 100,
             n @ 1..=1000 => n,
-            n => return Err(Error::invalid("page_size", format!("{n} is more than 1000; use 1-1000")).into()),
+            n => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("{n} is more than 1000; use 1-1000"),
+                )
+                .into());
+            }
         };
         let before_id = if r.page_token.is_empty() {
             None
         } else {
             Some(r.page_token.parse::<i64>().map_err(|_| {
-                Error::invalid("page_token", "not a token this server issued; pass next_page_token unchanged")
+                Error::invalid(
+                    "page_token",
+                    "not a token this server issued; pass next_page_token unchanged",
+                )
             })?)
         };
         let filter = MigrationFilter {
@@ -141,16 +189,26 @@ impl MigrationService for MigrationApi {
         req: Request<pb::CancelMigrationRequest>,
     ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
         let r = req.into_inner();
-        let m = self.core.cancel_migration(r.migration_id, &r.reason).await?;
-        Ok(Response::new(pb::CancelMigrationResponse { migration: Some(migration_to_pb(&m)) }))
+        let m = self
+            .core
+            .cancel_migration(r.migration_id, &r.reason)
+            .await?;
+        Ok(Response::new(pb::CancelMigrationResponse {
+            migration: Some(migration_to_pb(&m)),
+        }))
     }
 
     async fn retry_migration(
         &self,
         req: Request<pb::RetryMigrationRequest>,
     ) -> Result<Response<pb::RetryMigrationResponse>, Status> {
-        let m = self.core.retry_migration(req.into_inner().migration_id).await?;
-        Ok(Response::new(pb::RetryMigrationResponse { migration: Some(migration_to_pb(&m)) }))
+        let m = self
+            .core
+            .retry_migration(req.into_inner().migration_id)
+            .await?;
+        Ok(Response::new(pb::RetryMigrationResponse {
+            migration: Some(migration_to_pb(&m)),
+        }))
     }
 
     async fn get_subject_status(
@@ -165,14 +223,28 @@ impl MigrationService for MigrationApi {
         }))
     }
 
-    async fn list_events(&self, req: Request<pb::ListEventsRequest>) -> Result<Response<pb::ListEventsResponse>, Status> {
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
         let r = req.into_inner();
         let limit = match r.limit {
             0 => 1000,
             n @ 1..=10_000 => n,
-            n => return Err(Error::invalid("limit", format!("{n} is more than 10000; use 1-10000")).into()),
+            n => {
+                return Err(Error::invalid(
+                    "limit",
+                    format!("{n} is more than 10000; use 1-10000"),
+                )
+                .into());
+            }
         };
-        let events = self.core.list_events(r.migration_id, r.after_event_id, limit).await?;
-        Ok(Response::new(pb::ListEventsResponse { events: events.iter().map(convert::event_to_pb).collect() }))
+        let events = self
+            .core
+            .list_events(r.migration_id, r.after_event_id, limit)
+            .await?;
+        Ok(Response::new(pb::ListEventsResponse {
+            events: events.iter().map(convert::event_to_pb).collect(),
+        }))
     }
 }

@@ -22,7 +22,9 @@ pub fn code_of(e: &Error) -> Code {
         Error::NotFound(_) => Code::NotFound,
         Error::AlreadyExists(_) => Code::AlreadyExists,
         Error::LeaseNotHeld(_) | Error::FailedPrecondition(_) => Code::FailedPrecondition,
-        Error::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed) => Code::Unavailable,
+        Error::Database(
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
+        ) => Code::Unavailable,
         Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) => Code::Internal,
     }
 }

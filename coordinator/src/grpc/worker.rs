@@ -59,11 +59,16 @@ fn worker_stream(
     Box::pin(tokio_stream::once(Ok(welcome)).chain(events))
 }
 
-fn results(leases: Vec<LeaseToken>, outcomes: Vec<Result<ReportAck>>) -> Result<pb::ReportResponse, Status> {
+fn results(
+    leases: Vec<LeaseToken>,
+    outcomes: Vec<Result<ReportAck>>,
+) -> Result<pb::ReportResponse, Status> {
     if outcomes.len() == 1
         && let Some(Err(_)) = outcomes.first()
     {
-        let Some(Err(e)) = outcomes.into_iter().next() else { unreachable!() };
+        let Some(Err(e)) = outcomes.into_iter().next() else {
+            unreachable!()
+        };
         return Err(e.into());
     }
     let results = leases
@@ -91,7 +96,10 @@ fn results(leases: Vec<LeaseToken>, outcomes: Vec<Result<ReportAck>>) -> Result<
 
 fn require_worker_id(id: &str) -> Result<()> {
     if id.is_empty() {
-        return Err(Error::invalid("worker_id", "the worker_id given to Subscribe is required"));
+        return Err(Error::invalid(
+            "worker_id",
+            "the worker_id given to Subscribe is required",
+        ));
     }
     Ok(())
 }
@@ -100,9 +108,17 @@ fn require_worker_id(id: &str) -> Result<()> {
 impl WorkerService for WorkerApi {
     type SubscribeStream = SubscribeStream;
 
-    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = req.into_inner();
-        let spec = WorkerSpec { worker_id: r.worker_id, name: r.name, kinds: r.kinds, slots: r.slots };
+        let spec = WorkerSpec {
+            worker_id: r.worker_id,
+            name: r.name,
+            kinds: r.kinds,
+            slots: r.slots,
+        };
         let (conn, rx) = self.core.subscribe(spec.clone())?;
         tracing::info!(worker_id = %spec.worker_id, kinds = ?spec.kinds, slots = spec.slots, "worker subscribed");
         let timing = self.core.timing();
@@ -112,11 +128,18 @@ impl WorkerService for WorkerApi {
                 lease_duration_ms: timing.lease_duration.as_millis() as u32,
             })),
         };
-        let registration = Registration { core: self.core.clone(), worker_id: spec.worker_id, conn };
+        let registration = Registration {
+            core: self.core.clone(),
+            worker_id: spec.worker_id,
+            conn,
+        };
         Ok(Response::new(worker_stream(welcome, rx, registration)))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         require_worker_id(&r.worker_id)?;
         let leases = r
@@ -138,12 +161,18 @@ impl WorkerService for WorkerApi {
             cancel: out
                 .cancel
                 .into_iter()
-                .map(|(lease, reason)| pb::CancelNotice { lease: Some(lease_to_pb(lease)), reason })
+                .map(|(lease, reason)| pb::CancelNotice {
+                    lease: Some(lease_to_pb(lease)),
+                    reason,
+                })
                 .collect(),
         }))
     }
 
-    async fn complete(&self, req: Request<pb::CompleteRequest>) -> Result<Response<pb::ReportResponse>, Status> {
+    async fn complete(
+        &self,
+        req: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
         let r = req.into_inner();
         require_worker_id(&r.worker_id)?;
         if r.completions.is_empty() {
@@ -160,7 +189,10 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(results(leases, outcomes)?))
     }
 
-    async fn fail(&self, req: Request<pb::FailRequest>) -> Result<Response<pb::ReportResponse>, Status> {
+    async fn fail(
+        &self,
+        req: Request<pb::FailRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
         let r = req.into_inner();
         require_worker_id(&r.worker_id)?;
         if r.failures.is_empty() {

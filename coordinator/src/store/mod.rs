@@ -22,7 +22,7 @@ use crate::error::Result;
 pub use sqlite::SqliteStore;
 
 /// What a committed transition means for the rest of the coordinator.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Effects {
     /// Migrations whose state, progress or events changed.
     pub touched: BTreeSet<i64>,
@@ -91,14 +91,16 @@ pub trait Store: Send + Sync + 'static {
     /// Migrations, newest first.
     async fn list_migrations(&self, filter: &MigrationFilter) -> Result<Vec<Migration>>;
     /// A page of one migration's events, oldest first.
-    async fn list_events(&self, migration_id: i64, after_id: i64, limit: u32) -> Result<Vec<Event>>;
+    async fn list_events(&self, migration_id: i64, after_id: i64, limit: u32)
+    -> Result<Vec<Event>>;
     /// What a client sees of a subject.
     async fn subject_status(&self, subject: &str) -> Result<SubjectView>;
 
     /// Leases up to `slots` minus the worker's live leases of ready tasks of
     /// the given kinds, oldest ready first. Keeps I1 (only tasks of running
     /// stages are ready), I4 (a task is claimed only from `ready`) and I12.
-    async fn claim(&self, worker_id: &str, kinds: &[String], slots: u32) -> Result<Vec<Assignment>>;
+    async fn claim(&self, worker_id: &str, kinds: &[String], slots: u32)
+    -> Result<Vec<Assignment>>;
     /// Puts a lease that could not be delivered back to `ready` without
     /// counting an attempt against the task.
     async fn release(&self, worker_id: &str, lease: LeaseToken) -> Result<Effects>;
@@ -121,4 +123,14 @@ pub trait Store: Send + Sync + 'static {
     async fn sweep(&self) -> Result<(SweepReport, Effects)>;
     /// The live leases a worker holds.
     async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>>;
+
+    /// Effects committed by *other* coordinators sharing this database, as
+    /// they commit (PostgreSQL `LISTEN`/`NOTIFY`): this coordinator wakes its
+    /// dispatcher, tells its watchers and sends cancel notices to the workers
+    /// streaming from it. `None` where this coordinator is the only writer.
+    async fn remote_effects(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<Effects>>> {
+        Ok(None)
+    }
 }

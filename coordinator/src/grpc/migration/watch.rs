@@ -17,7 +17,11 @@ use crate::grpc::convert::{event_to_pb, migration_to_pb};
 
 const PAGE: u32 = 1000;
 
-pub(super) async fn stream(core: Arc<Coordinator>, id: i64, after: i64) -> Result<WatchStream, Status> {
+pub(super) async fn stream(
+    core: Arc<Coordinator>,
+    id: i64,
+    after: i64,
+) -> Result<WatchStream, Status> {
     // Subscribe before the first read so no change between the two is missed.
     let mut changes = core.changes();
     core.get_migration(id).await?;

@@ -106,10 +106,12 @@ pub(super) async fn admit(conn: &mut SqliteConnection, pool: &str, fx: &mut Effe
 }
 
 async fn stage_count(conn: &mut SqliteConnection, migration_id: i64) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM stages WHERE migration_id = ?")
-        .bind(migration_id)
-        .fetch_one(conn)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM stages WHERE migration_id = ?")
+            .bind(migration_id)
+            .fetch_one(conn)
+            .await?,
+    )
 }
 
 /// Starts stage `idx` of a running migration: marks it running (once — I2)
@@ -142,7 +144,16 @@ pub(super) async fn enter_stage(
             return Ok(false);
         }
         fx.touch(migration_id);
-        event(conn, migration_id, EventKind::StageStarted, EventAt { stage: Some(idx), ..Default::default() }).await?;
+        event(
+            conn,
+            migration_id,
+            EventKind::StageStarted,
+            EventAt {
+                stage: Some(idx),
+                ..Default::default()
+            },
+        )
+        .await?;
         let (total, serial): (i64, bool) =
             sqlx::query_as("SELECT total, serial FROM stages WHERE migration_id = ? AND idx = ?")
                 .bind(migration_id)
@@ -174,7 +185,11 @@ pub(super) async fn enter_stage(
 }
 
 /// Makes the next pending task of a serial stage ready, in insertion order.
-pub(super) async fn ready_next_serial(conn: &mut SqliteConnection, migration_id: i64, idx: i64) -> Result<()> {
+pub(super) async fn ready_next_serial(
+    conn: &mut SqliteConnection,
+    migration_id: i64,
+    idx: i64,
+) -> Result<()> {
     sqlx::query(
         "UPDATE tasks SET state = 'ready', ready_at = ?
          WHERE id = (SELECT min(id) FROM tasks WHERE migration_id = ? AND stage_idx = ? AND state = 'pending')
@@ -192,7 +207,12 @@ pub(super) async fn ready_next_serial(conn: &mut SqliteConnection, migration_id:
 }
 
 /// Marks a running stage succeeded (once).
-async fn finish_stage(conn: &mut SqliteConnection, migration_id: i64, idx: i64, fx: &mut Effects) -> Result<bool> {
+async fn finish_stage(
+    conn: &mut SqliteConnection,
+    migration_id: i64,
+    idx: i64,
+    fx: &mut Effects,
+) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE stages SET state = 'succeeded', finished_at = ?
          WHERE migration_id = ? AND idx = ? AND state = 'running' AND succeeded = total",
@@ -205,7 +225,16 @@ async fn finish_stage(conn: &mut SqliteConnection, migration_id: i64, idx: i64, 
     .rows_affected();
     if done == 1 {
         fx.touch(migration_id);
-        event(conn, migration_id, EventKind::StageSucceeded, EventAt { stage: Some(idx), ..Default::default() }).await?;
+        event(
+            conn,
+            migration_id,
+            EventKind::StageSucceeded,
+            EventAt {
+                stage: Some(idx),
+                ..Default::default()
+            },
+        )
+        .await?;
     }
     Ok(done == 1)
 }
@@ -227,19 +256,28 @@ pub(super) async fn after_task_success(
     }
 }
 
-async fn ready_next_serial_if(conn: &mut SqliteConnection, migration_id: i64, idx: i64) -> Result<()> {
-    let serial: bool = sqlx::query_scalar("SELECT serial FROM stages WHERE migration_id = ? AND idx = ?")
-        .bind(migration_id)
-        .bind(idx)
-        .fetch_one(&mut *conn)
-        .await?;
+async fn ready_next_serial_if(
+    conn: &mut SqliteConnection,
+    migration_id: i64,
+    idx: i64,
+) -> Result<()> {
+    let serial: bool =
+        sqlx::query_scalar("SELECT serial FROM stages WHERE migration_id = ? AND idx = ?")
+            .bind(migration_id)
+            .bind(idx)
+            .fetch_one(&mut *conn)
+            .await?;
     if serial {
         ready_next_serial(conn, migration_id, idx).await?;
     }
     Ok(())
 }
 
-async fn succeed_migration(conn: &mut SqliteConnection, migration_id: i64, fx: &mut Effects) -> Result<bool> {
+async fn succeed_migration(
+    conn: &mut SqliteConnection,
+    migration_id: i64,
+    fx: &mut Effects,
+) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE migrations SET state = 'succeeded', finished_at = ? WHERE id = ? AND state = 'running'",
     )
@@ -251,7 +289,13 @@ async fn succeed_migration(conn: &mut SqliteConnection, migration_id: i64, fx: &
     if done == 1 {
         fx.touch(migration_id);
         fx.dispatch = true;
-        event(conn, migration_id, EventKind::MigrationSucceeded, EventAt::default()).await?;
+        event(
+            conn,
+            migration_id,
+            EventKind::MigrationSucceeded,
+            EventAt::default(),
+        )
+        .await?;
     }
     Ok(done == 1)
 }
@@ -267,7 +311,10 @@ pub(super) async fn abort_migration(
     reason: &str,
     fx: &mut Effects,
 ) -> Result<bool> {
-    debug_assert!(matches!(state, MigrationState::Failed | MigrationState::Canceled));
+    debug_assert!(matches!(
+        state,
+        MigrationState::Failed | MigrationState::Canceled
+    ));
     let pool: Option<String> = sqlx::query_scalar(
         "UPDATE migrations SET state = ?, reason = ?, finished_at = ?
          WHERE id = ? AND state IN ('queued', 'running') RETURNING pool",
@@ -295,7 +342,10 @@ pub(super) async fn abort_migration(
     for row in leased {
         fx.revoked.push(Revoked {
             worker_id: row.get::<Option<String>, _>(2).unwrap_or_default(),
-            lease: LeaseToken { task_id: row.get(0), attempt: row.get::<i64, _>(1) as u32 },
+            lease: LeaseToken {
+                task_id: row.get(0),
+                attempt: row.get::<i64, _>(1) as u32,
+            },
             reason: why.to_string(),
         });
     }
@@ -322,7 +372,13 @@ pub(super) async fn abort_migration(
             conn,
             migration_id,
             EventKind::TaskCanceled,
-            EventAt { stage: Some(stage), task_id, attempt, message: why, ..Default::default() },
+            EventAt {
+                stage: Some(stage),
+                task_id,
+                attempt,
+                message: why,
+                ..Default::default()
+            },
         )
         .await?;
     }
@@ -340,13 +396,32 @@ pub(super) async fn abort_migration(
     .fetch_all(&mut *conn)
     .await?;
     for idx in ended {
-        event(conn, migration_id, stage_event, EventAt { stage: Some(idx), message: reason, ..Default::default() }).await?;
+        event(
+            conn,
+            migration_id,
+            stage_event,
+            EventAt {
+                stage: Some(idx),
+                message: reason,
+                ..Default::default()
+            },
+        )
+        .await?;
     }
     let kind = match state {
         MigrationState::Canceled => EventKind::MigrationCanceled,
         _ => EventKind::MigrationFailed,
     };
-    event(conn, migration_id, kind, EventAt { message: reason, ..Default::default() }).await?;
+    event(
+        conn,
+        migration_id,
+        kind,
+        EventAt {
+            message: reason,
+            ..Default::default()
+        },
+    )
+    .await?;
     admit(conn, &pool, fx).await?;
     Ok(true)
 }

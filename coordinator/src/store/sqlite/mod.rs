@@ -14,12 +14,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 use crate::clock::now_ms;
 use crate::domain::{
     Assignment, Completion, Event, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken,
-    Migration, MigrationFilter, MigrationState, NewMigration, PlanSpec, Pool, ReportAck, SweepReport,
+    Migration, MigrationFilter, MigrationState, NewMigration, PlanSpec, Pool, ReportAck,
+    SweepReport,
 };
 use crate::error::{Error, Result};
 use crate::store::{Created, Effects, Limits, Store, SubjectView};
@@ -36,7 +39,11 @@ impl SqliteStore {
     /// Opens (creating if missing) the database at `url` (`sqlite://path` or
     /// a plain path) and applies the schema migrations.
     pub async fn open(url: &str, limits: Limits) -> Result<Self> {
-        let url = if url.starts_with("sqlite:") { url.to_string() } else { format!("sqlite://{url}") };
+        let url = if url.starts_with("sqlite:") {
+            url.to_string()
+        } else {
+            format!("sqlite://{url}")
+        };
         let options = SqliteConnectOptions::from_str(&url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -53,22 +60,29 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader, limits })
+        Ok(Self {
+            writer,
+            reader,
+            limits,
+        })
     }
 }
 
 fn pool_not_found(name: &str) -> Error {
-    Error::NotFound(format!("pool {name:?} does not exist; create it with AdminService/CreatePool or use \"default\""))
+    Error::NotFound(format!(
+        "pool {name:?} does not exist; create it with AdminService/CreatePool or use \"default\""
+    ))
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn put_plan(&self, plan: &PlanSpec) -> Result<PlanSpec> {
         let mut tx = self.writer.begin().await?;
-        let version: i64 = sqlx::query_scalar("SELECT coalesce(max(version), 0) + 1 FROM plans WHERE name = ?")
-            .bind(&plan.name)
-            .fetch_one(&mut *tx)
-            .await?;
+        let version: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(version), 0) + 1 FROM plans WHERE name = ?")
+                .bind(&plan.name)
+                .fetch_one(&mut *tx)
+                .await?;
         let mut stored = plan.clone();
         stored.version = version as u32;
         let spec = serde_json::to_string(&stored).map_err(|e| Error::Corrupt(e.to_string()))?;
@@ -101,26 +115,40 @@ impl Store for SqliteStore {
     }
 
     async fn create_pool(&self, name: &str, slots: u32) -> Result<Pool> {
-        let inserted = sqlx::query("INSERT INTO pools (name, slots) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
-            .bind(name)
-            .bind(slots as i64)
-            .execute(&self.writer)
-            .await?
-            .rows_affected();
+        let inserted = sqlx::query(
+            "INSERT INTO pools (name, slots) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(slots as i64)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
         if inserted == 0 {
             return Err(Error::AlreadyExists(format!(
                 "pool {name:?} already exists; change its size with SetPoolSlots"
             )));
         }
-        reads::pool(&self.writer, name).await?.ok_or_else(|| pool_not_found(name))
+        reads::pool(&self.writer, name)
+            .await?
+            .ok_or_else(|| pool_not_found(name))
     }
 
     async fn set_pool_slots(&self, name: &str, slots: u32) -> Result<(Pool, Effects)> {
-        self.update_pool(name, "UPDATE pools SET slots = ? WHERE name = ?", slots as i64).await
+        self.update_pool(
+            name,
+            "UPDATE pools SET slots = ? WHERE name = ?",
+            slots as i64,
+        )
+        .await
     }
 
     async fn set_pool_paused(&self, name: &str, paused: bool) -> Result<(Pool, Effects)> {
-        self.update_pool(name, "UPDATE pools SET paused = ? WHERE name = ?", paused as i64).await
+        self.update_pool(
+            name,
+            "UPDATE pools SET paused = ? WHERE name = ?",
+            paused as i64,
+        )
+        .await
     }
 
     async fn list_pools(&self) -> Result<Vec<Pool>> {
@@ -131,12 +159,19 @@ impl Store for SqliteStore {
         let mut fx = Effects::default();
         let mut tx = self.writer.begin().await?;
         if let Some(key) = &m.idempotency_key {
-            let existing: Option<i64> = sqlx::query_scalar("SELECT id FROM migrations WHERE idempotency_key = ?")
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let existing: Option<i64> =
+                sqlx::query_scalar("SELECT id FROM migrations WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if let Some(id) = existing {
-                return Ok((Created { migration_id: id, created: false }, fx));
+                return Ok((
+                    Created {
+                        migration_id: id,
+                        created: false,
+                    },
+                    fx,
+                ));
             }
         }
         let pool_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM pools WHERE name = ?")
@@ -179,8 +214,8 @@ impl Store for SqliteStore {
             let retry = stage.retry.resolved();
             sqlx::query(
                 "INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
-                                     initial_backoff_ms, max_backoff_ms)
-                 VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                                     initial_backoff_ms, max_backoff_ms, attempt_timeout_ms)
+                 VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
             )
             .bind(id)
             .bind(idx as i64)
@@ -190,10 +225,15 @@ impl Store for SqliteStore {
             .bind(retry.max_attempts as i64)
             .bind(retry.initial_backoff_ms as i64)
             .bind(retry.max_backoff_ms as i64)
+            .bind(retry.attempt_timeout_ms as i64)
             .execute(&mut *tx)
             .await?;
             for task in &stage.tasks {
-                let attempts = if task.max_attempts == 0 { retry.max_attempts } else { task.max_attempts };
+                let attempts = if task.max_attempts == 0 {
+                    retry.max_attempts
+                } else {
+                    task.max_attempts
+                };
                 sqlx::query(
                     "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts)
                      VALUES (?, ?, ?, ?, 'pending', ?)",
@@ -207,11 +247,26 @@ impl Store for SqliteStore {
                 .await?;
             }
         }
-        event(&mut tx, id, EventKind::MigrationCreated, EventAt { message: &m.subject, ..Default::default() }).await?;
+        event(
+            &mut tx,
+            id,
+            EventKind::MigrationCreated,
+            EventAt {
+                message: &m.subject,
+                ..Default::default()
+            },
+        )
+        .await?;
         fx.touch(id);
         machine::admit(&mut tx, &m.pool, &mut fx).await?;
         tx.commit().await?;
-        Ok((Created { migration_id: id, created: true }, fx))
+        Ok((
+            Created {
+                migration_id: id,
+                created: true,
+            },
+            fx,
+        ))
     }
 
     async fn get_migration(&self, id: i64) -> Result<Option<Migration>> {
@@ -222,7 +277,12 @@ impl Store for SqliteStore {
         reads::list_migrations(&self.reader, filter).await
     }
 
-    async fn list_events(&self, migration_id: i64, after_id: i64, limit: u32) -> Result<Vec<Event>> {
+    async fn list_events(
+        &self,
+        migration_id: i64,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>> {
         reads::list_events(&self.reader, migration_id, after_id, limit).await
     }
 
@@ -230,7 +290,12 @@ impl Store for SqliteStore {
         reads::subject_status(&self.reader, subject).await
     }
 
-    async fn claim(&self, worker_id: &str, kinds: &[String], slots: u32) -> Result<Vec<Assignment>> {
+    async fn claim(
+        &self,
+        worker_id: &str,
+        kinds: &[String],
+        slots: u32,
+    ) -> Result<Vec<Assignment>> {
         reports::claim(&self.writer, worker_id, kinds, slots, self.limits).await
     }
 
@@ -259,7 +324,11 @@ impl Store for SqliteStore {
                 "migration {id} is already {state}; only queued or running migrations can be canceled"
             )));
         }
-        let reason = if reason.is_empty() { "canceled by client" } else { reason };
+        let reason = if reason.is_empty() {
+            "canceled by client"
+        } else {
+            reason
+        };
         machine::abort_migration(&mut tx, id, MigrationState::Canceled, reason, &mut fx).await?;
         tx.commit().await?;
         Ok(fx)
@@ -328,16 +397,28 @@ impl Store for SqliteStore {
 }
 
 impl SqliteStore {
-    async fn update_pool(&self, name: &str, sql: &'static str, value: i64) -> Result<(Pool, Effects)> {
+    async fn update_pool(
+        &self,
+        name: &str,
+        sql: &'static str,
+        value: i64,
+    ) -> Result<(Pool, Effects)> {
         let mut fx = Effects::default();
         let mut tx = self.writer.begin().await?;
-        let changed = sqlx::query(sql).bind(value).bind(name).execute(&mut *tx).await?.rows_affected();
+        let changed = sqlx::query(sql)
+            .bind(value)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         if changed == 0 {
             return Err(pool_not_found(name));
         }
         machine::admit(&mut tx, name, &mut fx).await?;
         tx.commit().await?;
-        let pool = reads::pool(&self.writer, name).await?.ok_or_else(|| pool_not_found(name))?;
+        let pool = reads::pool(&self.writer, name)
+            .await?
+            .ok_or_else(|| pool_not_found(name))?;
         Ok((pool, fx))
     }
 }

@@ -5,8 +5,8 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::domain::{
-    Event, EventKind, LeaseToken, Migration, MigrationFilter, MigrationState, PlanSpec, Pool, StageProgress,
-    StageState, SubjectStatus,
+    Event, EventKind, LeaseToken, Migration, MigrationFilter, MigrationState, PlanSpec, Pool,
+    StageProgress, StageState, SubjectStatus,
 };
 use crate::error::{Error, Result};
 use crate::store::SubjectView;
@@ -20,10 +20,11 @@ fn decode_plan(spec: &str) -> Result<PlanSpec> {
 }
 
 pub(super) async fn get_plan(db: &SqlitePool, name: &str) -> Result<Option<PlanSpec>> {
-    let spec: Option<String> = sqlx::query_scalar("SELECT spec FROM plans WHERE name = ? ORDER BY version DESC LIMIT 1")
-        .bind(name)
-        .fetch_optional(db)
-        .await?;
+    let spec: Option<String> =
+        sqlx::query_scalar("SELECT spec FROM plans WHERE name = ? ORDER BY version DESC LIMIT 1")
+            .bind(name)
+            .fetch_optional(db)
+            .await?;
     spec.as_deref().map(decode_plan).transpose()
 }
 
@@ -64,7 +65,8 @@ pub(super) async fn list_pools(db: &SqlitePool) -> Result<Vec<Pool>> {
     Ok(rows.iter().map(decode_pool).collect())
 }
 
-const MIGRATION_COLUMNS: &str = "id, plan_name, plan_version, subject, parameters, pool, state, reason,
+const MIGRATION_COLUMNS: &str =
+    "id, plan_name, plan_version, subject, parameters, pool, state, reason,
     idempotency_key, deadline, created_at, admitted_at, finished_at";
 
 fn decode_migration(row: &SqliteRow) -> Result<Migration> {
@@ -75,7 +77,8 @@ fn decode_migration(row: &SqliteRow) -> Result<Migration> {
         plan_name: row.get("plan_name"),
         plan_version: row.get::<i64, _>("plan_version") as u32,
         subject: row.get("subject"),
-        parameters: serde_json::from_str(&parameters).map_err(|e| Error::Corrupt(format!("parameters: {e}")))?,
+        parameters: serde_json::from_str(&parameters)
+            .map_err(|e| Error::Corrupt(format!("parameters: {e}")))?,
         pool: row.get("pool"),
         state: MigrationState::parse(&state).ok_or_else(|| corrupt("migration state", &state))?,
         reason: row.get("reason"),
@@ -120,14 +123,19 @@ async fn with_stages(db: &SqlitePool, mut m: Migration) -> Result<Migration> {
 }
 
 pub(super) async fn migration(db: &SqlitePool, id: i64) -> Result<Option<Migration>> {
-    let sql = sqlx::AssertSqlSafe(format!("SELECT {MIGRATION_COLUMNS} FROM migrations WHERE id = ?"));
+    let sql = sqlx::AssertSqlSafe(format!(
+        "SELECT {MIGRATION_COLUMNS} FROM migrations WHERE id = ?"
+    ));
     let Some(row) = sqlx::query(sql).bind(id).fetch_optional(db).await? else {
         return Ok(None);
     };
     Ok(Some(with_stages(db, decode_migration(&row)?).await?))
 }
 
-pub(super) async fn list_migrations(db: &SqlitePool, f: &MigrationFilter) -> Result<Vec<Migration>> {
+pub(super) async fn list_migrations(
+    db: &SqlitePool,
+    f: &MigrationFilter,
+) -> Result<Vec<Migration>> {
     // NULL parameters switch a filter off, so one prepared statement serves
     // every combination.
     let sql = sqlx::AssertSqlSafe(format!(
@@ -151,7 +159,12 @@ pub(super) async fn list_migrations(db: &SqlitePool, f: &MigrationFilter) -> Res
     Ok(out)
 }
 
-pub(super) async fn list_events(db: &SqlitePool, migration_id: i64, after_id: i64, limit: u32) -> Result<Vec<Event>> {
+pub(super) async fn list_events(
+    db: &SqlitePool,
+    migration_id: i64,
+    after_id: i64,
+    limit: u32,
+) -> Result<Vec<Event>> {
     let rows = sqlx::query(
         "SELECT id, migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message
          FROM events WHERE migration_id = ? AND id > ? ORDER BY id LIMIT ?",
@@ -180,15 +193,17 @@ pub(super) async fn list_events(db: &SqlitePool, migration_id: i64, after_id: i6
 }
 
 pub(super) async fn subject_status(db: &SqlitePool, subject: &str) -> Result<SubjectView> {
-    let latest: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM migrations WHERE subject = ?")
-        .bind(subject)
-        .fetch_one(db)
-        .await?;
-    let succeeded: Option<i64> =
-        sqlx::query_scalar("SELECT max(id) FROM migrations WHERE subject = ? AND state = 'succeeded'")
+    let latest: Option<i64> =
+        sqlx::query_scalar("SELECT max(id) FROM migrations WHERE subject = ?")
             .bind(subject)
             .fetch_one(db)
             .await?;
+    let succeeded: Option<i64> = sqlx::query_scalar(
+        "SELECT max(id) FROM migrations WHERE subject = ? AND state = 'succeeded'",
+    )
+    .bind(subject)
+    .fetch_one(db)
+    .await?;
     let latest = match latest {
         Some(id) => migration(db, id).await?,
         None => None,
@@ -207,11 +222,18 @@ pub(super) async fn subject_status(db: &SqlitePool, subject: &str) -> Result<Sub
             MigrationState::Failed | MigrationState::Canceled => SubjectStatus::Failed,
         },
     };
-    Ok(SubjectView { status, latest, last_succeeded })
+    Ok(SubjectView {
+        status,
+        latest,
+        last_succeeded,
+    })
 }
 
 /// The state of a migration, inside a write transaction.
-pub(super) async fn migration_state(conn: &mut SqliteConnection, id: i64) -> Result<MigrationState> {
+pub(super) async fn migration_state(
+    conn: &mut SqliteConnection,
+    id: i64,
+) -> Result<MigrationState> {
     let state: Option<String> = sqlx::query_scalar("SELECT state FROM migrations WHERE id = ?")
         .bind(id)
         .fetch_optional(conn)
@@ -221,10 +243,17 @@ pub(super) async fn migration_state(conn: &mut SqliteConnection, id: i64) -> Res
 }
 
 pub(super) async fn live_leases(db: &SqlitePool, worker_id: &str) -> Result<Vec<LeaseToken>> {
-    let rows: Vec<(i64, i64)> =
-        sqlx::query_as("SELECT id, attempt FROM tasks WHERE state = 'leased' AND lease_worker = ? ORDER BY id")
-            .bind(worker_id)
-            .fetch_all(db)
-            .await?;
-    Ok(rows.into_iter().map(|(task_id, a)| LeaseToken { task_id, attempt: a as u32 }).collect())
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT id, attempt FROM tasks WHERE state = 'leased' AND lease_worker = ? ORDER BY id",
+    )
+    .bind(worker_id)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(task_id, a)| LeaseToken {
+            task_id,
+            attempt: a as u32,
+        })
+        .collect())
 }

@@ -8,8 +8,8 @@ use sqlx::{Row, SqliteConnection, SqlitePool};
 use super::machine::{self, EventAt, event};
 use crate::clock::now_ms;
 use crate::domain::{
-    Assignment, Completion, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken, MigrationState,
-    ReportAck, SweepReport, validate_task,
+    Assignment, Completion, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken,
+    MigrationState, ReportAck, Revoked, SweepReport, validate_task,
 };
 use crate::error::{Error, Result};
 use crate::store::{Effects, Limits};
@@ -26,10 +26,12 @@ pub(super) async fn claim(
     }
     let mut tx = db.begin().await?;
     // I12: never more live leases than the worker declared slots.
-    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_worker = ?")
-        .bind(worker_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_worker = ?",
+    )
+    .bind(worker_id)
+    .fetch_one(&mut *tx)
+    .await?;
     let free = slots as i64 - held;
     if free <= 0 {
         return Ok(Vec::new());
@@ -40,7 +42,11 @@ pub(super) async fn claim(
     // Kinds are bound, not interpolated: only the placeholder list is built.
     let sql = sqlx::AssertSqlSafe(format!(
         "UPDATE tasks SET state = 'leased', attempt = attempt + 1, lease_worker = ?, lease_expires_at = ?,
-                          progress_done = 0, progress_total = 0
+                          progress_done = 0, progress_total = 0,
+                          attempt_deadline = (SELECT CASE WHEN s.attempt_timeout_ms > 0
+                                                          THEN ? + s.attempt_timeout_ms END
+                                              FROM stages s WHERE s.migration_id = tasks.migration_id
+                                                              AND s.idx = tasks.stage_idx)
          WHERE id IN (
              SELECT t.id FROM tasks t
              JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
@@ -51,7 +57,11 @@ pub(super) async fn claim(
              ORDER BY t.ready_at, t.id LIMIT ?)
          RETURNING id, attempt, migration_id, stage_idx, kind, payload, checkpoint, max_attempts"
     ));
-    let mut q = sqlx::query(sql).bind(worker_id).bind(expires).bind(now);
+    let mut q = sqlx::query(sql)
+        .bind(worker_id)
+        .bind(expires)
+        .bind(now)
+        .bind(now);
     for k in kinds {
         q = q.bind(k);
     }
@@ -72,19 +82,30 @@ pub(super) async fn claim(
             &mut tx,
             migration_id,
             EventKind::TaskAssigned,
-            EventAt { stage: Some(stage), task_id, attempt, worker: worker_id, ..Default::default() },
+            EventAt {
+                stage: Some(stage),
+                task_id,
+                attempt,
+                worker: worker_id,
+                ..Default::default()
+            },
         )
         .await?;
         let payload: String = row.get(5);
         out.push(Assignment {
-            lease: LeaseToken { task_id, attempt: attempt as u32 },
+            lease: LeaseToken {
+                task_id,
+                attempt: attempt as u32,
+            },
             migration_id,
             subject,
             stage_index: stage as u32,
             stage_name,
             kind: row.get(4),
-            payload: serde_json::from_str(&payload).map_err(|e| Error::Corrupt(format!("payload: {e}")))?,
-            parameters: serde_json::from_str(&parameters).map_err(|e| Error::Corrupt(format!("parameters: {e}")))?,
+            payload: serde_json::from_str(&payload)
+                .map_err(|e| Error::Corrupt(format!("payload: {e}")))?,
+            parameters: serde_json::from_str(&parameters)
+                .map_err(|e| Error::Corrupt(format!("parameters: {e}")))?,
             lease_expires_at_ms: expires,
             checkpoint: row.get(6),
             max_attempts: row.get::<i64, _>(7) as u32,
@@ -94,7 +115,11 @@ pub(super) async fn claim(
     Ok(out)
 }
 
-pub(super) async fn release(db: &SqlitePool, worker_id: &str, lease: LeaseToken) -> Result<Effects> {
+pub(super) async fn release(
+    db: &SqlitePool,
+    worker_id: &str,
+    lease: LeaseToken,
+) -> Result<Effects> {
     let mut fx = Effects::default();
     // The attempt number stays bumped so the undelivered token stays stale.
     let released = sqlx::query(
@@ -142,7 +167,10 @@ pub(super) async fn heartbeat(
         if renewed == 1 {
             out.renewed.push((l.lease, expires));
         } else {
-            out.cancel.push((l.lease, format!("lease {} is no longer held by this worker", l.lease)));
+            out.cancel.push((
+                l.lease,
+                format!("lease {} is no longer held by this worker", l.lease),
+            ));
         }
     }
     tx.commit().await?;
@@ -169,7 +197,12 @@ async fn reported(conn: &mut SqliteConnection, lease: LeaseToken) -> Result<Repo
     .bind(lease.task_id)
     .fetch_optional(conn)
     .await?
-    .ok_or_else(|| Error::LeaseNotHeld(format!("lease {lease} is not held: task {} does not exist", lease.task_id)))?;
+    .ok_or_else(|| {
+        Error::LeaseNotHeld(format!(
+            "lease {lease} is not held: task {} does not exist",
+            lease.task_id
+        ))
+    })?;
     Ok(Reported {
         migration_id: row.get(0),
         stage: row.get(1),
@@ -215,7 +248,13 @@ async fn check_lease(
 
 /// Logs a rejected report (I4) in its own transaction, after the caller's
 /// has been rolled back, and returns the error to answer with.
-async fn reject(db: &SqlitePool, worker_id: &str, lease: LeaseToken, task: Reported, why: String) -> Result<Error> {
+async fn reject(
+    db: &SqlitePool,
+    worker_id: &str,
+    lease: LeaseToken,
+    task: Reported,
+    why: String,
+) -> Result<Error> {
     let mut tx = db.begin().await?;
     let at = EventAt {
         stage: Some(task.stage),
@@ -243,7 +282,11 @@ macro_rules! live_lease {
     };
 }
 
-pub(super) async fn complete(db: &SqlitePool, worker_id: &str, c: &Completion) -> Result<(ReportAck, Effects)> {
+pub(super) async fn complete(
+    db: &SqlitePool,
+    worker_id: &str,
+    c: &Completion,
+) -> Result<(ReportAck, Effects)> {
     let mut fx = Effects::default();
     let mut tx = db.begin().await?;
     let t = live_lease!(db, tx, worker_id, c.lease, "succeeded");
@@ -262,7 +305,10 @@ pub(super) async fn complete(db: &SqlitePool, worker_id: &str, c: &Completion) -
     .await?
     .rows_affected();
     if done == 0 {
-        return Err(Error::LeaseNotHeld(format!("lease {} was lost while the report was processed", c.lease)));
+        return Err(Error::LeaseNotHeld(format!(
+            "lease {} was lost while the report was processed",
+            c.lease
+        )));
     }
     sqlx::query("UPDATE stages SET succeeded = succeeded + 1 WHERE migration_id = ? AND idx = ?")
         .bind(t.migration_id)
@@ -296,20 +342,30 @@ pub(super) async fn complete(db: &SqlitePool, worker_id: &str, c: &Completion) -
 }
 
 /// Adds a completing task's new tasks to later, not yet started stages.
-async fn add_tasks(conn: &mut SqliteConnection, t: &Reported, c: &Completion, fx: &mut Effects) -> Result<()> {
-    let stages: Vec<(i64, String, String, i64)> =
-        sqlx::query_as("SELECT idx, name, state, max_attempts FROM stages WHERE migration_id = ? ORDER BY idx")
-            .bind(t.migration_id)
-            .fetch_all(&mut *conn)
-            .await?;
+async fn add_tasks(
+    conn: &mut SqliteConnection,
+    t: &Reported,
+    c: &Completion,
+    fx: &mut Effects,
+) -> Result<()> {
+    let stages: Vec<(i64, String, String, i64)> = sqlx::query_as(
+        "SELECT idx, name, state, max_attempts FROM stages WHERE migration_id = ? ORDER BY idx",
+    )
+    .bind(t.migration_id)
+    .fetch_all(&mut *conn)
+    .await?;
     for (j, task) in c.add_tasks.iter().enumerate() {
         let field = format!("add_tasks[{j}]");
         validate_task(&field, &task.kind, &task.payload, task.max_attempts)?;
-        let Some((idx, name, state, stage_attempts)) = stages.iter().find(|s| s.1 == task.stage) else {
+        let Some((idx, name, state, stage_attempts)) = stages.iter().find(|s| s.1 == task.stage)
+        else {
             let names: Vec<&str> = stages.iter().map(|s| s.1.as_str()).collect();
             return Err(Error::invalid(
                 format!("{field}.stage"),
-                format!("the plan has no stage {:?}; its stages are {names:?}", task.stage),
+                format!(
+                    "the plan has no stage {:?}; its stages are {names:?}",
+                    task.stage
+                ),
             ));
         };
         if *idx <= t.stage || state != "pending" {
@@ -318,7 +374,11 @@ async fn add_tasks(conn: &mut SqliteConnection, t: &Reported, c: &Completion, fx
                 t.stage
             )));
         }
-        let attempts = if task.max_attempts == 0 { *stage_attempts } else { task.max_attempts as i64 };
+        let attempts = if task.max_attempts == 0 {
+            *stage_attempts
+        } else {
+            task.max_attempts as i64
+        };
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts)
              VALUES (?, ?, ?, ?, 'pending', ?) RETURNING id",
@@ -340,7 +400,12 @@ async fn add_tasks(conn: &mut SqliteConnection, t: &Reported, c: &Completion, fx
             conn,
             t.migration_id,
             EventKind::TaskAdded,
-            EventAt { stage: Some(*idx), task_id: id, message: &message, ..Default::default() },
+            EventAt {
+                stage: Some(*idx),
+                task_id: id,
+                message: &message,
+                ..Default::default()
+            },
         )
         .await?;
     }
@@ -348,12 +413,30 @@ async fn add_tasks(conn: &mut SqliteConnection, t: &Reported, c: &Completion, fx
     Ok(())
 }
 
-pub(super) async fn fail(db: &SqlitePool, worker_id: &str, f: &Failure) -> Result<(ReportAck, Effects)> {
+pub(super) async fn fail(
+    db: &SqlitePool,
+    worker_id: &str,
+    f: &Failure,
+) -> Result<(ReportAck, Effects)> {
     let mut fx = Effects::default();
     let mut tx = db.begin().await?;
     // A repeated Fail finds the task ready again (retrying) or dead.
     let repeat = if f.retryable { "ready" } else { "failed" };
     let t = live_lease!(db, tx, worker_id, f.lease, repeat);
+    record_failure(&mut tx, &t, f, worker_id, &mut fx).await?;
+    tx.commit().await?;
+    Ok((ReportAck::Recorded, fx))
+}
+
+/// A failed attempt of a live lease: ready again after a backoff while
+/// attempts remain (I7), otherwise the task is dead and the migration fails.
+async fn record_failure(
+    conn: &mut SqliteConnection,
+    t: &Reported,
+    f: &Failure,
+    worker_id: &str,
+    fx: &mut Effects,
+) -> Result<()> {
     let failures = t.failures + 1;
     let at = EventAt {
         stage: Some(t.stage),
@@ -362,31 +445,7 @@ pub(super) async fn fail(db: &SqlitePool, worker_id: &str, f: &Failure) -> Resul
         worker: worker_id,
         message: &f.error,
     };
-    if f.retryable && failures < t.max_attempts {
-        let (initial, max): (i64, i64) =
-            sqlx::query_as("SELECT initial_backoff_ms, max_backoff_ms FROM stages WHERE migration_id = ? AND idx = ?")
-                .bind(t.migration_id)
-                .bind(t.stage)
-                .fetch_one(&mut *tx)
-                .await?;
-        let delay = backoff_ms(initial, max, failures);
-        sqlx::query(
-            "UPDATE tasks SET state = 'ready', failures = ?, error = ?, ready_at = ?,
-                              lease_worker = NULL, lease_expires_at = NULL
-             WHERE id = ? AND attempt = ? AND state = 'leased'",
-        )
-        .bind(failures)
-        .bind(&f.error)
-        .bind(now_ms() + delay)
-        .bind(f.lease.task_id)
-        .bind(f.lease.attempt as i64)
-        .execute(&mut *tx)
-        .await?;
-        let message = format!("attempt {failures} of {} failed: {}; retrying in {delay} ms", t.max_attempts, f.error);
-        event(&mut tx, t.migration_id, EventKind::TaskRetrying, EventAt { message: &message, ..at }).await?;
-        fx.touch(t.migration_id);
-        fx.dispatch = true;
-    } else {
+    if !(f.retryable && failures < t.max_attempts) {
         let reason = if f.retryable {
             format!(
                 "task {} ({}) failed after {failures} attempts: {}",
@@ -395,44 +454,99 @@ pub(super) async fn fail(db: &SqlitePool, worker_id: &str, f: &Failure) -> Resul
         } else {
             format!("task {} ({}) failed: {}", f.lease.task_id, t.kind, f.error)
         };
-        kill_task(&mut tx, t.migration_id, t.stage, f.lease, failures, &f.error, &reason, at, &mut fx).await?;
+        let dead = Dead {
+            stage: t.stage,
+            lease: f.lease,
+            failures,
+            error: &f.error,
+            reason: &reason,
+        };
+        return kill_task(conn, t.migration_id, dead, at, fx).await;
     }
-    tx.commit().await?;
-    Ok((ReportAck::Recorded, fx))
+    let (initial, max): (i64, i64) = sqlx::query_as(
+        "SELECT initial_backoff_ms, max_backoff_ms FROM stages WHERE migration_id = ? AND idx = ?",
+    )
+    .bind(t.migration_id)
+    .bind(t.stage)
+    .fetch_one(&mut *conn)
+    .await?;
+    let delay = backoff_ms(initial, max, failures);
+    sqlx::query(
+        "UPDATE tasks SET state = 'ready', failures = ?, error = ?, ready_at = ?,
+                          lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
+         WHERE id = ? AND attempt = ? AND state = 'leased'",
+    )
+    .bind(failures)
+    .bind(&f.error)
+    .bind(now_ms() + delay)
+    .bind(f.lease.task_id)
+    .bind(f.lease.attempt as i64)
+    .execute(&mut *conn)
+    .await?;
+    let message = format!(
+        "attempt {failures} of {} failed: {}; retrying in {delay} ms",
+        t.max_attempts, f.error
+    );
+    event(
+        conn,
+        t.migration_id,
+        EventKind::TaskRetrying,
+        EventAt {
+            message: &message,
+            ..at
+        },
+    )
+    .await?;
+    fx.touch(t.migration_id);
+    fx.dispatch = true;
+    Ok(())
 }
 
-/// Makes a task dead and fails its migration with `reason` (I7).
-#[allow(clippy::too_many_arguments)]
-async fn kill_task(
-    conn: &mut SqliteConnection,
-    migration_id: i64,
+/// Why and how a task dies.
+struct Dead<'a> {
     stage: i64,
     lease: LeaseToken,
     failures: i64,
-    error: &str,
-    reason: &str,
+    error: &'a str,
+    reason: &'a str,
+}
+
+/// Makes a task dead and fails its migration with the reason (I7).
+async fn kill_task(
+    conn: &mut SqliteConnection,
+    migration_id: i64,
+    d: Dead<'_>,
     at: EventAt<'_>,
     fx: &mut Effects,
 ) -> Result<()> {
     sqlx::query(
         "UPDATE tasks SET state = 'failed', failures = ?, error = ?, finished_at = ?,
-                          lease_worker = NULL, lease_expires_at = NULL
+                          lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
          WHERE id = ? AND attempt = ? AND state IN ('leased', 'ready')",
     )
-    .bind(failures)
-    .bind(error)
+    .bind(d.failures)
+    .bind(d.error)
     .bind(now_ms())
-    .bind(lease.task_id)
-    .bind(lease.attempt as i64)
+    .bind(d.lease.task_id)
+    .bind(d.lease.attempt as i64)
     .execute(&mut *conn)
     .await?;
     sqlx::query("UPDATE stages SET failed = failed + 1 WHERE migration_id = ? AND idx = ?")
         .bind(migration_id)
-        .bind(stage)
+        .bind(d.stage)
         .execute(&mut *conn)
         .await?;
-    event(conn, migration_id, EventKind::TaskDead, EventAt { message: reason, ..at }).await?;
-    machine::abort_migration(conn, migration_id, MigrationState::Failed, reason, fx).await?;
+    event(
+        conn,
+        migration_id,
+        EventKind::TaskDead,
+        EventAt {
+            message: d.reason,
+            ..at
+        },
+    )
+    .await?;
+    machine::abort_migration(conn, migration_id, MigrationState::Failed, d.reason, fx).await?;
     Ok(())
 }
 
@@ -449,48 +563,8 @@ pub(super) async fn sweep(db: &SqlitePool, limits: Limits) -> Result<(SweepRepor
     let mut report = SweepReport::default();
     let mut tx = db.begin().await?;
     let now = now_ms();
-    let expired = sqlx::query(
-        "SELECT id, attempt, migration_id, stage_idx, kind, expiries, failures, lease_worker
-         FROM tasks WHERE state = 'leased' AND lease_expires_at < ? ORDER BY id",
-    )
-    .bind(now)
-    .fetch_all(&mut *tx)
-    .await?;
-    for row in expired {
-        let lease = LeaseToken { task_id: row.get(0), attempt: row.get::<i64, _>(1) as u32 };
-        let (migration_id, stage, kind, expiries, failures): (i64, i64, String, i64, i64) =
-            (row.get(2), row.get(3), row.get(4), row.get::<i64, _>(5) + 1, row.get(6));
-        let worker: String = row.get::<Option<String>, _>(7).unwrap_or_default();
-        let message = format!("lease expired on worker {worker:?} ({expiries} of {} allowed)", limits.max_reassignments);
-        let at = EventAt {
-            stage: Some(stage),
-            task_id: lease.task_id,
-            attempt: lease.attempt as i64,
-            worker: &worker,
-            message: &message,
-        };
-        event(&mut tx, migration_id, EventKind::TaskLeaseExpired, EventAt { ..at }).await?;
-        report.leases_expired += 1;
-        fx.touch(migration_id);
-        fx.dispatch = true;
-        if expiries >= limits.max_reassignments as i64 {
-            let reason = format!("task {} ({kind}) lost its worker {expiries} times", lease.task_id);
-            let at = EventAt { stage: Some(stage), task_id: lease.task_id, attempt: lease.attempt as i64, worker: &worker, message: "" };
-            kill_task(&mut tx, migration_id, stage, lease, failures, &reason, &reason, at, &mut fx).await?;
-            report.tasks_dead += 1;
-        } else {
-            sqlx::query(
-                "UPDATE tasks SET state = 'ready', expiries = ?, ready_at = ?, lease_worker = NULL, lease_expires_at = NULL
-                 WHERE id = ? AND attempt = ? AND state = 'leased'",
-            )
-            .bind(expiries)
-            .bind(now)
-            .bind(lease.task_id)
-            .bind(lease.attempt as i64)
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
+    expire_leases(&mut tx, now, limits, &mut report, &mut fx).await?;
+    time_out_attempts(&mut tx, now, &mut report, &mut fx).await?;
     let late: Vec<i64> = sqlx::query_scalar(
         "SELECT id FROM migrations WHERE state IN ('queued', 'running') AND deadline IS NOT NULL AND deadline < ?",
     )
@@ -498,18 +572,155 @@ pub(super) async fn sweep(db: &SqlitePool, limits: Limits) -> Result<(SweepRepor
     .fetch_all(&mut *tx)
     .await?;
     for id in late {
-        if machine::abort_migration(&mut tx, id, MigrationState::Failed, "deadline exceeded", &mut fx).await? {
+        if machine::abort_migration(
+            &mut tx,
+            id,
+            MigrationState::Failed,
+            "deadline exceeded",
+            &mut fx,
+        )
+        .await?
+        {
             report.deadlines_exceeded += 1;
         }
     }
-    // Retries whose backoff has passed become claimable without any write;
-    // tell the dispatcher so they are not left waiting for the next event.
-    let due: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'ready' AND ready_at <= ? AND ready_at > ?")
-        .bind(now)
-        .bind(now - 2 * limits.lease_ms.max(1000))
-        .fetch_one(&mut *tx)
-        .await?;
+    // Retries whose backoff ended since the last sweep become claimable
+    // without any write: tell the dispatcher.
+    let due: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks WHERE state = 'ready' AND ready_at <= ? AND ready_at > ?",
+    )
+    .bind(now)
+    .bind(now - 2 * limits.lease_ms.max(1000))
+    .fetch_one(&mut *tx)
+    .await?;
     fx.dispatch |= due > 0;
     tx.commit().await?;
     Ok((report, fx))
+}
+
+/// Leases past their expiry go back to `ready` (I6); a task that lost its
+/// worker `max_reassignments` times is dead instead of looping forever.
+async fn expire_leases(
+    conn: &mut SqliteConnection,
+    now: i64,
+    limits: Limits,
+    report: &mut SweepReport,
+    fx: &mut Effects,
+) -> Result<()> {
+    let expired = sqlx::query(
+        "SELECT id, attempt, migration_id, stage_idx, kind, expiries, failures, lease_worker
+         FROM tasks WHERE state = 'leased' AND lease_expires_at < ? ORDER BY id",
+    )
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in expired {
+        let lease = LeaseToken {
+            task_id: row.get(0),
+            attempt: row.get::<i64, _>(1) as u32,
+        };
+        let (migration_id, stage, kind, expiries, failures): (i64, i64, String, i64, i64) = (
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get::<i64, _>(5) + 1,
+            row.get(6),
+        );
+        let worker: String = row.get::<Option<String>, _>(7).unwrap_or_default();
+        let message = format!(
+            "lease expired on worker {worker:?} ({expiries} of {} allowed)",
+            limits.max_reassignments
+        );
+        let at = EventAt {
+            stage: Some(stage),
+            task_id: lease.task_id,
+            attempt: lease.attempt as i64,
+            worker: &worker,
+            message: &message,
+        };
+        event(
+            conn,
+            migration_id,
+            EventKind::TaskLeaseExpired,
+            EventAt { ..at },
+        )
+        .await?;
+        report.leases_expired += 1;
+        fx.touch(migration_id);
+        fx.dispatch = true;
+        if expiries >= limits.max_reassignments as i64 {
+            let reason = format!(
+                "task {} ({kind}) lost its worker {expiries} times",
+                lease.task_id
+            );
+            let dead = Dead {
+                stage,
+                lease,
+                failures,
+                error: &reason,
+                reason: &reason,
+            };
+            kill_task(conn, migration_id, dead, at, fx).await?;
+            report.tasks_dead += 1;
+        } else {
+            sqlx::query(
+                "UPDATE tasks SET state = 'ready', expiries = ?, ready_at = ?,
+                                  lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
+                 WHERE id = ? AND attempt = ? AND state = 'leased'",
+            )
+            .bind(expiries)
+            .bind(now)
+            .bind(lease.task_id)
+            .bind(lease.attempt as i64)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Attempts running longer than their stage's `attempt_timeout_ms` fail as
+/// retryable (start-to-close timeout); the worker is told to stop.
+async fn time_out_attempts(
+    conn: &mut SqliteConnection,
+    now: i64,
+    report: &mut SweepReport,
+    fx: &mut Effects,
+) -> Result<()> {
+    let late: Vec<(i64, i64, Option<String>)> = sqlx::query_as(
+        "SELECT id, attempt, lease_worker FROM tasks
+         WHERE state = 'leased' AND attempt_deadline IS NOT NULL AND attempt_deadline < ? ORDER BY id",
+    )
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (task_id, attempt, worker) in late {
+        let lease = LeaseToken {
+            task_id,
+            attempt: attempt as u32,
+        };
+        let worker = worker.unwrap_or_default();
+        let t = reported(conn, lease).await?;
+        let timeout: i64 = sqlx::query_scalar(
+            "SELECT attempt_timeout_ms FROM stages WHERE migration_id = ? AND idx = ?",
+        )
+        .bind(t.migration_id)
+        .bind(t.stage)
+        .fetch_one(&mut *conn)
+        .await?;
+        let error = format!("attempt timed out after {timeout} ms");
+        let f = Failure {
+            lease,
+            error,
+            retryable: true,
+        };
+        record_failure(conn, &t, &f, &worker, fx).await?;
+        fx.revoked.push(Revoked {
+            worker_id: worker,
+            lease,
+            reason: f.error.clone(),
+        });
+        report.attempts_timed_out += 1;
+    }
+    Ok(())
 }
