@@ -1,0 +1,68 @@
+//! End-to-end tests of Stagecoach: real `coordinator` and `worker`
+//! processes, driven over gRPC, judged by their event log.
+//!
+//! # Layout
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`binaries`] | builds the two executables once per test process and finds them |
+//! | [`process`] | one real process: [`Coordinator`] and [`Worker`], start, SIGTERM, SIGKILL, logs |
+//! | [`cluster`] | [`Cluster`]: a coordinator and workers in one temporary directory |
+//! | [`client`] | [`Client`]: gRPC clients and the calls tests repeat (wait, read the log) |
+//! | [`checker`] | [`check_invariants`]: the invariants I1–I7 read from one migration's log |
+//! | [`sample`] | the sample export plan and a source database to export |
+//! | [`archive`] | [`check_archive`]: the export archive checked against its source |
+//!
+//! The test files under `tests/` are the scenarios: `e2e_sample.rs` (the
+//! sample export end to end), `e2e_failure.rs` (a dead task fails its
+//! migration), `e2e_bad_input.rs` (bad plans and requests are refused and
+//! store nothing), `grpc_surface.rs` (health and reflection).
+//!
+//! # A test, typically
+//!
+//! ```no_run
+//! # async fn example() {
+//! use std::time::Duration;
+//! use stagecoach_tests::{Cluster, check_invariants};
+//!
+//! let cluster = Cluster::start(2, 4).await; // 2 workers of 4 slots
+//! let client = cluster.client().await;
+//! client.put_plan_json(&serde_json::json!({
+//!     "name": "p", "stages": [{"name": "s", "tasks": [{"kind": "noop"}]}]
+//! })).await.unwrap();
+//! let m = client.create_migration("p", "project/1", &serde_json::json!({})).await.unwrap();
+//! let m = client.wait_for_terminal(m.id, Duration::from_secs(30)).await;
+//! let events = client.events(m.id).await.unwrap();
+//! check_invariants(&m, &events).unwrap();
+//! # }
+//! ```
+//!
+//! A panicking test prints the tail of every process's log and keeps its
+//! temporary directory.
+
+pub mod archive;
+pub mod binaries;
+pub mod checker;
+pub mod client;
+pub mod cluster;
+pub mod process;
+pub mod sample;
+
+pub use archive::check_archive;
+pub use checker::{check_attempt_bound, check_invariants, describe_event};
+pub use client::{Client, is_terminal};
+pub use cluster::Cluster;
+pub use process::{Coordinator, Worker};
+pub use sample::{SAMPLE_PLAN, SourceDb, build_source_db, sample_plan_json};
+
+/// Asserts a check passed, printing every violation otherwise.
+#[track_caller]
+pub fn assert_ok(what: &str, result: Result<(), Vec<String>>) {
+    if let Err(errors) = result {
+        panic!(
+            "{what}: {} violations:\n  {}",
+            errors.len(),
+            errors.join("\n  ")
+        );
+    }
+}

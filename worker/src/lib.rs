@@ -1,0 +1,97 @@
+//! The Stagecoach worker SDK.
+//!
+//! A worker is a stateless process that runs tasks for a Stagecoach
+//! coordinator: it subscribes with the task kinds it has handlers for and how
+//! many tasks it runs at once, receives assignments over a gRPC stream, keeps
+//! their leases alive with heartbeats, and reports each outcome. Everything
+//! durable lives in the coordinator; a worker can be killed at any instant and
+//! its tasks are given to another worker once their leases expire.
+//!
+//! # Writing a worker
+//!
+//! ```no_run
+//! use stagecoach_worker::{TaskContext, TaskError, TaskOutput, Worker};
+//!
+//! async fn export_table(ctx: TaskContext) -> Result<TaskOutput, TaskError> {
+//!     let table = ctx.payload()["table"]
+//!         .as_str()
+//!         .ok_or_else(|| TaskError::fatal("payload needs a \"table\""))?;
+//!     for done in 0..100 {
+//!         if ctx.is_cancelled() {
+//!             return Err(TaskError::retryable("canceled"));
+//!         }
+//!         ctx.progress(done, 100); // sent with the next heartbeat
+//!     }
+//!     Ok(TaskOutput::new(serde_json::json!({ "table": table })))
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let worker = Worker::builder()
+//!     .coordinator("http://127.0.0.1:50051") // required
+//!     .worker_id("w-1") // default "<hostname>-<pid>-<random>"
+//!     .slots(8) // default 4
+//!     .handler("export.table", export_table)
+//!     .handler("noop", |_ctx| async { Ok(TaskOutput::empty()) })
+//!     .build()?;
+//! worker.run(async { tokio::signal::ctrl_c().await.ok(); }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # How the types relate
+//!
+//! ```text
+//! WorkerBuilder --build()--> Worker --run(shutdown)--> subscription loop
+//!      | .handler(kind, f)                  | Assignment    | CancelNotice
+//!      v                                    v               v
+//!   Handler <---- run(TaskContext) ---- task runner    lease table <-- heartbeat loop
+//!      |                                    |   (progress, checkpoint, cancel)
+//!      +-- Ok(TaskOutput) / Err(TaskError) -+--> Complete / Fail
+//! ```
+//!
+//! - A handler returns [`TaskOutput`] (a JSON output, and tasks to add to
+//!   later stages) or [`TaskError`], which says whether a retry may help.
+//!   A panicking handler counts as a retryable failure.
+//! - [`TaskContext`] carries the payload, the migration's parameters, the
+//!   checkpoint of an earlier attempt, and a cancellation signal that fires
+//!   when the coordinator cancels the task, when the lease is lost, or when
+//!   shutdown passes its drain bound. Cancellation is cooperative; a handler
+//!   that ignores it is dropped a few seconds later.
+//! - The worker treats each lease as ending a fifth earlier than the
+//!   coordinator does, so a handler is stopped before its task can be given
+//!   to another worker.
+//! - When the stream to the coordinator drops, the worker reconnects with
+//!   backoff (100 ms doubling to 5 s, with jitter) under the same id, and its
+//!   running tasks keep going and keep reporting.
+//!
+//! # Layout
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | `builder` | [`Worker::builder`], every setting and its validation ([`BuildError`]) |
+//! | `handler` | [`Handler`], [`TaskContext`], [`TaskOutput`], [`TaskError`], [`NewTask`] |
+//! | `run` | [`Worker::run`]: the subscription loop, reconnects, shutdown drain ([`WorkerError`]) |
+//! | `task` | one assignment: slot, handler (panics, cancellation), report |
+//! | `report` | `Complete` / `Fail` with retries and the lease-lost rules |
+//! | `heartbeat` | lease renewal, progress, cancel notices, local lease expiry |
+//! | `leases` | the table of held leases the loops above share |
+//! | `client` | the gRPC channel and per-call metadata |
+//! | `backoff` | exponential backoff with jitter |
+//! | [`handlers`] | built-in handlers (`noop`, `sleep`, `fail`) and the sample project export |
+
+mod backoff;
+mod builder;
+mod client;
+mod handler;
+pub mod handlers;
+mod heartbeat;
+mod leases;
+mod report;
+mod run;
+mod task;
+
+pub use builder::{
+    BuildError, DEFAULT_DRAIN_TIMEOUT, DEFAULT_SLOTS, MAX_SLOTS, Worker, WorkerBuilder,
+};
+pub use futures::future::BoxFuture;
+pub use handler::{Handler, NewTask, TaskContext, TaskError, TaskOutput};
+pub use run::WorkerError;

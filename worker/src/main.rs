@@ -1,1 +1,154 @@
-fn main() {}
+//! The `worker` binary: the SDK with every built-in handler registered.
+//! It only parses flags, sets up logging and waits for a signal; everything
+//! else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use stagecoach_worker::{Worker, handlers};
+use tracing_subscriber::EnvFilter;
+
+/// Runs Stagecoach tasks: subscribes to a coordinator, runs the built-in
+/// handlers (noop, sleep, fail, and the sample project export), and drains
+/// gracefully on SIGINT or SIGTERM.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version)]
+struct Args {
+    /// gRPC address of the coordinator.
+    #[arg(
+        long,
+        env = "STAGECOACH_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+
+    /// Tasks run at once (1-10000).
+    #[arg(long, env = "STAGECOACH_WORKER_SLOTS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    slots: u32,
+
+    #[arg(
+        long,
+        env = "STAGECOACH_SHARED_DIR",
+        help = "Directory shared by every worker, where the sample export writes [default: <tmp>/stagecoach-shared]"
+    )]
+    shared_dir: Option<PathBuf>,
+
+    #[arg(
+        long,
+        env = "STAGECOACH_WORKER_ID",
+        help = "Stable id of this worker [default: <hostname>-<pid>-<random>]"
+    )]
+    worker_id: Option<String>,
+
+    /// Free text shown to operators [default: the host name].
+    #[arg(long, env = "STAGECOACH_WORKER_NAME")]
+    name: Option<String>,
+
+    /// Bearer token, when the coordinator requires one.
+    #[arg(long, env = "STAGECOACH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// Seconds in-flight tasks get to finish on shutdown before they are
+    /// canceled.
+    #[arg(long, env = "STAGECOACH_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    drain_timeout_secs: u64,
+
+    /// Log format (the level comes from RUST_LOG, default info).
+    #[arg(long, env = "STAGECOACH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One readable line (with its causes) rather than a backtrace.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let shared_dir = args
+        .shared_dir
+        .unwrap_or_else(|| std::env::temp_dir().join("stagecoach-shared"));
+    let mut builder = Worker::builder()
+        .coordinator(args.coordinator)
+        .slots(args.slots)
+        .drain_timeout(Duration::from_secs(args.drain_timeout_secs));
+    if let Some(id) = args.worker_id {
+        builder = builder.worker_id(id);
+    }
+    if let Some(name) = args.name {
+        builder = builder.name(name);
+    }
+    if let Some(token) = args.token {
+        builder = builder.token(token);
+    }
+    let worker = handlers::register_builtin(builder, shared_dir.clone())
+        .build()
+        .context("invalid worker configuration")?;
+    std::fs::create_dir_all(&shared_dir).with_context(|| {
+        format!(
+            "cannot create the shared directory {}",
+            shared_dir.display()
+        )
+    })?;
+    tracing::info!(shared_dir = %shared_dir.display(), "built-in handlers registered");
+
+    worker.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received; shutting down"),
+        () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+}

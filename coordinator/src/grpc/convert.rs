@@ -93,7 +93,7 @@ pub fn plan_to_pb(p: &PlanSpec) -> pb::Plan {
                         max_attempts: t.max_attempts,
                     })
                     .collect(),
-                retry: (s.retry != RetryPolicy::default()).then(|| pb::RetryPolicy {
+                retry: (s.retry != RetryPolicy::default()).then_some(pb::RetryPolicy {
                     max_attempts: s.retry.max_attempts,
                     initial_backoff_ms: s.retry.initial_backoff_ms,
                     max_backoff_ms: s.retry.max_backoff_ms,

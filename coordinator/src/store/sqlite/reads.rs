@@ -193,16 +193,21 @@ pub(super) async fn list_events(
 }
 
 pub(super) async fn subject_status(db: &SqlitePool, subject: &str) -> Result<SubjectView> {
-    let latest: Option<i64> =
-        sqlx::query_scalar("SELECT max(id) FROM migrations WHERE subject = ?")
-            .bind(subject)
-            .fetch_one(db)
-            .await?;
-    let succeeded: Option<i64> = sqlx::query_scalar(
-        "SELECT max(id) FROM migrations WHERE subject = ? AND state = 'succeeded'",
+    // "Latest" is the unfinished run if there is one (a retried older
+    // migration included), else the one that finished last.
+    let latest: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM migrations WHERE subject = ?
+         ORDER BY state IN ('queued', 'running') DESC, coalesce(finished_at, 0) DESC, id DESC LIMIT 1",
     )
     .bind(subject)
-    .fetch_one(db)
+    .fetch_optional(db)
+    .await?;
+    let succeeded: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM migrations WHERE subject = ? AND state = 'succeeded'
+         ORDER BY finished_at DESC, id DESC LIMIT 1",
+    )
+    .bind(subject)
+    .fetch_optional(db)
     .await?;
     let latest = match latest {
         Some(id) => migration(db, id).await?,

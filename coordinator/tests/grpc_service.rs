@@ -1,0 +1,336 @@
+//! Service tests: the gRPC handlers called directly (no socket), checking
+//! status codes, that messages name the field, and that bad input stores
+//! nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stagecoach_coordinator::engine::{Coordinator, Timing};
+use stagecoach_coordinator::grpc::{AdminApi, MigrationApi, WorkerApi};
+use stagecoach_coordinator::store::{Limits, SqliteStore, Store};
+use stagecoach_proto::v1::{
+    self as pb, admin_service_server::AdminService, migration_service_server::MigrationService,
+    worker_service_server::WorkerService,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request};
+
+struct Apis {
+    migrations: MigrationApi,
+    workers: WorkerApi,
+    admin: AdminApi,
+    _dir: tempfile::TempDir,
+}
+
+async fn apis() -> Apis {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let store = SqliteStore::open(
+        &url,
+        Limits {
+            lease_ms: 10_000,
+            max_reassignments: 3,
+        },
+    )
+    .await
+    .unwrap();
+    store.ensure_pool("default", 10).await.unwrap();
+    let timing = Timing {
+        heartbeat_interval: Duration::from_millis(100),
+        lease_duration: Duration::from_secs(10),
+        sweep_interval: Duration::from_millis(100),
+    };
+    let core = Coordinator::new(Arc::new(store), timing, CancellationToken::new());
+    Apis {
+        migrations: MigrationApi::new(core.clone()),
+        workers: WorkerApi::new(core.clone()),
+        admin: AdminApi::new(core),
+        _dir: dir,
+    }
+}
+
+fn json_plan(json: &str) -> Request<pb::PutPlanRequest> {
+    Request::new(pb::PutPlanRequest {
+        source: Some(pb::put_plan_request::Source::PlanJson(json.into())),
+    })
+}
+
+fn noop_stage(name: &str) -> pb::StageSpec {
+    pb::StageSpec {
+        name: name.into(),
+        tasks: vec![pb::TaskSpec {
+            kind: "noop".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn plan_count(a: &Apis) -> usize {
+    a.migrations
+        .list_plans(Request::new(pb::ListPlansRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .plans
+        .len()
+}
+
+async fn migration_count(a: &Apis) -> usize {
+    let r = pb::ListMigrationsRequest::default();
+    a.migrations
+        .list_migrations(Request::new(r))
+        .await
+        .unwrap()
+        .into_inner()
+        .migrations
+        .len()
+}
+
+#[tokio::test]
+async fn bad_plans_are_invalid_argument_naming_the_field_and_store_nothing() {
+    let a = apis().await;
+    let cases = [
+        (r#"{"name":"p","stages":[]}"#, "stages"),
+        (r#"{"name":"p","stages":[{"name":"a"}]}"#, "stages[0].tasks"),
+        (
+            r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"noop"}]},{"name":"a","tasks":[{"kind":"noop"}]}]}"#,
+            "stages[1].name",
+        ),
+        (
+            r#"{"name":"p","stages":[{"name":"a","tasks":[{"knd":"noop"}]}]}"#,
+            "unknown field `knd`",
+        ),
+        (
+            r#"{"name":"","stages":[{"name":"a","tasks":[{"kind":"noop"}]}]}"#,
+            "name",
+        ),
+        (
+            r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"noop","max_attempts":1000}]}]}"#,
+            "stages[0].tasks[0].max_attempts",
+        ),
+        ("not json", "plan_json"),
+    ];
+    for (json, field) in cases {
+        let err = a.migrations.put_plan(json_plan(json)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{json}: {err:?}");
+        assert!(
+            err.message().contains(field),
+            "{json}: message {:?} should name {field}",
+            err.message()
+        );
+    }
+    let empty = pb::Plan {
+        name: "p".into(),
+        ..Default::default()
+    };
+    let req = Request::new(pb::PutPlanRequest {
+        source: Some(pb::put_plan_request::Source::Plan(empty)),
+    });
+    assert_eq!(
+        a.migrations.put_plan(req).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(plan_count(&a).await, 0, "nothing is stored");
+}
+
+#[tokio::test]
+async fn bad_creates_store_nothing() {
+    let a = apis().await;
+    let plan = pb::Plan {
+        name: "p".into(),
+        stages: vec![noop_stage("a")],
+        ..Default::default()
+    };
+    let req = Request::new(pb::PutPlanRequest {
+        source: Some(pb::put_plan_request::Source::Plan(plan.clone())),
+    });
+    let stored = a
+        .migrations
+        .put_plan(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    assert_eq!(stored.version, 1);
+
+    let create = |plan_source, subject: &str, pool: &str| {
+        Request::new(pb::CreateMigrationRequest {
+            plan_source: Some(plan_source),
+            subject: subject.into(),
+            pool: pool.into(),
+            ..Default::default()
+        })
+    };
+    use pb::create_migration_request::PlanSource;
+    let err = a
+        .migrations
+        .create_migration(create(PlanSource::PlanName("p".into()), "", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message().starts_with("subject")),
+        (Code::InvalidArgument, true),
+        "{err:?}"
+    );
+    let err = a
+        .migrations
+        .create_migration(create(PlanSource::PlanName("nope".into()), "s", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("\"nope\""), "{err:?}");
+    let err = a
+        .migrations
+        .create_migration(create(PlanSource::PlanName("p".into()), "s", "gpu"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("pool \"gpu\""), "{err:?}");
+    let bad_inline = pb::Plan {
+        name: "x".into(),
+        stages: vec![],
+        ..Default::default()
+    };
+    let err = a
+        .migrations
+        .create_migration(create(PlanSource::InlinePlan(bad_inline), "s", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("inline_plan.stages"), "{err:?}");
+    assert_eq!(migration_count(&a).await, 0);
+
+    let ok = a
+        .migrations
+        .create_migration(create(PlanSource::InlinePlan(plan), "s", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.created);
+    let busy = a
+        .migrations
+        .create_migration(create(PlanSource::PlanName("p".into()), "s", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(busy.code(), Code::AlreadyExists);
+    assert_eq!(migration_count(&a).await, 1);
+}
+
+#[tokio::test]
+async fn worker_reports_with_stale_tokens_are_failed_precondition() {
+    let a = apis().await;
+    let req = pb::CompleteRequest {
+        worker_id: "w".into(),
+        completions: vec![pb::Completion {
+            lease: Some(pb::LeaseToken {
+                task_id: 99,
+                attempt: 1,
+            }),
+            ..Default::default()
+        }],
+    };
+    let err = a.workers.complete(Request::new(req)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let missing = pb::FailRequest {
+        worker_id: "w".into(),
+        failures: vec![pb::Failure::default()],
+    };
+    let err = a.workers.fail(Request::new(missing)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("failures[0].lease"), "{err:?}");
+    let batch = pb::CompleteRequest {
+        worker_id: "w".into(),
+        completions: (1..=2)
+            .map(|i| pb::Completion {
+                lease: Some(pb::LeaseToken {
+                    task_id: i,
+                    attempt: 1,
+                }),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let results = a
+        .workers
+        .complete(Request::new(batch))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 2);
+    assert!(
+        results
+            .iter()
+            .all(|r| !r.accepted && r.code == Code::FailedPrecondition as i32)
+    );
+    let sub = pb::SubscribeRequest {
+        worker_id: "w".into(),
+        kinds: vec![],
+        slots: 1,
+        name: String::new(),
+    };
+    let err = a.workers.subscribe(Request::new(sub)).await.err().unwrap();
+    assert_eq!(
+        (err.code(), err.message().starts_with("kinds")),
+        (Code::InvalidArgument, true)
+    );
+}
+
+#[tokio::test]
+async fn pools_are_managed_through_the_admin_service() {
+    let a = apis().await;
+    let created = a
+        .admin
+        .create_pool(Request::new(pb::CreatePoolRequest {
+            name: "gpu".into(),
+            slots: 2,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(created.into_inner().pool.unwrap().slots, 2);
+    let dup = a
+        .admin
+        .create_pool(Request::new(pb::CreatePoolRequest {
+            name: "gpu".into(),
+            slots: 2,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    let zero = a
+        .admin
+        .set_pool_slots(Request::new(pb::SetPoolSlotsRequest {
+            name: "gpu".into(),
+            slots: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(zero.code(), Code::InvalidArgument);
+    let paused = a
+        .admin
+        .pause_pool(Request::new(pb::PausePoolRequest { name: "gpu".into() }))
+        .await
+        .unwrap();
+    assert!(paused.into_inner().pool.unwrap().paused);
+    let pools = a
+        .admin
+        .list_pools(Request::new(pb::ListPoolsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .pools;
+    assert_eq!(
+        pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        ["default", "gpu"]
+    );
+    let missing = a
+        .admin
+        .drain_worker(Request::new(pb::DrainWorkerRequest {
+            worker_id: "x".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+}

@@ -1,0 +1,401 @@
+//! The checker on hand-made logs: valid ones pass, and each rule catches a
+//! log that breaks it. These run without any binary.
+
+use super::*;
+use stagecoach_proto::v1::StageProgress;
+
+const MIGRATION: i64 = 7;
+
+/// Builds a log with increasing ids.
+#[derive(Default)]
+struct Log(Vec<Event>);
+
+impl Log {
+    fn push(mut self, kind: EventKind, stage: Option<u32>, task: i64, attempt: u32) -> Self {
+        let id = self.0.last().map_or(1, |e| e.id + 1);
+        self.0.push(Event {
+            id,
+            migration_id: MIGRATION,
+            kind: kind as i32,
+            stage_index: stage,
+            task_id: task,
+            attempt,
+            worker_id: if kind == EventKind::TaskAssigned {
+                "w1".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        });
+        self
+    }
+    fn m(self, kind: EventKind) -> Self {
+        self.push(kind, None, 0, 0)
+    }
+    fn stage(self, kind: EventKind, k: u32) -> Self {
+        self.push(kind, Some(k), 0, 0)
+    }
+    fn task(self, kind: EventKind, k: u32, task: i64, attempt: u32) -> Self {
+        self.push(kind, Some(k), task, attempt)
+    }
+}
+
+use EventKind::*;
+
+fn stage(index: u32, state: StageState, total: u32, succeeded: u32, failed: u32) -> StageProgress {
+    StageProgress {
+        index,
+        name: format!("s{index}"),
+        state: state as i32,
+        total,
+        succeeded,
+        failed,
+        ..Default::default()
+    }
+}
+
+fn migration(state: MigrationState, stages: Vec<StageProgress>) -> Migration {
+    Migration {
+        id: MIGRATION,
+        state: state as i32,
+        stages,
+        ..Default::default()
+    }
+}
+
+/// Two stages; task 2 of stage 1 fails once and succeeds on attempt 2.
+fn valid_log() -> Log {
+    Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskAdded, 1, 2, 0)
+        .task(TaskSucceeded, 0, 1, 1)
+        .stage(StageSucceeded, 0)
+        .stage(StageStarted, 1)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskRetrying, 1, 2, 1)
+        .task(TaskAssigned, 1, 2, 2)
+        .task(TaskSucceeded, 1, 2, 2)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded)
+}
+
+fn succeeded() -> Migration {
+    migration(
+        MigrationState::Succeeded,
+        vec![
+            stage(0, StageState::Succeeded, 1, 1, 0),
+            stage(1, StageState::Succeeded, 1, 1, 0),
+        ],
+    )
+}
+
+/// Asserts the check fails and one violation starts with `rule`.
+fn assert_violates(m: &Migration, log: &Log, rule: &str) {
+    match check_invariants(m, &log.0) {
+        Ok(()) => panic!("expected a {rule} violation, the log passed"),
+        Err(errors) => assert!(
+            errors.iter().any(|e| e.starts_with(rule)),
+            "expected a {rule} violation, got {errors:#?}"
+        ),
+    }
+}
+
+#[test]
+fn valid_log_passes() {
+    assert_eq!(check_invariants(&succeeded(), &valid_log().0), Ok(()));
+}
+
+#[test]
+fn failed_then_retried_log_passes() {
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskSucceeded, 0, 1, 1)
+        .stage(StageSucceeded, 0)
+        .stage(StageStarted, 1)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskDead, 1, 2, 1)
+        .stage(StageFailed, 1)
+        .m(MigrationFailed)
+        .task(ReportRejected, 1, 2, 1)
+        .m(MigrationRetried)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 1)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskSucceeded, 1, 2, 1)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded);
+    assert_eq!(check_invariants(&succeeded(), &log.0), Ok(()));
+}
+
+#[test]
+fn failed_migration_with_unstarted_stage_passes() {
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskDead, 0, 1, 1)
+        .stage(StageFailed, 0)
+        .m(MigrationFailed);
+    let m = migration(
+        MigrationState::Failed,
+        vec![
+            stage(0, StageState::Failed, 1, 0, 1),
+            stage(1, StageState::Pending, 1, 0, 0),
+        ],
+    );
+    assert_eq!(check_invariants(&m, &log.0), Ok(()));
+}
+
+#[test]
+fn report_rejected_after_terminal_event_is_allowed() {
+    let log = valid_log().task(ReportRejected, 1, 2, 1);
+    assert_eq!(check_invariants(&succeeded(), &log.0), Ok(()));
+}
+
+#[test]
+fn event_ids_must_increase() {
+    let mut log = valid_log();
+    log.0[4].id = log.0[3].id;
+    assert_violates(&succeeded(), &log, "log");
+}
+
+#[test]
+fn events_must_belong_to_the_migration() {
+    let mut log = valid_log();
+    log.0[3].migration_id = MIGRATION + 1;
+    assert_violates(&succeeded(), &log, "log");
+}
+
+#[test]
+fn i1_task_assigned_before_previous_stage_succeeded() {
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskSucceeded, 0, 1, 1)
+        .stage(StageSucceeded, 0)
+        .stage(StageStarted, 1)
+        .task(TaskSucceeded, 1, 2, 1)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded);
+    assert_violates(&succeeded(), &log, "I1");
+}
+
+#[test]
+fn i1_task_stage_comes_from_other_events_of_the_task() {
+    // The early assignment carries no stage_index; its outcome does.
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .push(TaskAssigned, None, 2, 1)
+        .task(TaskSucceeded, 0, 1, 1)
+        .stage(StageSucceeded, 0)
+        .stage(StageStarted, 1)
+        .task(TaskSucceeded, 1, 2, 1)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded);
+    assert_violates(&succeeded(), &log, "I1");
+}
+
+#[test]
+fn i1_stage_started_before_previous_stage_succeeded() {
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .stage(StageStarted, 1)
+        .task(TaskSucceeded, 0, 1, 1)
+        .stage(StageSucceeded, 0)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskSucceeded, 1, 2, 1)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded);
+    assert_violates(&succeeded(), &log, "I1");
+}
+
+#[test]
+fn i2_stage_started_twice_in_one_run() {
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskSucceeded, 0, 1, 1)
+        .stage(StageSucceeded, 0)
+        .stage(StageStarted, 1)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskSucceeded, 1, 2, 1)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded);
+    assert_violates(&succeeded(), &log, "I2");
+}
+
+#[test]
+fn i2_stage_succeeded_twice() {
+    let mut log = valid_log();
+    let last = log.0.pop().expect("terminal event");
+    log = log.stage(StageSucceeded, 1);
+    log.0.push(Event {
+        id: log.0.last().map_or(1, |e| e.id + 1),
+        ..last
+    });
+    assert_violates(&succeeded(), &log, "I2");
+}
+
+#[test]
+fn i4_outcome_of_a_stale_attempt() {
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskLeaseExpired, 0, 1, 1)
+        .task(TaskAssigned, 0, 1, 2)
+        .task(TaskSucceeded, 0, 1, 1)
+        .stage(StageSucceeded, 0)
+        .stage(StageStarted, 1)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskSucceeded, 1, 2, 1)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded);
+    assert_violates(&succeeded(), &log, "I4");
+}
+
+#[test]
+fn i5_two_terminal_outcomes_for_one_task() {
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskSucceeded, 0, 1, 1)
+        .task(TaskDead, 0, 1, 1)
+        .stage(StageSucceeded, 0)
+        .stage(StageStarted, 1)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskSucceeded, 1, 2, 1)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded);
+    assert_violates(&succeeded(), &log, "I5");
+}
+
+#[test]
+fn i5_succeeded_migration_with_an_unfinished_task() {
+    // Task 3 was added to stage 1 and assigned, but never succeeded.
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskSucceeded, 0, 1, 1)
+        .stage(StageSucceeded, 0)
+        .stage(StageStarted, 1)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskAssigned, 1, 3, 1)
+        .task(TaskSucceeded, 1, 2, 1)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded);
+    assert_violates(&succeeded(), &log, "I5");
+}
+
+#[test]
+fn i5_stage_counters_must_add_up() {
+    let m = migration(
+        MigrationState::Succeeded,
+        vec![
+            stage(0, StageState::Succeeded, 2, 1, 0),
+            stage(1, StageState::Succeeded, 1, 1, 0),
+        ],
+    );
+    assert_violates(&m, &valid_log(), "I5");
+}
+
+#[test]
+fn i5_stage_counters_must_match_the_log() {
+    let m = migration(
+        MigrationState::Succeeded,
+        vec![
+            stage(0, StageState::Succeeded, 2, 2, 0),
+            stage(1, StageState::Succeeded, 1, 1, 0),
+        ],
+    );
+    assert_violates(&m, &valid_log(), "I5");
+}
+
+#[test]
+fn i7_attempt_number_reused() {
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskRetrying, 0, 1, 1)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskSucceeded, 0, 1, 1)
+        .stage(StageSucceeded, 0)
+        .stage(StageStarted, 1)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskSucceeded, 1, 2, 1)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded);
+    assert_violates(&succeeded(), &log, "I7");
+}
+
+#[test]
+fn i7_attempt_bound() {
+    let log = valid_log();
+    assert_eq!(check_attempt_bound(&log.0, 2), Ok(()));
+    let errors = check_attempt_bound(&log.0, 1).expect_err("task 2 had two attempts");
+    assert!(errors[0].starts_with("I7"), "{errors:?}");
+}
+
+#[test]
+fn terminal_event_must_be_last() {
+    let log = valid_log().task(TaskCanceled, 1, 2, 0);
+    assert_violates(&succeeded(), &log, "log");
+}
+
+#[test]
+fn terminal_event_must_match_the_state() {
+    let m = migration(
+        MigrationState::Failed,
+        vec![
+            stage(0, StageState::Succeeded, 1, 1, 0),
+            stage(1, StageState::Succeeded, 1, 1, 0),
+        ],
+    );
+    assert_violates(&m, &valid_log(), "log");
+}
+
+#[test]
+fn task_assigned_without_any_stage_index_is_reported() {
+    let mut log = valid_log();
+    for e in &mut log.0 {
+        if e.task_id == 1 {
+            e.stage_index = None;
+        }
+    }
+    assert_violates(&succeeded(), &log, "log");
+}
+
+#[test]
+fn describe_event_is_readable() {
+    let e = &valid_log().0[3];
+    assert_eq!(
+        describe_event(e),
+        "#4 TASK_ASSIGNED stage=0 task=1 attempt=1 worker=w1"
+    );
+}

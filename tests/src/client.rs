@@ -1,0 +1,285 @@
+//! gRPC clients of a coordinator and the calls tests make again and again:
+//! put a plan, create a migration, wait until it is finished, read its whole
+//! event log.
+//!
+//! Calls return `Result<_, tonic::Status>` so tests can assert error codes;
+//! [`Client::wait_for_terminal`] panics instead, with the migration's state
+//! and latest events, because a test can do nothing useful after a timeout.
+
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use stagecoach_proto::json::json_to_struct;
+use stagecoach_proto::v1::admin_service_client::AdminServiceClient;
+use stagecoach_proto::v1::migration_service_client::MigrationServiceClient;
+use stagecoach_proto::v1::worker_service_client::WorkerServiceClient;
+use stagecoach_proto::v1::{
+    CreateMigrationRequest, Event, GetMigrationRequest, ListEventsRequest, ListMigrationsRequest,
+    ListPlansRequest, ListWorkersRequest, Migration, MigrationState, Plan, PutPlanRequest,
+    WatchMigrationRequest, create_migration_request::PlanSource, put_plan_request::Source,
+};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::checker::describe_event;
+
+/// Clients of the three Stagecoach services over one channel.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The channel the clients share, for other services (health, reflection).
+    pub channel: Channel,
+    /// `stagecoach.v1.MigrationService`.
+    pub migrations: MigrationServiceClient<Channel>,
+    /// `stagecoach.v1.WorkerService`.
+    pub workers: WorkerServiceClient<Channel>,
+    /// `stagecoach.v1.AdminService`.
+    pub admin: AdminServiceClient<Channel>,
+}
+
+impl Client {
+    /// Connects to `url` (`http://ADDR`), retrying for a few seconds.
+    pub async fn connect(url: &str) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let endpoint = Channel::from_shared(url.to_string())
+            .unwrap_or_else(|e| panic!("bad coordinator url {url:?}: {e}"))
+            .connect_timeout(Duration::from_secs(2));
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() >= deadline => {
+                    panic!("could not connect to {url}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        Client {
+            migrations: MigrationServiceClient::new(channel.clone()),
+            workers: WorkerServiceClient::new(channel.clone()),
+            admin: AdminServiceClient::new(channel.clone()),
+            channel,
+        }
+    }
+
+    /// PutPlan with a `Plan` message; returns the stored plan.
+    pub async fn put_plan(&self, plan: Plan) -> Result<Plan, Status> {
+        self.put_plan_source(Source::Plan(plan)).await
+    }
+
+    /// PutPlan with a JSON document (`plan_json`); returns the stored plan.
+    pub async fn put_plan_json(&self, plan: &Json) -> Result<Plan, Status> {
+        self.put_plan_json_text(&plan.to_string()).await
+    }
+
+    /// PutPlan with `plan_json` text as given (e.g. malformed on purpose).
+    pub async fn put_plan_json_text(&self, plan_json: &str) -> Result<Plan, Status> {
+        self.put_plan_source(Source::PlanJson(plan_json.to_string()))
+            .await
+    }
+
+    async fn put_plan_source(&self, source: Source) -> Result<Plan, Status> {
+        let resp = self
+            .migrations
+            .clone()
+            .put_plan(PutPlanRequest {
+                source: Some(source),
+            })
+            .await?
+            .into_inner();
+        resp.plan
+            .ok_or_else(|| Status::internal("PutPlan answered without a plan"))
+    }
+
+    /// Every stored plan (latest versions).
+    pub async fn list_plans(&self) -> Result<Vec<Plan>, Status> {
+        let resp = self
+            .migrations
+            .clone()
+            .list_plans(ListPlansRequest {})
+            .await?;
+        Ok(resp.into_inner().plans)
+    }
+
+    /// CreateMigration of the stored plan `plan_name` for `subject`.
+    pub async fn create_migration(
+        &self,
+        plan_name: &str,
+        subject: &str,
+        parameters: &Json,
+    ) -> Result<Migration, Status> {
+        self.create(CreateMigrationRequest {
+            plan_source: Some(PlanSource::PlanName(plan_name.to_string())),
+            subject: subject.to_string(),
+            parameters: Some(json_to_struct(parameters)),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// CreateMigration with any request.
+    pub async fn create(&self, req: CreateMigrationRequest) -> Result<Migration, Status> {
+        let resp = self
+            .migrations
+            .clone()
+            .create_migration(req)
+            .await?
+            .into_inner();
+        resp.migration
+            .ok_or_else(|| Status::internal("CreateMigration answered without a migration"))
+    }
+
+    /// GetMigration.
+    pub async fn get_migration(&self, id: i64) -> Result<Migration, Status> {
+        let resp = self
+            .migrations
+            .clone()
+            .get_migration(GetMigrationRequest { migration_id: id })
+            .await?
+            .into_inner();
+        resp.migration
+            .ok_or_else(|| Status::internal("GetMigration answered without a migration"))
+    }
+
+    /// Every migration, following `next_page_token` to the last page.
+    pub async fn list_migrations(&self) -> Result<Vec<Migration>, Status> {
+        let mut all = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .migrations
+                .clone()
+                .list_migrations(ListMigrationsRequest {
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            all.extend(page.migrations);
+            if page.next_page_token.is_empty() || page.next_page_token == page_token {
+                return Ok(all);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// The whole event log of a migration, paging ListEvents until a page
+    /// comes back empty.
+    pub async fn events(&self, migration_id: i64) -> Result<Vec<Event>, Status> {
+        let mut all: Vec<Event> = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .migrations
+                .clone()
+                .list_events(ListEventsRequest {
+                    migration_id,
+                    after_event_id: after,
+                    limit: 1000,
+                })
+                .await?
+                .into_inner()
+                .events;
+            let Some(last) = page.last().map(|e| e.id) else {
+                return Ok(all);
+            };
+            if last <= after {
+                return Err(Status::internal(format!(
+                    "ListEvents after {after} answered events up to {last} only"
+                )));
+            }
+            all.extend(page);
+            after = last;
+        }
+    }
+
+    /// Waits until the migration is succeeded, failed or canceled and returns
+    /// it. Follows WatchMigration and falls back to polling GetMigration when
+    /// the stream is unavailable or ends early. Panics after `timeout`, with
+    /// the migration's state and last events.
+    pub async fn wait_for_terminal(&self, migration_id: i64, timeout: Duration) -> Migration {
+        let deadline = Instant::now() + timeout;
+        let mut after = 0;
+        while Instant::now() < deadline {
+            let mut migrations = self.migrations.clone();
+            let watch = migrations.watch_migration(WatchMigrationRequest {
+                migration_id,
+                after_event_id: after,
+            });
+            if let Ok(Ok(resp)) = tokio::time::timeout_at(deadline, watch).await {
+                let mut stream = resp.into_inner();
+                while let Ok(Ok(Some(msg))) =
+                    tokio::time::timeout_at(deadline, stream.message()).await
+                {
+                    if let Some(last) = msg.events.last() {
+                        after = after.max(last.id);
+                    }
+                    if let Some(m) = msg.migration.filter(|m| is_terminal(m.state())) {
+                        return m;
+                    }
+                }
+            }
+            if let Ok(m) = self.get_migration(migration_id).await
+                && is_terminal(m.state())
+            {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "migration {migration_id} not finished after {timeout:?}\n{}",
+            self.describe(migration_id).await
+        )
+    }
+
+    /// Waits until every one of `ids` shows in ListWorkers. Returns at once
+    /// when the coordinator does not implement ListWorkers.
+    pub async fn wait_for_workers(&self, ids: &[&str], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen: Vec<String> =
+                match self.admin.clone().list_workers(ListWorkersRequest {}).await {
+                    Ok(r) => r
+                        .into_inner()
+                        .workers
+                        .into_iter()
+                        .map(|w| w.worker_id)
+                        .collect(),
+                    Err(s) if s.code() == Code::Unimplemented => return,
+                    Err(_) => Vec::new(),
+                };
+            if ids.iter().all(|id| seen.iter().any(|s| s == id)) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("workers {ids:?} not connected after {timeout:?}; connected: {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A readable account of a migration and its log, for failure messages.
+    pub async fn describe(&self, migration_id: i64) -> String {
+        let quick = Duration::from_secs(5);
+        let migration = tokio::time::timeout(quick, self.get_migration(migration_id)).await;
+        let events = tokio::time::timeout(quick, self.events(migration_id)).await;
+        let mut out = format!("migration: {migration:?}\n");
+        match events {
+            Ok(Ok(events)) => {
+                out.push_str(&format!("events ({}):\n", events.len()));
+                for e in &events {
+                    out.push_str(&format!("  {}\n", describe_event(e)));
+                }
+            }
+            other => out.push_str(&format!("events: {other:?}\n")),
+        }
+        out
+    }
+}
+
+/// True for SUCCEEDED, FAILED and CANCELED.
+pub fn is_terminal(state: MigrationState) -> bool {
+    matches!(
+        state,
+        MigrationState::Succeeded | MigrationState::Failed | MigrationState::Canceled
+    )
+}

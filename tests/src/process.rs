@@ -1,0 +1,321 @@
+//! Real `coordinator` and `worker` processes, started, signalled and killed
+//! the way an operator (or a crash) would.
+//!
+//! Each process writes its logs (stderr) to a file beside its data, opened in
+//! append mode so a restarted coordinator keeps one history. When a test
+//! panics, dropping a process prints the tail of its log, so a failing test
+//! shows what the servers saw; dropping always kills the process.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::binaries::binaries;
+
+/// How long a coordinator may take to print its address (the first start
+/// also creates and migrates its database).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The line the coordinator prints on stdout once it serves.
+const LISTENING: &str = "stagecoach coordinator listening on ";
+
+/// Lines of each log printed when a test fails.
+const LOG_TAIL_LINES: usize = 400;
+
+/// A running `coordinator serve` process with its SQLite database in `dir`.
+#[derive(Debug)]
+pub struct Coordinator {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl Coordinator {
+    /// Starts a coordinator on a free loopback port with its database at
+    /// `dir/coord.db` (created if missing, reused if present) and waits until
+    /// it prints its address. Panics, showing its log, if it does not.
+    pub async fn start(dir: &Path, extra_args: &[&str]) -> Coordinator {
+        Self::start_at(dir, "127.0.0.1:0", extra_args).await
+    }
+
+    /// Like [`Coordinator::start`], listening on `listen` (e.g. the address
+    /// of a coordinator that was killed, so its workers find it again).
+    pub async fn start_at(dir: &Path, listen: &str, extra_args: &[&str]) -> Coordinator {
+        let dir = std::path::absolute(dir).expect("absolute coordinator dir");
+        std::fs::create_dir_all(&dir).expect("create coordinator dir");
+        let log = dir.join("coordinator.log");
+        let db = format!("sqlite://{}", dir.join("coord.db").display());
+        let mut cmd = Command::new(&binaries().coordinator);
+        cmd.args(["serve", "--listen", listen, "--database", &db])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(append(&log))
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e}"));
+
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
+        let line = match first {
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                panic!(
+                    "coordinator exited before printing its address ({status:?}); {cmd:?}\n{}",
+                    tail(&log, LOG_TAIL_LINES)
+                )
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                panic!(
+                    "coordinator printed no address within {START_TIMEOUT:?}; {cmd:?}\n{}",
+                    tail(&log, LOG_TAIL_LINES)
+                )
+            }
+        };
+        let addr = line
+            .strip_prefix(LISTENING)
+            .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first stdout line {line:?}, wanted {LISTENING:?}ADDR\n{}",
+                    tail(&log, LOG_TAIL_LINES)
+                )
+            });
+        // Keep draining stdout so a chatty server never blocks on a full pipe.
+        let mut sink = append(&log);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = writeln!(sink, "[stdout] {line}");
+            }
+        });
+        Coordinator {
+            child,
+            addr,
+            dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Starts a new process on the same database, address and flags (killing
+    /// this one first if it still runs), as after a crash or a deploy.
+    pub async fn restart(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill9().await;
+        }
+        let args: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        let listen = self.addr.to_string();
+        let next = Coordinator::start_at(&self.dir, &listen, &args).await;
+        // The old process is gone; replacing it drops nothing that runs.
+        *self = next;
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for gRPC clients and workers.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The directory holding its database and log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of its log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("coordinator.log")
+    }
+
+    /// Its whole log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Kills it with SIGKILL (a crash) and waits until it is gone.
+    pub async fn kill9(&mut self) {
+        kill9(&mut self.child).await;
+    }
+
+    /// Sends SIGTERM (a graceful shutdown request); see [`Self::wait_exit`].
+    pub fn terminate(&self) {
+        terminate(&self.child);
+    }
+
+    /// Waits until it exits, at most `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "===== coordinator log ({}) =====\n{}",
+                self.log_path().display(),
+                tail(&self.log_path(), LOG_TAIL_LINES)
+            );
+        }
+    }
+}
+
+/// A running `worker` process.
+#[derive(Debug)]
+pub struct Worker {
+    child: Child,
+    id: String,
+    log: PathBuf,
+}
+
+impl Worker {
+    /// Starts a worker with `slots` slots and id `id` that connects to the
+    /// coordinator at `coordinator` (`http://ADDR`, or `ADDR`) and keeps its
+    /// files in `shared_dir`. Its log is `worker-ID.log` beside `shared_dir`.
+    pub fn start(coordinator: &str, slots: u32, shared_dir: &Path, id: &str) -> Worker {
+        let shared_dir = std::path::absolute(shared_dir).expect("absolute shared dir");
+        std::fs::create_dir_all(&shared_dir).expect("create shared dir");
+        let log = shared_dir
+            .parent()
+            .unwrap_or(&shared_dir)
+            .join(format!("worker-{id}.log"));
+        let url = if coordinator.contains("://") {
+            coordinator.to_string()
+        } else {
+            format!("http://{coordinator}")
+        };
+        let mut cmd = Command::new(&binaries().worker);
+        cmd.args(["--coordinator", &url, "--slots", &slots.to_string()])
+            .arg("--shared-dir")
+            .arg(&shared_dir)
+            .args(["--worker-id", id])
+            .stdin(Stdio::null())
+            .stdout(append(&log))
+            .stderr(append(&log))
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e}"));
+        Worker {
+            child,
+            id: id.to_string(),
+            log,
+        }
+    }
+
+    /// The id it subscribed with.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Path of its log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Its whole log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills it with SIGKILL (a crash) and waits until it is gone.
+    pub async fn kill9(&mut self) {
+        kill9(&mut self.child).await;
+    }
+
+    /// Sends SIGTERM: it should stop taking work and finish or hand back its
+    /// leases; see [`Self::wait_exit`].
+    pub fn terminate(&self) {
+        terminate(&self.child);
+    }
+
+    /// Waits until it exits, at most `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "===== worker {} log ({}) =====\n{}",
+                self.id,
+                self.log.display(),
+                tail(&self.log, LOG_TAIL_LINES)
+            );
+        }
+    }
+}
+
+async fn kill9(child: &mut Child) {
+    // `kill` sends SIGKILL on Unix and reaps the process.
+    let _ = child.kill().await;
+}
+
+fn terminate(child: &Child) {
+    if let Some(pid) = child.id() {
+        let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+        // SAFETY: kill(2) only sends a signal; `pid` is our own child, which
+        // has not been reaped (its id is still known), so it names no other
+        // process.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+}
+
+fn append(path: &Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open log {}: {e}", path.display()))
+}
+
+/// The last `lines` lines of a log file.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<unreadable: {e}>"));
+    let all: Vec<&str> = text.lines().collect();
+    let skip = all.len().saturating_sub(lines);
+    let mut out = String::new();
+    if skip > 0 {
+        out.push_str(&format!("... {skip} earlier lines ...\n"));
+    }
+    for l in &all[skip..] {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}

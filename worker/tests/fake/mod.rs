@@ -1,0 +1,253 @@
+//! A scriptable in-process `WorkerService`: it records every call, and its
+//! knobs make it refuse, drop streams, fail reports or withhold renewals,
+//! so the SDK's runtime can be tested without the real coordinator.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use stagecoach_proto::json::json_to_struct;
+use stagecoach_proto::v1::worker_message::Message;
+use stagecoach_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
+use stagecoach_proto::v1::{
+    Assignment, CancelNotice, CompleteRequest, Completion, FailRequest, Failure, HeartbeatRequest,
+    HeartbeatResponse, LeaseRenewal, LeaseToken, ReportResponse, ReportResult, SubscribeRequest,
+    Welcome, WorkerMessage,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Code, Request, Response, Status};
+
+pub type Stream = mpsc::UnboundedSender<Result<WorkerMessage, Status>>;
+
+pub struct State {
+    pub subscribes: Vec<SubscribeRequest>,
+    pub heartbeats: Vec<HeartbeatRequest>,
+    pub completions: Vec<Completion>,
+    pub failures: Vec<Failure>,
+    pub report_calls: u32,
+    pub stream: Option<Stream>,
+    pub heartbeat_interval_ms: u32,
+    pub lease_duration_ms: u32,
+    /// Fail this many report calls with UNAVAILABLE first.
+    pub unavailable_reports: u32,
+    /// Reject every report with this code.
+    pub reject_reports: Option<Code>,
+    /// Refuse Subscribe with this code.
+    pub refuse_subscribe: Option<Code>,
+    /// Renew the leases named in heartbeats.
+    pub renew: bool,
+    /// Cancel notices for the next heartbeat answer.
+    pub cancel_in_heartbeat: Vec<CancelNotice>,
+}
+
+#[derive(Clone)]
+pub struct Fake {
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for Fake {
+    fn default() -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State {
+                subscribes: Vec::new(),
+                heartbeats: Vec::new(),
+                completions: Vec::new(),
+                failures: Vec::new(),
+                report_calls: 0,
+                stream: None,
+                heartbeat_interval_ms: 50,
+                lease_duration_ms: 2000,
+                unavailable_reports: 0,
+                reject_reports: None,
+                refuse_subscribe: None,
+                renew: true,
+                cancel_in_heartbeat: Vec::new(),
+            })),
+        }
+    }
+}
+
+impl Fake {
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// Serves on `listener` until the returned sender is dropped or fired.
+    pub fn serve(&self, listener: TcpListener) -> oneshot::Sender<()> {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let service = WorkerServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                }),
+        );
+        stop
+    }
+
+    /// Starts serving on a fresh port; returns its URL.
+    pub async fn start(&self) -> (String, oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        (url, self.serve(listener))
+    }
+
+    /// Polls until `cond` holds (5 s at most).
+    pub async fn wait_for(&self, what: &str, cond: impl Fn(&State) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !cond(&self.state()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends a message on the current Subscribe stream.
+    pub async fn send(&self, message: Message) {
+        self.wait_for("a Subscribe stream", |s| s.stream.is_some())
+            .await;
+        let stream = self.state().stream.clone().unwrap();
+        stream
+            .send(Ok(WorkerMessage {
+                message: Some(message),
+            }))
+            .unwrap();
+    }
+
+    pub async fn assign(&self, task_id: i64, kind: &str, payload: Value) {
+        self.send(Message::Assignment(assignment(task_id, kind, payload)))
+            .await;
+    }
+
+    /// Ends the current stream, as a coordinator restart would.
+    pub fn drop_stream(&self) {
+        self.state().stream = None;
+    }
+}
+
+pub fn token(task_id: i64) -> LeaseToken {
+    LeaseToken {
+        task_id,
+        attempt: 1,
+    }
+}
+
+pub fn assignment(task_id: i64, kind: &str, payload: Value) -> Assignment {
+    Assignment {
+        lease: Some(token(task_id)),
+        migration_id: 7,
+        subject: "project/1".into(),
+        stage_index: 0,
+        stage_name: "only".into(),
+        kind: kind.into(),
+        payload: Some(json_to_struct(&payload)),
+        parameters: Some(json_to_struct(&json!({"region": "eu"}))),
+        lease_expires_at: None,
+        checkpoint: Some(b"earlier".to_vec()),
+        max_attempts: 3,
+    }
+}
+
+fn accepted(leases: impl Iterator<Item = Option<LeaseToken>>) -> ReportResponse {
+    ReportResponse {
+        results: leases
+            .map(|lease| ReportResult {
+                lease,
+                accepted: true,
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+impl Fake {
+    fn report_gate(&self) -> Result<(), Status> {
+        let mut s = self.state();
+        s.report_calls += 1;
+        if s.unavailable_reports > 0 {
+            s.unavailable_reports -= 1;
+            return Err(Status::unavailable("coordinator restarting"));
+        }
+        match s.reject_reports {
+            Some(code) => Err(Status::new(code, "lease no longer held")),
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl WorkerService for Fake {
+    type SubscribeStream = UnboundedReceiverStream<Result<WorkerMessage, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut s = self.state();
+        if let Some(code) = s.refuse_subscribe {
+            return Err(Status::new(code, "bad worker"));
+        }
+        s.subscribes.push(request.into_inner());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let welcome = Welcome {
+            heartbeat_interval_ms: s.heartbeat_interval_ms,
+            lease_duration_ms: s.lease_duration_ms,
+        };
+        tx.send(Ok(WorkerMessage {
+            message: Some(Message::Welcome(welcome)),
+        }))
+        .unwrap();
+        s.stream = Some(tx);
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        let mut s = self.state();
+        let renewed = if s.renew {
+            request
+                .leases
+                .iter()
+                .map(|l| LeaseRenewal {
+                    lease: l.lease,
+                    expires_at: None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let cancel = std::mem::take(&mut s.cancel_in_heartbeat);
+        s.heartbeats.push(request);
+        Ok(Response::new(HeartbeatResponse { renewed, cancel }))
+    }
+
+    async fn complete(
+        &self,
+        request: Request<CompleteRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        self.report_gate()?;
+        let completions = request.into_inner().completions;
+        let response = accepted(completions.iter().map(|c| c.lease));
+        self.state().completions.extend(completions);
+        Ok(Response::new(response))
+    }
+
+    async fn fail(
+        &self,
+        request: Request<FailRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        self.report_gate()?;
+        let failures = request.into_inner().failures;
+        let response = accepted(failures.iter().map(|f| f.lease));
+        self.state().failures.extend(failures);
+        Ok(Response::new(response))
+    }
+}
