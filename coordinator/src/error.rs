@@ -26,6 +26,9 @@ pub enum Error {
     /// The schema could not be brought up to date at start.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The coordinator is shutting down; try another one or retry shortly.
+    #[error("the coordinator is shutting down; reconnect to another coordinator or retry shortly")]
+    ShuttingDown,
     /// Stored data could not be decoded; a bug or a hand-edited database.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),

@@ -264,14 +264,24 @@ impl Coordinator {
         for (i, kind) in spec.kinds.iter().enumerate() {
             validate_name(&format!("kinds[{i}]"), kind, "task kind")?;
         }
+        let conn_worker_id = spec.worker_id.clone();
         if spec.slots == 0 || spec.slots > 10_000 {
             return Err(Error::invalid(
                 "slots",
                 "slots must be 1-10000: how many tasks the worker runs at once",
             ));
         }
+        // Checked before registering: a stream registered after the
+        // shutdown closed every stream would keep the server from stopping.
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = self.registry.connect(spec, tx);
+        if self.shutdown.is_cancelled() {
+            self.registry.disconnect(&conn_worker_id, conn);
+            return Err(Error::ShuttingDown);
+        }
         self.wake.notify_one();
         Ok((conn, rx))
     }

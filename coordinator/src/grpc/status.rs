@@ -8,7 +8,7 @@ use crate::error::Error;
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = code_of(&e);
-        if code == Code::Internal || code == Code::Unavailable {
+        if matches!(e, Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_)) {
             tracing::error!(error = %e, "request failed");
         }
         Status::new(code, e.to_string())
@@ -25,6 +25,7 @@ pub fn code_of(e: &Error) -> Code {
         Error::Database(
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
         ) => Code::Unavailable,
+        Error::ShuttingDown => Code::Unavailable,
         Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) => Code::Internal,
     }
 }
