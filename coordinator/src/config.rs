@@ -22,7 +22,8 @@ pub struct Config {
     /// Address to listen on (use port 0 for an ephemeral port).
     #[arg(long, env = "STAGECOACH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Database URL: `sqlite://PATH` (created if missing) or a plain path.
+    /// Database URL: `sqlite://PATH` (created if missing), a plain path, or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DB` (several coordinators may share it).
     #[arg(
         long,
         env = "STAGECOACH_DATABASE_URL",
@@ -107,5 +108,42 @@ impl Config {
             lease_ms: self.lease_duration_ms as i64,
             max_reassignments: self.max_reassignments,
         }
+    }
+}
+
+/// The database URL with any password replaced by `***`, for logs.
+pub fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_url;
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        assert_eq!(
+            redacted_url("postgres://u:secret@db:5432/x"),
+            "postgres://u:***@db:5432/x"
+        );
+        assert_eq!(redacted_url("postgres://u@db/x"), "postgres://u@db/x");
+        assert_eq!(
+            redacted_url("sqlite://stagecoach.db"),
+            "sqlite://stagecoach.db"
+        );
     }
 }

@@ -73,7 +73,8 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("--listen {}: cannot bind: {e}", config.listen))?;
             let addr = listener.local_addr()?;
-            tracing::info!(%addr, database = %config.database, ?config.log_format, "coordinator starting");
+            let database = stagecoach_coordinator::config::redacted_url(&config.database);
+            tracing::info!(%addr, %database, ?config.log_format, "coordinator starting");
             println!("stagecoach coordinator listening on {addr}");
             server::run(config, listener, shutdown).await?;
         }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::engine::{Coordinator, run_dispatcher, run_remote_effects, run_sweeper};
 use crate::grpc::{AdminApi, MigrationApi, WorkerApi};
-use crate::store::{SqliteStore, Store};
+use crate::store::Store;
 
 /// Why a coordinator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -29,14 +29,15 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Opens the configured store and prepares the default pool.
+/// Opens the configured store (the backend the URL's scheme names) and
+/// prepares the default pool.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServeError> {
     config.validate()?;
-    let store = SqliteStore::open(&config.database, config.limits()).await?;
+    let store = crate::store::open(&config.database, config.limits()).await?;
     store
         .ensure_pool("default", config.default_pool_slots)
         .await?;
-    Ok(Arc::new(store))
+    Ok(store)
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then drains: worker

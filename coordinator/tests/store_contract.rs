@@ -1,5 +1,12 @@
 //! Store contract tests: the state machines and invariants, driven through
 //! the `Store` trait exactly as the core drives it, without a network.
+//!
+//! Every case runs on both backends: `sqlite::<case>` and `postgres::<case>`
+//! (a real PostgreSQL server, see `support/postgres.rs`). Cases only
+//! PostgreSQL has — several coordinators on one database — are in
+//! `shared_database`.
+
+use std::sync::Arc;
 
 use serde_json::json;
 use stagecoach_coordinator::domain::{
@@ -7,27 +14,54 @@ use stagecoach_coordinator::domain::{
     PlanSpec, ReportAck, StageState,
 };
 use stagecoach_coordinator::error::Error;
-use stagecoach_coordinator::store::{Limits, SqliteStore, Store};
+use stagecoach_coordinator::store::{Limits, PostgresStore, SqliteStore, Store};
 
+mod support;
+
+/// The backend a contract case runs on.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A store under test and what keeps its database alive.
 struct Db {
-    store: SqliteStore,
-    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
 }
 
-async fn store_with(limits: Limits) -> Db {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let store = SqliteStore::open(&url, limits).await.unwrap();
-    store.ensure_pool("default", 10).await.unwrap();
-    Db { store, _dir: dir }
+async fn store_with(backend: Backend, limits: Limits) -> Db {
+    let db = match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("t.db").display());
+            let store = SqliteStore::open(&url, limits).await.unwrap();
+            Db {
+                store: Arc::new(store),
+                _dir: Some(dir),
+            }
+        }
+        Backend::Postgres => {
+            let url = support::postgres::fresh_database();
+            let store = PostgresStore::open(&url, limits).await.unwrap();
+            Db {
+                store: Arc::new(store),
+                _dir: None,
+            }
+        }
+    };
+    db.store.ensure_pool("default", 10).await.unwrap();
+    db
 }
 
-async fn store() -> Db {
-    store_with(Limits {
-        lease_ms: 60_000,
-        max_reassignments: 3,
-    })
-    .await
+const LIMITS: Limits = Limits {
+    lease_ms: 60_000,
+    max_reassignments: 3,
+};
+
+async fn store(backend: Backend) -> Db {
+    store_with(backend, LIMITS).await
 }
 
 fn plan(json: serde_json::Value) -> PlanSpec {
@@ -68,7 +102,7 @@ fn kinds(k: &[&str]) -> Vec<String> {
     k.iter().map(|s| s.to_string()).collect()
 }
 
-async fn kinds_of(s: &SqliteStore, id: i64) -> Vec<EventKind> {
+async fn kinds_of(s: &dyn Store, id: i64) -> Vec<EventKind> {
     s.list_events(id, 0, 10_000)
         .await
         .unwrap()
@@ -77,10 +111,9 @@ async fn kinds_of(s: &SqliteStore, id: i64) -> Vec<EventKind> {
         .collect()
 }
 
-#[tokio::test]
-async fn stages_run_in_order_and_the_migration_succeeds() {
-    let db = store().await;
-    let s = &db.store;
+async fn stages_run_in_order_and_the_migration_succeeds(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let (c, fx) = s
         .create_migration(&new(two_stage(), "project/1"))
         .await
@@ -129,10 +162,9 @@ async fn stages_run_in_order_and_the_migration_succeeds() {
     assert_eq!(ev.last(), Some(&EventKind::MigrationSucceeded));
 }
 
-#[tokio::test]
-async fn duplicate_and_stale_reports_change_nothing() {
-    let db = store().await;
-    let s = &db.store;
+async fn duplicate_and_stale_reports_change_nothing(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let (c, _) = s
         .create_migration(&new(two_stage(), "project/1"))
         .await
@@ -168,10 +200,9 @@ async fn duplicate_and_stale_reports_change_nothing() {
     );
 }
 
-#[tokio::test]
-async fn worker_slots_bound_live_leases() {
-    let db = store().await;
-    let s = &db.store;
+async fn worker_slots_bound_live_leases(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let p = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": [
         {"kind": "noop"}, {"kind": "noop"}, {"kind": "noop"}, {"kind": "noop"}, {"kind": "noop"}]}]}));
     s.create_migration(&new(p, "s")).await.unwrap();
@@ -189,10 +220,9 @@ async fn worker_slots_bound_live_leases() {
     assert_eq!(s.claim("w2", &kinds(&["noop"]), 8).await.unwrap().len(), 3);
 }
 
-#[tokio::test]
-async fn a_permanent_failure_fails_the_migration_and_stops_later_stages() {
-    let db = store().await;
-    let s = &db.store;
+async fn a_permanent_failure_fails_the_migration_and_stops_later_stages(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let (c, _) = s
         .create_migration(&new(two_stage(), "project/1"))
         .await
@@ -233,10 +263,9 @@ async fn a_permanent_failure_fails_the_migration_and_stops_later_stages() {
     assert_eq!(s.fail(W, &f).await.unwrap().0, ReportAck::Duplicate);
 }
 
-#[tokio::test]
-async fn retryable_failures_back_off_then_the_task_dies() {
-    let db = store().await;
-    let s = &db.store;
+async fn retryable_failures_back_off_then_the_task_dies(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let p = plan(
         json!({"name": "p", "stages": [{"name": "a", "retry": {"max_attempts": 2, "initial_backoff_ms": 1, "max_backoff_ms": 1},
         "tasks": [{"kind": "noop"}]}]}),
@@ -271,10 +300,9 @@ async fn retryable_failures_back_off_then_the_task_dies() {
     assert!(m.reason.contains("after 2 attempts: flaky"), "{}", m.reason);
 }
 
-#[tokio::test]
-async fn tasks_fan_out_to_a_later_dynamic_stage_only() {
-    let db = store().await;
-    let s = &db.store;
+async fn tasks_fan_out_to_a_later_dynamic_stage_only(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let p = plan(json!({"name": "p", "stages": [
         {"name": "inspect", "tasks": [{"kind": "noop"}]},
         {"name": "export", "dynamic": true},
@@ -333,10 +361,9 @@ async fn tasks_fan_out_to_a_later_dynamic_stage_only() {
     assert_eq!(m.stages[1].total, 3);
 }
 
-#[tokio::test]
-async fn a_serial_stage_runs_one_task_at_a_time_in_order() {
-    let db = store().await;
-    let s = &db.store;
+async fn a_serial_stage_runs_one_task_at_a_time_in_order(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let p = plan(json!({"name": "p", "stages": [{"name": "a", "serial": true,
         "tasks": [{"kind": "noop", "payload": {"n": 1}}, {"kind": "noop", "payload": {"n": 2}}, {"kind": "noop", "payload": {"n": 3}}]}]}));
     s.create_migration(&new(p, "s")).await.unwrap();
@@ -348,10 +375,9 @@ async fn a_serial_stage_runs_one_task_at_a_time_in_order() {
     }
 }
 
-#[tokio::test]
-async fn pools_admit_oldest_first_within_their_slots() {
-    let db = store().await;
-    let s = &db.store;
+async fn pools_admit_oldest_first_within_their_slots(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     s.set_pool_slots("default", 2).await.unwrap();
     let one = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": [{"kind": "noop"}]}]}));
     let mut ids = vec![];
@@ -391,10 +417,9 @@ async fn pools_admit_oldest_first_within_their_slots() {
     assert_eq!((pool.running, pool.queued), (2, 0));
 }
 
-#[tokio::test]
-async fn one_unfinished_run_per_subject_and_idempotent_create() {
-    let db = store().await;
-    let s = &db.store;
+async fn one_unfinished_run_per_subject_and_idempotent_create(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let mut m = new(two_stage(), "project/9");
     m.idempotency_key = Some("k1".into());
     let (first, _) = s.create_migration(&m).await.unwrap();
@@ -412,10 +437,9 @@ async fn one_unfinished_run_per_subject_and_idempotent_create() {
     );
 }
 
-#[tokio::test]
-async fn cancel_revokes_leases_and_retry_resumes_at_the_unfinished_stage() {
-    let db = store().await;
-    let s = &db.store;
+async fn cancel_revokes_leases_and_retry_resumes_at_the_unfinished_stage(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let (c, _) = s.create_migration(&new(two_stage(), "s")).await.unwrap();
     let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     s.complete(W, &done(a[0].lease)).await.unwrap();
@@ -465,14 +489,16 @@ async fn cancel_revokes_leases_and_retry_resumes_at_the_unfinished_stage() {
     );
 }
 
-#[tokio::test]
-async fn expired_leases_are_reassigned_until_the_cap() {
-    let db = store_with(Limits {
-        lease_ms: 1,
-        max_reassignments: 2,
-    })
+async fn expired_leases_are_reassigned_until_the_cap(b: Backend) {
+    let db = store_with(
+        b,
+        Limits {
+            lease_ms: 1,
+            max_reassignments: 2,
+        },
+    )
     .await;
-    let s = &db.store;
+    let s = &*db.store;
     let p = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": [{"kind": "noop"}]}]}));
     let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
     let a = s.claim(W, &kinds(&["noop"]), 1).await.unwrap();
@@ -496,10 +522,9 @@ async fn expired_leases_are_reassigned_until_the_cap() {
     assert!(m.reason.contains("lost its worker 2 times"), "{}", m.reason);
 }
 
-#[tokio::test]
-async fn a_migration_past_its_deadline_fails() {
-    let db = store().await;
-    let s = &db.store;
+async fn a_migration_past_its_deadline_fails(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let mut m = new(two_stage(), "s");
     m.deadline_ms = Some(stagecoach_coordinator::clock::now_ms() - 1);
     let (c, _) = s.create_migration(&m).await.unwrap();
@@ -512,10 +537,9 @@ async fn a_migration_past_its_deadline_fails() {
     );
 }
 
-#[tokio::test]
-async fn an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told() {
-    let db = store().await;
-    let s = &db.store;
+async fn an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
     let p = plan(json!({"name": "p", "stages": [{"name": "a",
         "retry": {"max_attempts": 2, "initial_backoff_ms": 1, "max_backoff_ms": 1, "attempt_timeout_ms": 1},
         "tasks": [{"kind": "noop"}]}]}));
@@ -534,4 +558,405 @@ async fn an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told()
     let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
     assert_eq!(m.state, MigrationState::Failed);
     assert!(m.reason.contains("timed out after 1 ms"), "{}", m.reason);
+}
+
+/// Generates one `#[tokio::test]` per case and backend. A case left out of
+/// the list below is dead code, which clippy (`-D warnings`) refuses.
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::Backend::Sqlite).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::Backend::Postgres).await
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    stages_run_in_order_and_the_migration_succeeds,
+    duplicate_and_stale_reports_change_nothing,
+    worker_slots_bound_live_leases,
+    a_permanent_failure_fails_the_migration_and_stops_later_stages,
+    retryable_failures_back_off_then_the_task_dies,
+    tasks_fan_out_to_a_later_dynamic_stage_only,
+    a_serial_stage_runs_one_task_at_a_time_in_order,
+    pools_admit_oldest_first_within_their_slots,
+    one_unfinished_run_per_subject_and_idempotent_create,
+    cancel_revokes_leases_and_retry_resumes_at_the_unfinished_stage,
+    expired_leases_are_reassigned_until_the_cap,
+    a_migration_past_its_deadline_fails,
+    an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told,
+);
+
+/// Several coordinators on one PostgreSQL database: the same transitions
+/// race each other for real, through separate stores and connections.
+mod shared_database {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use serde_json::json;
+    use stagecoach_coordinator::domain::{EventKind, MigrationState, NewMigration, StageState};
+    use stagecoach_coordinator::error::Error;
+    use stagecoach_coordinator::store::{Effects, PostgresStore, Store};
+
+    use super::{LIMITS, done, kinds, kinds_of, new, plan, support};
+
+    /// Two coordinators' stores on one fresh database.
+    async fn two_stores() -> (Arc<dyn Store>, Arc<dyn Store>) {
+        let (a, b, _) = two_stores_at().await;
+        (a, b)
+    }
+
+    /// The same, and the database's URL.
+    async fn two_stores_at() -> (Arc<dyn Store>, Arc<dyn Store>, String) {
+        let url = support::postgres::fresh_database();
+        let a = PostgresStore::open(&url, LIMITS).await.unwrap();
+        let b = PostgresStore::open(&url, LIMITS).await.unwrap();
+        a.ensure_pool("default", 100).await.unwrap();
+        (Arc::new(a), Arc::new(b), url)
+    }
+
+    fn wide(tasks: usize) -> serde_json::Value {
+        json!(
+            (0..tasks)
+                .map(|i| json!({"kind": "noop", "payload": {"i": i}}))
+                .collect::<Vec<_>>()
+        )
+    }
+
+    fn one_task() -> NewMigration {
+        new(
+            plan(json!({"name": "p", "stages": [{"name": "a", "tasks": [{"kind": "noop"}]}]})),
+            "unused",
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn workers_of_two_coordinators_never_lease_a_task_twice() {
+        let (a, b) = two_stores().await;
+        let p = plan(json!({"name": "p", "stages": [
+            {"name": "one", "tasks": wide(24)}, {"name": "two", "tasks": wide(24)}]}));
+        let (c, _) = a.create_migration(&new(p, "s")).await.unwrap();
+        let leased = Arc::new(Mutex::new(Vec::new()));
+        let mut workers = Vec::new();
+        for (n, store) in [&a, &b, &a, &b].into_iter().enumerate() {
+            let (store, leased) = (store.clone(), leased.clone());
+            workers.push(tokio::spawn(async move {
+                let worker = format!("w{n}");
+                let end = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < end {
+                    let got = store.claim(&worker, &kinds(&["noop"]), 3).await.unwrap();
+                    if got.is_empty() {
+                        let m = store.get_migration(c.migration_id).await.unwrap().unwrap();
+                        if m.state.is_terminal() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    for g in got {
+                        leased.lock().unwrap().push(g.lease);
+                        store.complete(&worker, &done(g.lease)).await.unwrap();
+                    }
+                }
+            }));
+        }
+        // A watcher pages through the log by cursor while the workers race,
+        // as WatchMigration does: it must see every event, none skipped
+        // because it committed after a later one.
+        let watcher = {
+            let store = b.clone();
+            tokio::spawn(async move {
+                let (mut seen, mut cursor) = (Vec::new(), 0);
+                loop {
+                    let terminal = store
+                        .get_migration(c.migration_id)
+                        .await
+                        .unwrap()
+                        .unwrap()
+                        .state
+                        .is_terminal();
+                    let page = store
+                        .list_events(c.migration_id, cursor, 1000)
+                        .await
+                        .unwrap();
+                    if let Some(last) = page.last() {
+                        cursor = last.id;
+                    }
+                    seen.extend(page.iter().map(|e| e.id));
+                    if terminal {
+                        return seen;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        };
+        for w in workers {
+            w.await.unwrap();
+        }
+        let seen = watcher.await.unwrap();
+        let all: Vec<i64> = a
+            .list_events(c.migration_id, 0, 10_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(seen, all, "a cursor reader skipped an event");
+        let leased = leased.lock().unwrap().clone();
+        let tasks: HashSet<i64> = leased.iter().map(|l| l.task_id).collect();
+        assert_eq!(tasks.len(), leased.len(), "a task was leased twice (I4)");
+        assert_eq!(leased.len(), 48);
+        assert!(leased.iter().all(|l| l.attempt == 1));
+        let m = a.get_migration(c.migration_id).await.unwrap().unwrap();
+        assert_eq!(m.state, MigrationState::Succeeded);
+        for st in &m.stages {
+            assert_eq!((st.succeeded, st.total), (24, 24), "I5");
+        }
+        let ev = kinds_of(&*b, c.migration_id).await;
+        let count = |k| ev.iter().filter(|e| **e == k).count();
+        assert_eq!(count(EventKind::StageStarted), 2, "I2");
+        assert_eq!(count(EventKind::TaskAssigned), 48);
+        assert_eq!(count(EventKind::TaskSucceeded), 48);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn one_worker_claiming_through_two_coordinators_keeps_its_slots() {
+        let (a, b) = two_stores().await;
+        let p = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": wide(60)}]}));
+        a.create_migration(&new(p, "s")).await.unwrap();
+        const W: &str = "same-worker";
+        let noop = kinds(&["noop"]);
+        for round in 0..20 {
+            let (x, y) = tokio::join!(a.claim(W, &noop, 3), b.claim(W, &noop, 3));
+            let (x, y) = (x.unwrap(), y.unwrap());
+            assert!(
+                x.len() + y.len() <= 3,
+                "round {round}: I12 across coordinators"
+            );
+            assert_eq!(a.live_leases(W).await.unwrap().len(), x.len() + y.len());
+            for l in x.iter().chain(&y) {
+                a.complete(W, &done(l.lease)).await.unwrap();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_coordinators_admit_into_one_free_slot_exactly_once() {
+        let (a, b) = two_stores().await;
+        a.create_pool("one", 1).await.unwrap();
+        for round in 0..20 {
+            let mut x = one_task();
+            x.pool = "one".into();
+            x.subject = format!("x{round}");
+            let mut y = x.clone();
+            y.subject = format!("y{round}");
+            let (rx, ry) = tokio::join!(a.create_migration(&x), b.create_migration(&y));
+            let (x, y) = (rx.unwrap().0.migration_id, ry.unwrap().0.migration_id);
+            let pool = a.list_pools().await.unwrap();
+            let pool = pool.iter().find(|p| p.name == "one").unwrap();
+            assert_eq!((pool.running, pool.queued), (1, 1), "round {round}: I3");
+            // Cancels race too: canceling the running one admits the queued
+            // one, which the other coordinator is canceling at that moment.
+            let (cx, cy) = tokio::join!(a.cancel_migration(x, ""), b.cancel_migration(y, ""));
+            cx.unwrap();
+            cy.unwrap();
+            let pool = b.list_pools().await.unwrap();
+            let pool = pool.iter().find(|p| p.name == "one").unwrap();
+            assert_eq!((pool.running, pool.queued), (0, 0), "round {round}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_last_completions_at_once_start_the_next_stage_once() {
+        let (a, b) = two_stores().await;
+        let p = plan(json!({"name": "p", "stages": [
+            {"name": "a", "tasks": wide(2)}, {"name": "b", "tasks": wide(1)}]}));
+        for round in 0..10 {
+            let (c, _) = a
+                .create_migration(&new(p.clone(), &format!("s{round}")))
+                .await
+                .unwrap();
+            let got = a.claim("w", &kinds(&["noop"]), 2).await.unwrap();
+            assert_eq!(got.len(), 2);
+            let (first, second) = (done(got[0].lease), done(got[1].lease));
+            let (r1, r2) = tokio::join!(a.complete("w", &first), b.complete("w", &second));
+            r1.unwrap();
+            r2.unwrap();
+            let m = a.get_migration(c.migration_id).await.unwrap().unwrap();
+            assert_eq!(m.stages[0].state, StageState::Succeeded);
+            assert_eq!(m.stages[1].state, StageState::Running, "round {round}: I1");
+            let ev = kinds_of(&*a, c.migration_id).await;
+            let started = ev.iter().filter(|k| **k == EventKind::StageStarted).count();
+            assert_eq!(started, 2, "round {round}: I2");
+            let next = b.claim("w", &kinds(&["noop"]), 2).await.unwrap();
+            assert_eq!(next.len(), 1);
+            b.complete("w", &done(next[0].lease)).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_creates_of_one_subject_make_one_migration() {
+        let (a, b) = two_stores().await;
+        for round in 0..10 {
+            let mut m = one_task();
+            m.subject = format!("busy{round}");
+            let (x, y) = tokio::join!(a.create_migration(&m), b.create_migration(&m));
+            let (winner, loser) = match (x, y) {
+                (Ok((w, _)), Err(l)) | (Err(l), Ok((w, _))) => (w, l),
+                (x, y) => panic!("round {round}: exactly one create wins (I8): {x:?} {y:?}"),
+            };
+            assert!(matches!(loser, Error::AlreadyExists(_)), "{loser}");
+            let message = loser.to_string();
+            assert!(
+                message.contains(&winner.migration_id.to_string()),
+                "{message}"
+            );
+
+            m.subject = format!("keyed{round}");
+            m.idempotency_key = Some(format!("key{round}"));
+            let (x, y) = tokio::join!(a.create_migration(&m), b.create_migration(&m));
+            let (x, y) = (x.unwrap().0, y.unwrap().0);
+            assert_eq!(x.migration_id, y.migration_id, "one key, one migration");
+            assert!(x.created != y.created, "exactly one create created it");
+        }
+    }
+
+    /// Receives effects until one satisfies `want`, for at most 10 s.
+    async fn receive(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<Effects>,
+        want: impl Fn(&Effects) -> bool,
+    ) -> Effects {
+        let wait = async {
+            loop {
+                let fx = rx.recv().await.expect("the listener ended");
+                if want(&fx) {
+                    return fx;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("no such effects arrived within 10 s")
+    }
+
+    #[tokio::test]
+    async fn a_cancel_on_one_coordinator_reaches_the_other_and_not_itself() {
+        let (a, b) = two_stores().await;
+        let mut from_a = a.remote_effects().await.unwrap().unwrap();
+        let mut from_b = b.remote_effects().await.unwrap().unwrap();
+        let (c, _) = a
+            .create_migration(&new(super::two_stage(), "s"))
+            .await
+            .unwrap();
+        let created = receive(&mut from_b, |fx| fx.touched.contains(&c.migration_id)).await;
+        assert!(created.dispatch, "a ready task wakes the other dispatcher");
+        let held = a.claim("w", &kinds(&["noop"]), 1).await.unwrap();
+        let fx = a.cancel_migration(c.migration_id, "").await.unwrap();
+        assert_eq!(fx.revoked.len(), 1);
+        let remote = receive(&mut from_b, |fx| !fx.revoked.is_empty()).await;
+        assert_eq!(remote.revoked, fx.revoked);
+        assert_eq!(remote.revoked[0].lease, held[0].lease);
+        assert_eq!(remote.revoked[0].worker_id, "w");
+        // A store skips its own notifications: it applied those effects itself.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(from_a.try_recv().is_err(), "own effects came back");
+    }
+
+    #[tokio::test]
+    async fn the_listener_reconnects_and_says_it_may_have_missed_something() {
+        let (a, b, url) = two_stores_at().await;
+        let mut from_b = b.remote_effects().await.unwrap().unwrap();
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        // Other tests run beside this one on the same server: only this
+        // test's database.
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(killed, vec![true], "exactly the one listener connection");
+        let missed = receive(&mut from_b, |_| true).await;
+        assert_eq!(
+            missed,
+            Effects {
+                dispatch: true,
+                ..Effects::default()
+            }
+        );
+        let (c, _) = a.create_migration(&one_task()).await.unwrap();
+        receive(&mut from_b, |fx| fx.touched.contains(&c.migration_id)).await;
+    }
+
+    /// PostgreSQL text cannot hold NUL, SQLite's can: a worker's error text
+    /// is stored with U+FFFD instead, anything else is refused by name.
+    #[tokio::test]
+    async fn text_with_nul_is_stored_replaced_or_refused_clearly() {
+        let (a, _) = two_stores().await;
+        let (c, _) = a.create_migration(&one_task()).await.unwrap();
+        let got = a.claim("w", &kinds(&["noop"]), 1).await.unwrap();
+        let f = stagecoach_coordinator::domain::Failure {
+            lease: got[0].lease,
+            error: "bad\0byte".into(),
+            retryable: false,
+        };
+        a.fail("w", &f).await.unwrap();
+        let m = a.get_migration(c.migration_id).await.unwrap().unwrap();
+        assert!(m.reason.ends_with("bad\u{FFFD}byte"), "{}", m.reason);
+        let mut bad = one_task();
+        bad.subject = "nul\0subject".into();
+        let err = a.create_migration(&bad).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        assert!(err.to_string().contains("NUL"), "{err}");
+    }
+
+    /// Admission skips a queued migration whose row another transaction
+    /// holds (waiting could deadlock); the sweeper admits it afterwards.
+    #[tokio::test]
+    async fn a_queued_migration_skipped_while_held_is_admitted_by_the_sweeper() {
+        let (a, _, url) = two_stores_at().await;
+        a.create_pool("one", 1).await.unwrap();
+        let mut x = one_task();
+        x.pool = "one".into();
+        x.subject = "x".into();
+        let mut y = x.clone();
+        y.subject = "y".into();
+        let x = a.create_migration(&x).await.unwrap().0.migration_id;
+        let y = a.create_migration(&y).await.unwrap().0.migration_id;
+        let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let mut held = sqlx::Connection::begin(&mut other).await.unwrap();
+        sqlx::query("SELECT 1 FROM migrations WHERE id = $1 FOR UPDATE")
+            .bind(y)
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        a.cancel_migration(x, "").await.unwrap();
+        let state = async |id| a.get_migration(id).await.unwrap().unwrap().state;
+        assert_eq!(
+            state(y).await,
+            MigrationState::Queued,
+            "skipped, not waited for"
+        );
+        held.rollback().await.unwrap();
+        let (_, fx) = a.sweep().await.unwrap();
+        assert_eq!(
+            state(y).await,
+            MigrationState::Running,
+            "I3: admitted by the sweep"
+        );
+        assert!(fx.touched.contains(&y) && fx.dispatch);
+    }
 }

@@ -26,6 +26,14 @@
 //! - **I7 bounded retries** — within a run a task's attempts strictly increase
 //!   from 1, so it was assigned at most as often as its highest attempt;
 //!   [`check_attempt_bound`] also checks a known `max_attempts`.
+//! - **I9 cancel** — nothing is assigned after the migration was canceled
+//!   or failed, until a MIGRATION_RETRIED opens a new run.
+//! - **I10 deadline** — a migration that failed with reason `deadline
+//!   exceeded` has a deadline, and its MIGRATION_FAILED is not earlier than
+//!   the deadline.
+//!
+//! Rules across migrations (capacity, worker slots) are in
+//! [`crate::capacity`].
 //!
 //! Runs matter because a retried migration runs its unfinished tasks again.
 
@@ -228,7 +236,9 @@ impl<'a> Walk<'a> {
             if (i == 0) != (kind == EventKind::MigrationCreated) {
                 self.err(e, "log", "MIGRATION_CREATED must be the first event, once");
             }
-            if self.phase == Phase::Finished
+            if self.phase == Phase::Finished && kind == EventKind::TaskAssigned {
+                self.err(e, "I9", "task assigned after the migration ended");
+            } else if self.phase == Phase::Finished
                 && !matches!(
                     kind,
                     EventKind::ReportRejected | EventKind::MigrationRetried
@@ -258,11 +268,15 @@ impl<'a> Walk<'a> {
                 self.phase = Phase::Queued;
             }
             k if is_migration_terminal(k) => {
-                // Canceling a queued migration is fine; finishing twice is not.
+                // Canceling a queued migration is fine, and so is failing
+                // one whose deadline passed in the queue (I10); finishing
+                // twice is not.
                 if self.phase == Phase::Finished {
                     self.err(e, "log", "a second terminal event in one run");
                 }
-                if k != EventKind::MigrationCanceled && self.phase != Phase::Running {
+                let unadmitted_end = k == EventKind::MigrationCanceled
+                    || (k == EventKind::MigrationFailed && e.message == DEADLINE_EXCEEDED);
+                if !unadmitted_end && self.phase != Phase::Running {
                     self.err(e, "log", "finished without being admitted");
                 }
                 self.phase = Phase::Finished;
@@ -441,6 +455,7 @@ fn check_outcome(
             m.state()
         )),
     }
+    check_deadline(m, events, errors);
     for s in &m.stages {
         let finished = matches!(
             s.state(),
@@ -503,6 +518,42 @@ fn check_outcome(
             "I5: migration succeeded but tasks {unfinished:?} never succeeded"
         ));
     }
+}
+
+/// The reason the coordinator gives a migration that ran past its deadline.
+pub const DEADLINE_EXCEEDED: &str = "deadline exceeded";
+
+/// I10, as far as one log can tell: failing for the deadline happens only
+/// once it has passed.
+fn check_deadline(m: &Migration, events: &[Event], errors: &mut Vec<String>) {
+    if m.state() != MigrationState::Failed || m.reason != DEADLINE_EXCEEDED {
+        return;
+    }
+    let Some(deadline) = m.deadline.as_ref().map(millis) else {
+        errors.push(format!(
+            "I10: migration failed with reason {DEADLINE_EXCEEDED:?} but has no deadline"
+        ));
+        return;
+    };
+    let failed = events
+        .iter()
+        .rev()
+        .find(|e| e.kind() == EventKind::MigrationFailed);
+    if let Some(e) = failed
+        && let Some(at) = e.at.as_ref().map(millis)
+        && at < deadline
+    {
+        errors.push(format!(
+            "I10: failed for its deadline {} ms before the deadline: {}",
+            deadline - at,
+            describe_event(e)
+        ));
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn millis(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
 }
 
 #[cfg(test)]

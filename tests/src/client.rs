@@ -14,15 +14,17 @@ use stagecoach_proto::v1::admin_service_client::AdminServiceClient;
 use stagecoach_proto::v1::migration_service_client::MigrationServiceClient;
 use stagecoach_proto::v1::worker_service_client::WorkerServiceClient;
 use stagecoach_proto::v1::{
-    CreateMigrationRequest, Event, GetMigrationRequest, ListEventsRequest, ListMigrationsRequest,
-    ListPlansRequest, ListWorkersRequest, Migration, MigrationState, Plan, PutPlanRequest,
-    WatchMigrationRequest, create_migration_request::PlanSource, put_plan_request::Source,
+    CancelMigrationRequest, CreateMigrationRequest, CreateMigrationResponse, Event, EventKind,
+    GetMigrationRequest, GetSubjectStatusRequest, GetSubjectStatusResponse, ListEventsRequest,
+    ListMigrationsRequest, ListPlansRequest, ListPoolsRequest, ListWorkersRequest, Migration,
+    MigrationState, Plan, Pool, PutPlanRequest, RetryMigrationRequest, WatchMigrationRequest,
+    WorkerInfo, create_migration_request::PlanSource, put_plan_request::Source,
 };
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::checker::describe_event;
+use crate::checker::{check_invariants, describe_event};
 
 /// Clients of the three Stagecoach services over one channel.
 #[derive(Debug, Clone)]
@@ -126,6 +128,153 @@ impl Client {
             .into_inner();
         resp.migration
             .ok_or_else(|| Status::internal("CreateMigration answered without a migration"))
+    }
+
+    /// CreateMigration with any request, returning the whole answer (with
+    /// `created`).
+    pub async fn create_full(
+        &self,
+        req: CreateMigrationRequest,
+    ) -> Result<CreateMigrationResponse, Status> {
+        Ok(self
+            .migrations
+            .clone()
+            .create_migration(req)
+            .await?
+            .into_inner())
+    }
+
+    /// CancelMigration; returns the migration after cancellation.
+    pub async fn cancel(&self, id: i64, reason: &str) -> Result<Migration, Status> {
+        let resp = self
+            .migrations
+            .clone()
+            .cancel_migration(CancelMigrationRequest {
+                migration_id: id,
+                reason: reason.to_string(),
+            })
+            .await?
+            .into_inner();
+        resp.migration
+            .ok_or_else(|| Status::internal("CancelMigration answered without a migration"))
+    }
+
+    /// RetryMigration; returns the migration queued again.
+    pub async fn retry(&self, id: i64) -> Result<Migration, Status> {
+        let resp = self
+            .migrations
+            .clone()
+            .retry_migration(RetryMigrationRequest { migration_id: id })
+            .await?
+            .into_inner();
+        resp.migration
+            .ok_or_else(|| Status::internal("RetryMigration answered without a migration"))
+    }
+
+    /// GetSubjectStatus.
+    pub async fn subject_status(&self, subject: &str) -> Result<GetSubjectStatusResponse, Status> {
+        Ok(self
+            .migrations
+            .clone()
+            .get_subject_status(GetSubjectStatusRequest {
+                subject: subject.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// The pool named `name`, from ListPools.
+    pub async fn pool(&self, name: &str) -> Result<Pool, Status> {
+        let pools = self
+            .admin
+            .clone()
+            .list_pools(ListPoolsRequest {})
+            .await?
+            .into_inner()
+            .pools;
+        pools
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| Status::not_found(format!("ListPools has no pool {name:?}")))
+    }
+
+    /// ListWorkers.
+    pub async fn list_workers(&self) -> Result<Vec<WorkerInfo>, Status> {
+        Ok(self
+            .admin
+            .clone()
+            .list_workers(ListWorkersRequest {})
+            .await?
+            .into_inner()
+            .workers)
+    }
+
+    /// Waits until the log of `migration_id` has an event `want` accepts and
+    /// returns the first such event. Panics after `timeout`, with the log.
+    pub async fn wait_for_event(
+        &self,
+        migration_id: i64,
+        what: &str,
+        timeout: Duration,
+        want: impl Fn(&Event) -> bool,
+    ) -> Event {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(events) = self.events(migration_id).await
+                && let Some(e) = events.into_iter().find(|e| want(e))
+            {
+                return e;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "migration {migration_id}: no event {what} after {timeout:?}\n{}",
+                    self.describe(migration_id).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `migration_id` is finished, runs the invariant checker on
+    /// it and its whole log, and returns both. Panics on any violation.
+    pub async fn finish_and_check(
+        &self,
+        migration_id: i64,
+        timeout: Duration,
+    ) -> (Migration, Vec<Event>) {
+        let m = self.wait_for_terminal(migration_id, timeout).await;
+        self.check(m.id).await
+    }
+
+    /// Runs the invariant checker on `migration_id` as it is now, and returns
+    /// it with its log. Panics on any violation.
+    pub async fn check(&self, migration_id: i64) -> (Migration, Vec<Event>) {
+        let m = self
+            .get_migration(migration_id)
+            .await
+            .expect("GetMigration");
+        let events = self.events(migration_id).await.expect("ListEvents");
+        if let Err(errors) = check_invariants(&m, &events) {
+            let log: Vec<String> = events.iter().map(describe_event).collect();
+            panic!(
+                "migration {migration_id}: {} invariant violations:\n  {}\nlog:\n  {}",
+                errors.len(),
+                errors.join("\n  "),
+                log.join("\n  ")
+            );
+        }
+        (m, events)
+    }
+
+    /// The events of every migration the coordinator knows, in id order:
+    /// ids are global, so this is the order in which they were committed.
+    pub async fn all_events(&self) -> Result<Vec<Event>, Status> {
+        let mut all = Vec::new();
+        for m in self.list_migrations().await? {
+            all.extend(self.events(m.id).await?);
+        }
+        all.sort_by_key(|e| e.id);
+        Ok(all)
     }
 
     /// GetMigration.
@@ -274,6 +423,30 @@ impl Client {
         }
         out
     }
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, and returns that.
+/// Panics after `timeout`, saying it waited for `what`.
+pub async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("waited {timeout:?} for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The events of `kind` in a log.
+pub fn of_kind(events: &[Event], kind: EventKind) -> Vec<&Event> {
+    events.iter().filter(|e| e.kind() == kind).collect()
 }
 
 /// True for SUCCEEDED, FAILED and CANCELED.

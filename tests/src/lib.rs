@@ -9,14 +9,28 @@
 //! | [`process`] | one real process: [`Coordinator`] and [`Worker`], start, SIGTERM, SIGKILL, logs |
 //! | [`cluster`] | [`Cluster`]: a coordinator and workers in one temporary directory |
 //! | [`client`] | [`Client`]: gRPC clients and the calls tests repeat (wait, read the log) |
-//! | [`checker`] | [`check_invariants`]: the invariants I1–I7 read from one migration's log |
+//! | [`checker`] | [`check_invariants`]: the invariants I1–I10 read from one migration's log |
+//! | [`capacity`] | [`check_capacity`] (I3) and [`check_worker_slots`] (I12) on the merged log of all migrations |
+//! | [`fake_worker`] | [`FakeWorker`]: a worker over raw gRPC whose every report the test sends by hand |
+//! | [`plans`] | short builders for the plans tests write |
 //! | [`sample`] | the sample export plan and a source database to export |
 //! | [`archive`] | [`check_archive`]: the export archive checked against its source |
 //!
-//! The test files under `tests/` are the scenarios: `e2e_sample.rs` (the
-//! sample export end to end), `e2e_failure.rs` (a dead task fails its
-//! migration), `e2e_bad_input.rs` (bad plans and requests are refused and
-//! store nothing), `grpc_surface.rs` (health and reflection).
+//! The test files under `tests/` are the scenarios:
+//!
+//! | file | what it proves |
+//! |---|---|
+//! | `e2e_sample.rs` | the sample export end to end |
+//! | `e2e_failure.rs` | a dead task fails its migration |
+//! | `e2e_bad_input.rs` | bad plans and requests are refused and store nothing |
+//! | `grpc_surface.rs` | health and reflection |
+//! | `reports.rs` | duplicate, late, premature and batched reports (I2, I4) |
+//! | `capacity.rs` | pool slots, immediate admission, pause and resume (I3) |
+//! | `worker_crash.rs` | `kill -9` of a worker: reassignment, stale late report (I4, I6) |
+//! | `coordinator_crash.rs` | `kill -9` of the coordinator mid-stage, twice (I2, I6, I11) |
+//! | `handler_faults.rs` | panicking and hanging handlers: bounded retries, timeouts (I7) |
+//! | `cancel_retry.rs` | cancel mid-stage and retry after a failure (I9) |
+//! | `semantics.rs` | deadline, subject exclusivity, idempotency, subject status, serial and dynamic stages (I8, I10) |
 //!
 //! # A test, typically
 //!
@@ -41,17 +55,23 @@
 //! temporary directory.
 
 pub mod archive;
+pub mod bench;
 pub mod binaries;
+pub mod capacity;
 pub mod checker;
 pub mod client;
 pub mod cluster;
+pub mod fake_worker;
+pub mod plans;
 pub mod process;
 pub mod sample;
 
 pub use archive::check_archive;
+pub use capacity::{check_capacity, check_capacity_paused, check_worker_slots};
 pub use checker::{check_attempt_bound, check_invariants, describe_event};
-pub use client::{Client, is_terminal};
-pub use cluster::Cluster;
+pub use client::{Client, is_terminal, of_kind, wait_for};
+pub use cluster::{Cluster, FAST};
+pub use fake_worker::FakeWorker;
 pub use process::{Coordinator, Worker};
 pub use sample::{SAMPLE_PLAN, SourceDb, build_source_db, sample_plan_json};
 

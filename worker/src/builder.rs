@@ -29,8 +29,8 @@ pub struct Worker {
 /// The validated settings of a [`Worker`].
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
-    pub(crate) coordinator: String,
-    pub(crate) endpoint: Endpoint,
+    /// Every coordinator address, as given, without repeats; never empty.
+    pub(crate) coordinators: Vec<Address>,
     pub(crate) worker_id: String,
     pub(crate) name: String,
     pub(crate) slots: u32,
@@ -38,10 +38,26 @@ pub(crate) struct Config {
     pub(crate) authorization: Option<MetadataValue<Ascii>>,
 }
 
+/// One coordinator address and its channel settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Address {
+    pub(crate) url: String,
+    pub(crate) endpoint: Endpoint,
+}
+
 impl Worker {
     /// Starts configuring a worker.
     pub fn builder() -> WorkerBuilder {
         WorkerBuilder::default()
+    }
+
+    /// The coordinator addresses it may connect to, in the order given.
+    pub fn coordinators(&self) -> Vec<&str> {
+        self.config
+            .coordinators
+            .iter()
+            .map(|a| a.url.as_str())
+            .collect()
     }
 
     /// The id the worker subscribes with.
@@ -65,7 +81,7 @@ impl Worker {
 impl fmt::Debug for Worker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Worker")
-            .field("coordinator", &self.config.coordinator)
+            .field("coordinators", &self.coordinators())
             .field("worker_id", &self.config.worker_id)
             .field("slots", &self.config.slots)
             .field("kinds", &self.kinds())
@@ -76,8 +92,10 @@ impl fmt::Debug for Worker {
 /// A setting [`WorkerBuilder::build`] rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BuildError {
-    /// `.coordinator(url)` was never called.
-    #[error("no coordinator address: call .coordinator(\"http://host:port\")")]
+    /// Neither `.coordinator(url)` nor `.coordinators(urls)` gave an address.
+    #[error(
+        "no coordinator address: call .coordinator(\"http://host:port\") or .coordinators([...])"
+    )]
     MissingCoordinator,
     /// The coordinator address is not a usable URL.
     #[error("coordinator address {url:?} is invalid: {reason}")]
@@ -106,7 +124,7 @@ pub enum BuildError {
 #[derive(Default)]
 #[must_use]
 pub struct WorkerBuilder {
-    coordinator: Option<String>,
+    coordinators: Vec<String>,
     worker_id: Option<String>,
     name: Option<String>,
     slots: Option<u32>,
@@ -116,9 +134,26 @@ pub struct WorkerBuilder {
 }
 
 impl WorkerBuilder {
-    /// The coordinator's gRPC address, e.g. `http://127.0.0.1:50051`. Required.
+    /// A coordinator's gRPC address, e.g. `http://127.0.0.1:50051`. At least
+    /// one address is required, from this or [`coordinators`](Self::coordinators);
+    /// each call adds one.
+    ///
+    /// One address behind a load balancer works as well as a list: the
+    /// worker reconnects to whatever answers there.
     pub fn coordinator(mut self, url: impl Into<String>) -> Self {
-        self.coordinator = Some(url.into());
+        self.coordinators.push(url.into());
+        self
+    }
+
+    /// Several coordinators sharing one database. The worker streams from
+    /// one of them at a time, starting with a random one so a fleet spreads
+    /// out, and moves to the next when its stream drops or a connect fails;
+    /// heartbeats and reports that find their coordinator unavailable are
+    /// tried on the others. Leases survive the move, since every coordinator
+    /// of the database knows them. Adds to the addresses of
+    /// [`coordinator`](Self::coordinator); a repeated address counts once.
+    pub fn coordinators(mut self, urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.coordinators.extend(urls.into_iter().map(Into::into));
         self
     }
 
@@ -172,8 +207,16 @@ impl WorkerBuilder {
 
     /// Checks every setting and fills in the defaults.
     pub fn build(self) -> Result<Worker, BuildError> {
-        let coordinator = self.coordinator.ok_or(BuildError::MissingCoordinator)?;
-        let endpoint = endpoint(&coordinator)?;
+        let mut coordinators: Vec<Address> = Vec::with_capacity(self.coordinators.len());
+        for url in self.coordinators {
+            if coordinators.iter().all(|a| a.url != url) {
+                let endpoint = endpoint(&url)?;
+                coordinators.push(Address { url, endpoint });
+            }
+        }
+        if coordinators.is_empty() {
+            return Err(BuildError::MissingCoordinator);
+        }
 
         let worker_id = self.worker_id.unwrap_or_else(default_worker_id);
         if worker_id.is_empty() || worker_id.chars().count() > 200 {
@@ -210,8 +253,7 @@ impl WorkerBuilder {
 
         Ok(Worker {
             config: Config {
-                coordinator,
-                endpoint,
+                coordinators,
                 worker_id,
                 name: self.name.unwrap_or_else(hostname),
                 slots,
@@ -330,6 +372,46 @@ mod tests {
             BuildError::DuplicateKind("noop".into())
         );
         assert_eq!(err(noop().token("a\nb")), BuildError::InvalidToken);
+    }
+
+    #[test]
+    fn coordinator_addresses_add_up_and_are_each_checked() {
+        let worker = noop()
+            .coordinators(["http://c2:50051", "http://c3:50051"])
+            .coordinator("http://c2:50051")
+            .build()
+            .unwrap();
+        assert_eq!(
+            worker.coordinators(),
+            [
+                "http://127.0.0.1:50051",
+                "http://c2:50051",
+                "http://c3:50051"
+            ]
+        );
+        let only_list = Worker::builder()
+            .coordinators(vec![String::from("http://c1:1")])
+            .handler("noop", |_ctx| async { Ok(TaskOutput::empty()) })
+            .build()
+            .unwrap();
+        assert_eq!(only_list.coordinators(), ["http://c1:1"]);
+
+        assert_eq!(
+            Worker::builder()
+                .coordinators(Vec::<String>::new())
+                .handler("noop", |_ctx| async { Ok(TaskOutput::empty()) })
+                .build()
+                .unwrap_err(),
+            BuildError::MissingCoordinator
+        );
+        match noop()
+            .coordinators(["http://ok:1", "ftp://bad:2"])
+            .build()
+            .unwrap_err()
+        {
+            BuildError::InvalidCoordinator { url, .. } => assert_eq!(url, "ftp://bad:2"),
+            other => panic!("expected the bad address to be named, got {other:?}"),
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let worker = Worker::builder()
-//!     .coordinator("http://127.0.0.1:50051") // required
+//!     .coordinator("http://127.0.0.1:50051") // at least one address
 //!     .worker_id("w-1") // default "<hostname>-<pid>-<random>"
 //!     .slots(8) // default 4
 //!     .handler("export.table", export_table)
@@ -63,6 +63,31 @@
 //!   backoff (100 ms doubling to 5 s, with jitter) under the same id, and its
 //!   running tasks keep going and keep reporting.
 //!
+//! # Several coordinators
+//!
+//! Coordinators that share one PostgreSQL database are interchangeable, so a
+//! worker can be given all of them:
+//!
+//! ```no_run
+//! # use stagecoach_worker::{TaskOutput, Worker};
+//! let worker = Worker::builder()
+//!     .coordinators(["http://c1:50051", "http://c2:50051"])
+//!     .handler("noop", |_ctx| async { Ok(TaskOutput::empty()) })
+//!     .build()?;
+//! # Ok::<(), stagecoach_worker::BuildError>(())
+//! ```
+//!
+//! It streams from one at a time. Each worker shuffles the list once (so a
+//! fleet spreads out, also when one coordinator dies) and moves round-robin
+//! to the next address when a connect fails or its stream ends, right away;
+//! the backoff applies between full rounds. Heartbeats and reports go to the
+//! coordinator it streams from, and one that finds it unreachable is tried on
+//! the others before the caller backs off. Leases the worker holds stay
+//! valid across a switch: they live in the shared database, keyed by worker
+//! id and fencing token, and the worker keeps its id and keeps renewing them.
+//! Each switch is logged at `warn` with both addresses. One address behind a
+//! load balancer works as well.
+//!
 //! # Layout
 //!
 //! | module | what it holds |
@@ -74,7 +99,7 @@
 //! | `report` | `Complete` / `Fail` with retries and the lease-lost rules |
 //! | `heartbeat` | lease renewal, progress, cancel notices, local lease expiry |
 //! | `leases` | the table of held leases the loops above share |
-//! | `client` | the gRPC channel and per-call metadata |
+//! | `client` | one gRPC channel per coordinator address, failover of unary calls, per-call metadata |
 //! | `backoff` | exponential backoff with jitter |
 //! | [`handlers`] | built-in handlers (`noop`, `sleep`, `fail`) and the sample project export |
 

@@ -1,29 +1,60 @@
 //! The `worker` binary: the SDK with every built-in handler registered.
 //! It only parses flags, sets up logging and waits for a signal; everything
 //! else lives in the library.
+//!
+//! Two small tools share the binary, so one container image has all an
+//! operator needs: `worker health-check` ([`bin_health`]) and `worker
+//! sample` ([`bin_sample`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use stagecoach_worker::{Worker, handlers};
 use tracing_subscriber::EnvFilter;
+
+mod bin_health;
+mod bin_sample;
 
 /// Runs Stagecoach tasks: subscribes to a coordinator, runs the built-in
 /// handlers (noop, sleep, fail, and the sample project export), and drains
 /// gracefully on SIGINT or SIGTERM.
 #[derive(Debug, Parser)]
-#[command(name = "worker", version)]
+#[command(name = "worker", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    run: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Ask a coordinator's grpc.health.v1 service; exit 0 only if SERVING
+    /// (for container health checks).
+    HealthCheck(bin_health::HealthArgs),
+    /// Run the sample project export on a running cluster and wait for it:
+    /// creates a source database in the shared directory, puts the plan,
+    /// creates the migration, exits 0 if it succeeds.
+    Sample(bin_sample::SampleArgs),
+}
+
+/// Settings of the worker itself (no subcommand).
+#[derive(Debug, clap::Args)]
 struct Args {
-    /// gRPC address of the coordinator.
+    /// gRPC address of the coordinator; several coordinators sharing one
+    /// database as a comma-separated list (the worker streams from one and
+    /// fails over to the others).
     #[arg(
         long,
         env = "STAGECOACH_COORDINATOR",
+        value_delimiter = ',',
         default_value = "http://127.0.0.1:50051"
     )]
-    coordinator: String,
+    coordinator: Vec<String>,
 
     /// Tasks run at once (1-10000).
     #[arg(long, env = "STAGECOACH_WORKER_SLOTS", default_value_t = 4,
@@ -70,10 +101,20 @@ enum LogFormat {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
-    init_logging(args.log_format);
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => {
+            init_logging(cli.run.log_format, "info");
+            run(cli.run).await.map(|()| ExitCode::SUCCESS)
+        }
+        Some(Command::HealthCheck(args)) => bin_health::run(args).await,
+        Some(Command::Sample(args)) => {
+            init_logging(LogFormat::Text, "warn");
+            bin_sample::run(args).await
+        }
+    };
+    match result {
+        Ok(code) => code,
         Err(e) => {
             // One readable line (with its causes) rather than a backtrace.
             eprintln!("error: {e:#}");
@@ -86,8 +127,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shared_dir = args
         .shared_dir
         .unwrap_or_else(|| std::env::temp_dir().join("stagecoach-shared"));
+    let coordinators = args
+        .coordinator
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty());
     let mut builder = Worker::builder()
-        .coordinator(args.coordinator)
+        .coordinators(coordinators)
         .slots(args.slots)
         .drain_timeout(Duration::from_secs(args.drain_timeout_secs));
     if let Some(id) = args.worker_id {
@@ -114,11 +160,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // No colour codes in files and `docker logs`.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),

@@ -3,8 +3,9 @@
 //! Three things run at once, sharing a [`Runtime`]:
 //! - the subscription loop (here): opens `Subscribe`, spawns one task per
 //!   assignment, applies cancel notices, and on any end of the stream
-//!   reconnects with backoff, warning on every attempt so a worker never goes
-//!   silently deaf;
+//!   reconnects — to the next coordinator address when there are several,
+//!   backing off after each full round ([`Rounds`]) — warning on every attempt
+//!   so a worker never goes silently deaf;
 //! - the heartbeat loop ([`crate::heartbeat`]);
 //! - one task per assignment ([`crate::task`]), which reports its own
 //!   outcome and so outlives any one stream.
@@ -46,7 +47,8 @@ const HAND_BACK_GRACE: Duration = Duration::from_secs(CANCEL_GRACE.as_secs() + 2
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// The coordinator refused the subscription for a reason retrying cannot
-    /// fix (bad request or credentials).
+    /// fix (bad request or credentials); with several addresses, every one of
+    /// them refused since the last successful subscription.
     #[error("the coordinator at {coordinator} refused this worker ({code:?}): {message}")]
     Refused {
         coordinator: String,
@@ -80,9 +82,10 @@ impl Worker {
     /// Runs until `shutdown` resolves, then drains in-flight tasks (see
     /// [`WorkerBuilder::drain_timeout`](crate::WorkerBuilder::drain_timeout)).
     ///
-    /// Losing the coordinator is not an error: the worker reconnects with
-    /// backoff for as long as it runs. It returns an error only when the
-    /// coordinator refuses it outright.
+    /// Losing the coordinator is not an error: the worker reconnects (to the
+    /// next address, when it has several) with backoff for as long as it
+    /// runs. It returns an error only when the coordinators refuse it
+    /// outright.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
         let Worker { config, handlers } = self;
         let rt = Arc::new(Runtime {
@@ -93,9 +96,10 @@ impl Worker {
         });
         let mut kinds: Vec<String> = handlers.keys().cloned().collect();
         kinds.sort();
+        let coordinators: Vec<&str> = config.coordinators.iter().map(|a| a.url.as_str()).collect();
         info!(
             worker_id = %config.worker_id,
-            coordinator = %config.coordinator,
+            coordinators = ?coordinators,
             slots = config.slots,
             kinds = ?kinds,
             "worker starting"
@@ -132,6 +136,53 @@ struct Session {
     tasks: JoinSet<()>,
 }
 
+/// Where the subscription loop is in its rounds over the coordinator
+/// addresses.
+///
+/// A round tries every address once, moving on at once after a failed
+/// connect or a lost stream; only a whole round without a `Welcome` backs
+/// off. So a worker whose coordinator died is on the next one within one
+/// connect attempt, while a fleet facing a cluster that is entirely down
+/// still spreads its retries out exactly as with one address.
+struct Rounds {
+    /// Index of the address to try next (in the client's order).
+    index: usize,
+    /// Attempts since the last `Welcome` or back-off.
+    failed: usize,
+    /// Addresses that refused this worker since the last `Welcome`.
+    refused: Vec<bool>,
+    backoff: Backoff,
+}
+
+impl Rounds {
+    fn new(addresses: usize) -> Self {
+        Self {
+            index: 0,
+            failed: 0,
+            refused: vec![false; addresses],
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// An attempt ended (connect failed, refused, or the stream ended):
+    /// how long to wait before the next one, which is zero inside a round.
+    fn failed_attempt(&mut self) -> Duration {
+        self.failed += 1;
+        if self.failed < self.refused.len() {
+            return Duration::ZERO;
+        }
+        self.failed = 0;
+        self.backoff.next_delay()
+    }
+
+    /// A stream is open and answered: everything starts over.
+    fn welcomed(&mut self) {
+        self.failed = 0;
+        self.refused.fill(false);
+        self.backoff.reset();
+    }
+}
+
 impl Session {
     /// Keeps a Subscribe stream open until `shutdown` resolves.
     async fn subscribe_until(
@@ -139,10 +190,12 @@ impl Session {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), WorkerError> {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut backoff = Backoff::default();
+        let mut rounds = Rounds::new(self.rt.coordinator.len());
         loop {
-            let coordinator = self.rt.coordinator.clone();
-            let subscribe = coordinator.subscribe(
+            let rt = self.rt.clone();
+            let url = rt.coordinator.url(rounds.index).to_string();
+            let subscribe = rt.coordinator.subscribe(
+                rounds.index,
                 self.kinds.clone(),
                 self.config.slots,
                 self.config.name.clone(),
@@ -155,48 +208,65 @@ impl Session {
                 Ok(stream) => {
                     let why = tokio::select! {
                         () = &mut shutdown => return Ok(()),
-                        why = self.serve(stream, &mut backoff) => why,
+                        why = self.serve(stream, &mut rounds) => why,
                     };
-                    warn!(reason = %why, "lost the Subscribe stream");
+                    warn!(coordinator = %url, reason = %why, "lost the Subscribe stream");
                 }
                 Err(status) if refused(&status) => {
-                    return Err(WorkerError::Refused {
-                        coordinator: self.config.coordinator.clone(),
-                        code: status.code(),
-                        message: status.message().to_string(),
-                    });
+                    rounds.refused[rounds.index] = true;
+                    if rounds.refused.iter().all(|r| *r) {
+                        return Err(WorkerError::Refused {
+                            coordinator: url,
+                            code: status.code(),
+                            message: status.message().to_string(),
+                        });
+                    }
+                    // Another coordinator may be configured differently (a
+                    // rolling change of tokens); give up only when all refuse.
+                    warn!(coordinator = %url, code = ?status.code(), error = %status.message(), "the coordinator refused this worker");
                 }
                 Err(status) => {
-                    warn!(code = ?status.code(), error = %status.message(), "could not subscribe");
+                    warn!(coordinator = %url, code = ?status.code(), error = %status.message(), "could not subscribe");
                 }
             }
             self.reap();
-            let delay = backoff.next_delay();
-            warn!(
-                coordinator = %self.config.coordinator,
-                attempt = backoff.attempt(),
-                retry_in_ms = delay.as_millis() as u64,
-                held_leases = self.rt.leases.len(),
-                "reconnecting to the coordinator"
-            );
-            tokio::select! {
-                () = &mut shutdown => return Ok(()),
-                () = tokio::time::sleep(delay) => {}
+            let delay = rounds.failed_attempt();
+            let next = rt.coordinator.next(rounds.index);
+            if next == rounds.index {
+                warn!(
+                    coordinator = %url,
+                    attempt = rounds.backoff.attempt(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    held_leases = self.rt.leases.len(),
+                    "reconnecting to the coordinator"
+                );
+            } else {
+                warn!(
+                    from = %url,
+                    to = %rt.coordinator.url(next),
+                    attempt = rounds.backoff.attempt(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    held_leases = self.rt.leases.len(),
+                    "switching to another coordinator"
+                );
+            }
+            rounds.index = next;
+            if !delay.is_zero() {
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
             }
         }
     }
 
     /// Reads one stream until it ends; returns why it ended.
-    async fn serve(
-        &mut self,
-        mut stream: Streaming<WorkerMessage>,
-        backoff: &mut Backoff,
-    ) -> String {
+    async fn serve(&mut self, mut stream: Streaming<WorkerMessage>, rounds: &mut Rounds) -> String {
         loop {
             tokio::select! {
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => log_join(joined),
                 message = stream.message() => match message {
-                    Ok(Some(WorkerMessage { message: Some(message) })) => self.handle(message, backoff),
+                    Ok(Some(WorkerMessage { message: Some(message) })) => self.handle(message, rounds),
                     Ok(Some(WorkerMessage { message: None })) => debug!("empty message on the stream"),
                     Ok(None) => return "the coordinator closed the stream".to_string(),
                     Err(status) => return format!("{:?}: {}", status.code(), status.message()),
@@ -205,15 +275,16 @@ impl Session {
         }
     }
 
-    fn handle(&mut self, message: Message, backoff: &mut Backoff) {
+    fn handle(&mut self, message: Message, rounds: &mut Rounds) {
         match message {
             Message::Welcome(welcome) => {
                 let timing =
                     Timing::from_welcome(welcome.heartbeat_interval_ms, welcome.lease_duration_ms);
                 self.rt.timing.send_replace(Some(timing));
-                backoff.reset();
+                rounds.welcomed();
                 info!(
                     worker_id = %self.config.worker_id,
+                    coordinator = %self.rt.coordinator.url(rounds.index),
                     heartbeat_interval_ms = timing.heartbeat_interval.as_millis() as u64,
                     lease_duration_ms = timing.lease_duration.as_millis() as u64,
                     "subscribed"
@@ -349,5 +420,43 @@ fn log_join(joined: Result<(), JoinError>) {
         && e.is_panic()
     {
         error!(error = %e, "a task runner panicked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_whole_round_of_failures_backs_off() {
+        let mut rounds = Rounds::new(3);
+        assert_eq!(rounds.failed_attempt(), Duration::ZERO);
+        assert_eq!(rounds.failed_attempt(), Duration::ZERO);
+        let first = rounds.failed_attempt();
+        assert!(first > Duration::ZERO && first <= Duration::from_millis(100));
+        assert_eq!(rounds.failed_attempt(), Duration::ZERO, "a new round");
+        assert_eq!(rounds.failed_attempt(), Duration::ZERO);
+        assert!(
+            rounds.failed_attempt() >= Duration::from_millis(100),
+            "doubled"
+        );
+
+        rounds.failed_attempt();
+        rounds.refused[1] = true;
+        rounds.welcomed();
+        assert!(!rounds.refused.iter().any(|r| *r));
+        assert_eq!(rounds.failed_attempt(), Duration::ZERO, "starts over");
+        assert_eq!(rounds.failed_attempt(), Duration::ZERO);
+        assert!(
+            rounds.failed_attempt() <= Duration::from_millis(100),
+            "reset"
+        );
+    }
+
+    #[test]
+    fn one_address_backs_off_after_every_failure_as_before() {
+        let mut rounds = Rounds::new(1);
+        assert!(rounds.failed_attempt() > Duration::ZERO);
+        assert!(rounds.failed_attempt() > Duration::ZERO);
     }
 }

@@ -8,7 +8,10 @@ use crate::error::Error;
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = code_of(&e);
-        if matches!(e, Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_)) {
+        if matches!(
+            e,
+            Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_)
+        ) {
             tracing::error!(error = %e, "request failed");
         }
         Status::new(code, e.to_string())

@@ -7,9 +7,11 @@
 //! the commit (wake the dispatcher, tell watchers, send cancel notices) — the
 //! reply to a client or worker is sent only after the commit (I11).
 
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -19,7 +21,19 @@ use crate::domain::{
 };
 use crate::error::Result;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+/// Opens the store a database URL names: `postgres://…` or `postgresql://…`
+/// for PostgreSQL (shared by several coordinators), anything else — a
+/// `sqlite://` URL or a plain path — for SQLite.
+pub async fn open(url: &str, limits: Limits) -> Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::open(url, limits).await?))
+    } else {
+        Ok(Arc::new(SqliteStore::open(url, limits).await?))
+    }
+}
 
 /// What a committed transition means for the rest of the coordinator.
 #[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

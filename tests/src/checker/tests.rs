@@ -399,3 +399,61 @@ fn describe_event_is_readable() {
         "#4 TASK_ASSIGNED stage=0 task=1 attempt=1 worker=w1"
     );
 }
+
+/// Stage 0 running when the migration ends with `end`.
+fn ended_log(end: EventKind) -> Log {
+    Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskCanceled, 0, 1, 1)
+        .stage(StageFailed, 0)
+        .m(end)
+}
+
+#[test]
+fn i9_nothing_assigned_after_cancel() {
+    let m = migration(
+        MigrationState::Canceled,
+        vec![stage(0, StageState::Canceled, 2, 0, 0)],
+    );
+    let log = ended_log(MigrationCanceled).task(TaskAssigned, 0, 2, 1);
+    assert_violates(&m, &log, "I9");
+}
+
+#[test]
+fn i10_deadline_failure_not_before_the_deadline() {
+    let at = |ms: i64| prost_types::Timestamp {
+        seconds: ms / 1000,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    };
+    let mut log = ended_log(MigrationFailed);
+    log.0.last_mut().unwrap().at = Some(at(5_000));
+    let mut m = migration(
+        MigrationState::Failed,
+        vec![stage(0, StageState::Failed, 1, 0, 0)],
+    );
+    m.stages[0].canceled = 1;
+    m.reason = DEADLINE_EXCEEDED.into();
+    assert_violates(&m, &log, "I10"); // no deadline at all
+    m.deadline = Some(at(4_000));
+    assert_eq!(check_invariants(&m, &log.0), Ok(()));
+    m.deadline = Some(at(6_000));
+    assert_violates(&m, &log, "I10");
+}
+
+#[test]
+fn i10_a_queued_migration_may_fail_for_its_deadline() {
+    let mut m = migration(
+        MigrationState::Failed,
+        vec![stage(0, StageState::Pending, 1, 0, 0)],
+    );
+    m.reason = DEADLINE_EXCEEDED.into();
+    m.deadline = Some(prost_types::Timestamp::default());
+    let mut log = Log::default().m(MigrationCreated).m(MigrationFailed);
+    log.0[1].message = DEADLINE_EXCEEDED.into();
+    assert_eq!(check_invariants(&m, &log.0), Ok(()));
+    log.0[1].message = "something else".into();
+    assert_violates(&m, &log, "log");
+}

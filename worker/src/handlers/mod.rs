@@ -1,8 +1,13 @@
 //! Handlers that ship with the worker binary.
 //!
-//! - [`basic`]: `noop`, `sleep` and `fail`, small tools for demos and for the
-//!   end-to-end tests (a task that takes a while, a task that fails on
-//!   command).
+//! - [`basic`]: small tools for demos and for the end-to-end tests:
+//!   - `noop` succeeds at once;
+//!   - `sleep` takes a while (`{"ms": N}`), stops when canceled and can leave
+//!     a marker file saying so (`"cancel_marker": PATH`);
+//!   - `fail` fails on command (`{"message", "retryable"}`), unless a file
+//!     named by `"unless_file"` exists;
+//!   - `panic` panics with `{"message"}` (a buggy handler);
+//!   - `hang` never finishes and ignores cancellation (a stuck handler).
 //! - [`sample`]: the sample migration, a parallel export of a SQLite project
 //!   database (`export.inspect`, `export.table`, `export.archive`,
 //!   `export.verify`) and its plan.
@@ -24,6 +29,8 @@ pub fn register_builtin(builder: WorkerBuilder, shared_dir: PathBuf) -> WorkerBu
     let builder = builder
         .handler("noop", basic::noop)
         .handler("sleep", basic::sleep)
-        .handler("fail", basic::fail);
+        .handler("fail", basic::fail)
+        .handler("panic", basic::panic)
+        .handler("hang", basic::hang);
     sample::register(builder, shared_dir)
 }

@@ -1,6 +1,13 @@
 //! A scriptable in-process `WorkerService`: it records every call, and its
 //! knobs make it refuse, drop streams, fail reports or withhold renewals,
 //! so the SDK's runtime can be tested without the real coordinator.
+//!
+//! Each `Fake` is one coordinator; start two for failover tests. They share
+//! nothing, and need not: a fake renews and accepts whatever lease it is
+//! told about, as coordinators sharing one database would.
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -40,6 +47,12 @@ pub struct State {
     pub renew: bool,
     /// Cancel notices for the next heartbeat answer.
     pub cancel_in_heartbeat: Vec<CancelNotice>,
+    /// Fail this many heartbeats with UNAVAILABLE first.
+    pub unavailable_heartbeats: u32,
+    /// Going away: every call fails with UNAVAILABLE and is not recorded.
+    pub down: bool,
+    /// Calls answered UNAVAILABLE because of `down`.
+    pub calls_while_down: u32,
 }
 
 #[derive(Clone)]
@@ -64,6 +77,9 @@ impl Default for Fake {
                 refuse_subscribe: None,
                 renew: true,
                 cancel_in_heartbeat: Vec::new(),
+                unavailable_heartbeats: 0,
+                down: false,
+                calls_while_down: 0,
             })),
         }
     }
@@ -128,6 +144,45 @@ impl Fake {
     pub fn drop_stream(&self) {
         self.state().stream = None;
     }
+
+    /// Takes this coordinator away for good, as a shutdown or crash would:
+    /// from now on every call fails with UNAVAILABLE, the stream ends, and
+    /// the server (started with `start` or `serve`, whose stop handle this
+    /// is) stops accepting connections.
+    pub fn go_away(&self, server: oneshot::Sender<()>) {
+        {
+            let mut s = self.state();
+            s.down = true;
+            s.stream = None;
+        }
+        let _ = server.send(());
+    }
+
+    /// Whether anything subscribed here.
+    pub fn subscribed(&self) -> bool {
+        !self.state().subscribes.is_empty()
+    }
+
+    /// Whether some heartbeat here carried `lease`.
+    pub fn heartbeat_named(&self, lease: LeaseToken) -> bool {
+        self.state()
+            .heartbeats
+            .iter()
+            .flat_map(|h| &h.leases)
+            .any(|l| l.lease == Some(lease))
+    }
+}
+
+/// Polls until `cond` holds (5 s at most); for conditions over several fakes.
+pub async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 pub fn token(task_id: i64) -> LeaseToken {
@@ -166,8 +221,18 @@ fn accepted(leases: impl Iterator<Item = Option<LeaseToken>>) -> ReportResponse 
 }
 
 impl Fake {
-    fn report_gate(&self) -> Result<(), Status> {
+    /// UNAVAILABLE while `down`, as a coordinator on its way out answers.
+    fn up(&self) -> Result<MutexGuard<'_, State>, Status> {
         let mut s = self.state();
+        if s.down {
+            s.calls_while_down += 1;
+            return Err(Status::unavailable("coordinator shutting down"));
+        }
+        Ok(s)
+    }
+
+    fn report_gate(&self) -> Result<(), Status> {
+        let mut s = self.up()?;
         s.report_calls += 1;
         if s.unavailable_reports > 0 {
             s.unavailable_reports -= 1;
@@ -188,7 +253,7 @@ impl WorkerService for Fake {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let mut s = self.state();
+        let mut s = self.up()?;
         if let Some(code) = s.refuse_subscribe {
             return Err(Status::new(code, "bad worker"));
         }
@@ -211,7 +276,11 @@ impl WorkerService for Fake {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let request = request.into_inner();
-        let mut s = self.state();
+        let mut s = self.up()?;
+        if s.unavailable_heartbeats > 0 {
+            s.unavailable_heartbeats -= 1;
+            return Err(Status::unavailable("coordinator restarting"));
+        }
         let renewed = if s.renew {
             request
                 .leases

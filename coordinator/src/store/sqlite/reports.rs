@@ -519,7 +519,7 @@ async fn kill_task(
     at: EventAt<'_>,
     fx: &mut Effects,
 ) -> Result<()> {
-    sqlx::query(
+    let killed = sqlx::query(
         "UPDATE tasks SET state = 'failed', failures = ?, error = ?, finished_at = ?,
                           lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
          WHERE id = ? AND attempt = ? AND state IN ('leased', 'ready')",
@@ -530,7 +530,12 @@ async fn kill_task(
     .bind(d.lease.task_id)
     .bind(d.lease.attempt as i64)
     .execute(&mut *conn)
-    .await?;
+    .await?
+    .rows_affected();
+    if killed == 0 {
+        // Already ended by an earlier step of the same transaction (I5).
+        return Ok(());
+    }
     sqlx::query("UPDATE stages SET failed = failed + 1 WHERE migration_id = ? AND idx = ?")
         .bind(migration_id)
         .bind(d.stage)
@@ -626,6 +631,11 @@ async fn expire_leases(
             row.get::<i64, _>(5) + 1,
             row.get(6),
         );
+        // An earlier step of this sweep may have ended the task (its
+        // migration failed): act only on a lease that is still live.
+        if !still_leased(conn, lease).await? {
+            continue;
+        }
         let worker: String = row.get::<Option<String>, _>(7).unwrap_or_default();
         let message = format!(
             "lease expired on worker {worker:?} ({expiries} of {} allowed)",
@@ -700,6 +710,9 @@ async fn time_out_attempts(
             attempt: attempt as u32,
         };
         let worker = worker.unwrap_or_default();
+        if !still_leased(conn, lease).await? {
+            continue;
+        }
         let t = reported(conn, lease).await?;
         let timeout: i64 = sqlx::query_scalar(
             "SELECT attempt_timeout_ms FROM stages WHERE migration_id = ? AND idx = ?",
@@ -723,4 +736,15 @@ async fn time_out_attempts(
         report.attempts_timed_out += 1;
     }
     Ok(())
+}
+
+/// Whether `lease` is still the task's live lease, inside the transaction.
+async fn still_leased(conn: &mut SqliteConnection, lease: LeaseToken) -> Result<bool> {
+    let live: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM tasks WHERE id = ? AND attempt = ? AND state = 'leased'")
+            .bind(lease.task_id)
+            .bind(lease.attempt as i64)
+            .fetch_optional(conn)
+            .await?;
+    Ok(live.is_some())
 }

@@ -1,0 +1,210 @@
+//! The client-facing transitions of one migration's life: create, cancel,
+//! retry. Each is one transaction; `transact` runs it again when it lost a
+//! race on a unique index (I8) or a deadlock.
+
+use super::machine::{self, EventAt, event};
+use super::{PostgresStore, notify, pool_not_found, reads};
+use crate::domain::{EventKind, MigrationState, NewMigration};
+use crate::error::{Error, Result};
+use crate::store::{Created, Effects};
+
+impl PostgresStore {
+    pub(super) async fn create_once(&self, m: &NewMigration) -> Result<(Created, Effects)> {
+        let mut fx = Effects::default();
+        let mut tx = self.db.begin().await?;
+        // One statement, one snapshot: checked one by one, a create that
+        // another coordinator commits in between could be seen by the
+        // subject check and missed by the key check before it.
+        let (existing, pool_exists, busy_id, busy_state): (
+            Option<i64>,
+            bool,
+            Option<i64>,
+            Option<String>,
+        ) = sqlx::query_as(
+            "SELECT (SELECT id FROM migrations WHERE idempotency_key = $1),
+                    EXISTS (SELECT 1 FROM pools WHERE name = $2),
+                    busy.id, busy.state
+             FROM (SELECT 1) AS one
+             LEFT JOIN migrations busy ON busy.subject = $3 AND busy.state IN ('queued', 'running')",
+        )
+        .bind(&m.idempotency_key)
+        .bind(&m.pool)
+        .bind(&m.subject)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(id) = existing {
+            tx.rollback().await?;
+            let created = Created {
+                migration_id: id,
+                created: false,
+            };
+            return Ok((created, fx));
+        }
+        if !pool_exists {
+            return Err(pool_not_found(&m.pool));
+        }
+        if let (Some(id), Some(state)) = (busy_id, busy_state) {
+            return Err(Error::AlreadyExists(format!(
+                "subject {:?} already has an unfinished migration: {id} is {state}; wait for it, or cancel it first",
+                m.subject
+            )));
+        }
+        // A concurrent create of the same subject or key that commits first
+        // makes this insert fail on a unique index; `transact` runs the whole
+        // create again and the checks above answer.
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO migrations (plan_name, plan_version, subject, parameters, pool, state,
+                                     idempotency_key, deadline, created_at, queued_at)
+             VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, stagecoach_now_ms(), stagecoach_now_ms())
+             RETURNING id",
+        )
+        .bind(&m.plan.name)
+        .bind(m.plan.version as i64)
+        .bind(&m.subject)
+        .bind(m.parameters.to_string())
+        .bind(&m.pool)
+        .bind(&m.idempotency_key)
+        .bind(m.deadline_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        for (idx, stage) in m.plan.stages.iter().enumerate() {
+            let retry = stage.retry.resolved();
+            sqlx::query(
+                "INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
+                                     initial_backoff_ms, max_backoff_ms, attempt_timeout_ms)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8, $9)",
+            )
+            .bind(id)
+            .bind(idx as i64)
+            .bind(&stage.name)
+            .bind(stage.serial)
+            .bind(stage.tasks.len() as i64)
+            .bind(retry.max_attempts as i64)
+            .bind(retry.initial_backoff_ms as i64)
+            .bind(retry.max_backoff_ms as i64)
+            .bind(retry.attempt_timeout_ms as i64)
+            .execute(&mut *tx)
+            .await?;
+            for task in &stage.tasks {
+                let attempts = if task.max_attempts == 0 {
+                    retry.max_attempts
+                } else {
+                    task.max_attempts
+                };
+                sqlx::query(
+                    "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts)
+                     VALUES ($1, $2, $3, $4, 'pending', $5)",
+                )
+                .bind(id)
+                .bind(idx as i64)
+                .bind(&task.kind)
+                .bind(task.payload.to_string())
+                .bind(attempts as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        // No lock needed for the new migration's events: nobody else sees
+        // the row before this transaction commits.
+        event(
+            &mut tx,
+            id,
+            EventKind::MigrationCreated,
+            EventAt {
+                message: &m.subject,
+                ..Default::default()
+            },
+        )
+        .await?;
+        fx.touch(id);
+        machine::admit(&mut tx, &m.pool, &mut fx).await?;
+        notify::commit(tx, &self.origin, &fx).await?;
+        let created = Created {
+            migration_id: id,
+            created: true,
+        };
+        Ok((created, fx))
+    }
+
+    /// Locks a migration and returns its state; `NotFound` if it does not exist.
+    async fn lock_state(
+        conn: &mut sqlx::PgConnection,
+        id: i64,
+    ) -> Result<(MigrationState, String)> {
+        let (state, pool) = machine::lock_migration(conn, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("migration {id} does not exist")))?;
+        let state = MigrationState::parse(&state)
+            .ok_or_else(|| reads::corrupt("migration state", &state))?;
+        Ok((state, pool))
+    }
+
+    pub(super) async fn cancel_once(&self, id: i64, reason: &str) -> Result<Effects> {
+        let mut fx = Effects::default();
+        let mut tx = self.db.begin().await?;
+        let (state, _) = Self::lock_state(&mut tx, id).await?;
+        if state.is_terminal() {
+            return Err(Error::FailedPrecondition(format!(
+                "migration {id} is already {state}; only queued or running migrations can be canceled"
+            )));
+        }
+        let reason = if reason.is_empty() {
+            "canceled by client"
+        } else {
+            reason
+        };
+        machine::abort_migration(&mut tx, id, MigrationState::Canceled, reason, &mut fx).await?;
+        notify::commit(tx, &self.origin, &fx).await?;
+        Ok(fx)
+    }
+
+    pub(super) async fn retry_once(&self, id: i64) -> Result<Effects> {
+        let mut fx = Effects::default();
+        let mut tx = self.db.begin().await?;
+        let (state, pool) = Self::lock_state(&mut tx, id).await?;
+        if !matches!(state, MigrationState::Failed | MigrationState::Canceled) {
+            return Err(Error::FailedPrecondition(format!(
+                "migration {id} is {state}; only failed or canceled migrations can be retried"
+            )));
+        }
+        let requeued = sqlx::query(
+            "UPDATE migrations SET state = 'queued', reason = '', finished_at = NULL,
+                                   queued_at = stagecoach_now_ms()
+             WHERE id = $1 AND state IN ('failed', 'canceled')
+               -- I8: not while another run of the subject is unfinished (one
+               -- that commits meanwhile trips the unique index instead)
+               AND NOT EXISTS (SELECT 1 FROM migrations o WHERE o.subject = migrations.subject
+                               AND o.state IN ('queued', 'running'))",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if requeued == 0 {
+            return Err(Error::AlreadyExists(format!(
+                "migration {id} cannot be retried while another migration of its subject is queued or running"
+            )));
+        }
+        // Finished stages stay finished; the rest start over with a fresh
+        // attempt budget, from the first unfinished stage.
+        sqlx::query(
+            "UPDATE tasks SET state = 'pending', failures = 0, expiries = 0, error = NULL, finished_at = NULL
+             WHERE migration_id = $1 AND state IN ('failed', 'canceled')",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE stages SET state = 'pending', failed = 0, canceled = 0, started_at = NULL, finished_at = NULL
+             WHERE migration_id = $1 AND state <> 'succeeded'",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        event(&mut tx, id, EventKind::MigrationRetried, EventAt::default()).await?;
+        fx.touch(id);
+        machine::admit(&mut tx, &pool, &mut fx).await?;
+        notify::commit(tx, &self.origin, &fx).await?;
+        Ok(fx)
+    }
+}

@@ -1,0 +1,455 @@
+//! The state machines of DESIGN.md as SQL, shared by every transition of the
+//! PostgreSQL store: the same helpers as the SQLite store's, statement for
+//! statement, with the database's clock. Each runs inside the caller's
+//! transaction and guards its update with the state it expects (`WHERE state
+//! = 'pending'` and so on), so a transition that already happened is a no-op
+//! (I2).
+//!
+//! Every helper that touches one migration's stages, tasks or events expects
+//! the caller to hold that migration's row lock ([`lock_migration`]): it is
+//! the one lock that serialises all transitions of a migration across
+//! coordinators (see the module doc of `postgres`).
+
+use sqlx::{PgConnection, Row};
+
+use crate::domain::{EventKind, LeaseToken, MigrationState, Revoked};
+use crate::error::Result;
+use crate::store::Effects;
+
+/// Optional parts of an event.
+#[derive(Default)]
+pub(super) struct EventAt<'a> {
+    pub stage: Option<i64>,
+    pub task_id: i64,
+    pub attempt: i64,
+    pub worker: &'a str,
+    pub message: &'a str,
+}
+
+/// Appends one event to the log. The caller holds the migration's row lock,
+/// which is what makes one migration's event ids commit in order.
+pub(super) async fn event(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    kind: EventKind,
+    at: EventAt<'_>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message)
+         VALUES ($1, stagecoach_now_ms(), $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(migration_id)
+    .bind(kind.as_str())
+    .bind(at.stage)
+    .bind(at.task_id)
+    .bind(at.attempt)
+    .bind(at.worker)
+    .bind(at.message)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Takes a migration's row lock for the rest of the transaction and returns
+/// its state and pool, or `None` if it does not exist.
+///
+/// `FOR NO KEY UPDATE`, not `FOR UPDATE`: it excludes every other transition
+/// of the migration just the same, but does not block the foreign-key checks
+/// of rows inserted beside it. Runs as its own statement, so the statements
+/// after it see what the previous lock holder committed.
+pub(super) async fn lock_migration(
+    conn: &mut PgConnection,
+    id: i64,
+) -> Result<Option<(String, String)>> {
+    Ok(
+        sqlx::query_as("SELECT state, pool FROM migrations WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+/// Admits the oldest queued migrations of a pool into every free slot, in one
+/// pass (I3), and starts their first unfinished stage.
+pub(super) async fn admit(conn: &mut PgConnection, pool: &str, fx: &mut Effects) -> Result<()> {
+    // A migration whose stages are all empty finishes during admission and
+    // frees its slot again, hence the loop.
+    loop {
+        // I3 across coordinators: admissions into one pool queue behind this
+        // row lock, so two coordinators never both fill the same free slot.
+        // NO KEY UPDATE: inserting a migration into the pool takes a KEY SHARE
+        // lock on this row (the foreign key); a full UPDATE lock would make
+        // two creating transactions wait for each other.
+        let row: Option<(i64, bool)> =
+            sqlx::query_as("SELECT slots, paused FROM pools WHERE name = $1 FOR NO KEY UPDATE")
+                .bind(pool)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let Some((slots, paused)) = row else {
+            return Ok(());
+        };
+        // Counted in a statement of its own, after the lock: a count in the
+        // locking statement would come from before the wait, and miss what
+        // the previous admitter committed.
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM migrations WHERE pool = $1 AND state = 'running'",
+        )
+        .bind(pool)
+        .fetch_one(&mut *conn)
+        .await?;
+        if paused || running >= slots {
+            return Ok(());
+        }
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM migrations WHERE pool = $1 AND state = 'queued'
+             ORDER BY queued_at, id LIMIT $2
+             -- A queued migration whose row another transaction holds is being
+             -- canceled or retried; that transaction admits after it. Waiting
+             -- here instead could deadlock: it waits for this pool row.
+             FOR NO KEY UPDATE SKIP LOCKED",
+        )
+        .bind(pool)
+        .bind(slots - running)
+        .fetch_all(&mut *conn)
+        .await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut finished_any = false;
+        for id in ids {
+            let admitted = sqlx::query(
+                "UPDATE migrations SET state = 'running', admitted_at = stagecoach_now_ms()
+                 WHERE id = $1 AND state = 'queued'",
+            )
+            .bind(id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if admitted == 0 {
+                continue;
+            }
+            event(conn, id, EventKind::MigrationAdmitted, EventAt::default()).await?;
+            fx.touch(id);
+            let first: Option<i64> = sqlx::query_scalar(
+                "SELECT min(idx) FROM stages WHERE migration_id = $1 AND state <> 'succeeded'",
+            )
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?;
+            let count = stage_count(conn, id).await?;
+            finished_any |= enter_stage(conn, id, first.unwrap_or(count), fx).await?;
+        }
+        if !finished_any {
+            return Ok(());
+        }
+    }
+}
+
+async fn stage_count(conn: &mut PgConnection, migration_id: i64) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM stages WHERE migration_id = $1")
+            .bind(migration_id)
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// Starts stage `idx` of a running migration: marks it running (once — I2)
+/// and makes its tasks ready (only the first one for a serial stage). An empty
+/// stage succeeds at once and the next one starts; past the last stage the
+/// migration succeeds. Returns true when the migration succeeded, so the
+/// caller admits into the freed slot.
+pub(super) async fn enter_stage(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    mut idx: i64,
+    fx: &mut Effects,
+) -> Result<bool> {
+    let count = stage_count(conn, migration_id).await?;
+    loop {
+        if idx >= count {
+            return succeed_migration(conn, migration_id, fx).await;
+        }
+        let started: Option<(i64, bool)> = sqlx::query_as(
+            "UPDATE stages SET state = 'running', started_at = stagecoach_now_ms()
+             -- I2: only a pending stage starts; a second caller changes nothing
+             WHERE migration_id = $1 AND idx = $2 AND state = 'pending'
+             RETURNING total, serial",
+        )
+        .bind(migration_id)
+        .bind(idx)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((total, serial)) = started else {
+            return Ok(false);
+        };
+        fx.touch(migration_id);
+        event(
+            conn,
+            migration_id,
+            EventKind::StageStarted,
+            EventAt {
+                stage: Some(idx),
+                ..Default::default()
+            },
+        )
+        .await?;
+        if total > 0 {
+            if serial {
+                ready_next_serial(conn, migration_id, idx).await?;
+            } else {
+                sqlx::query(
+                    "UPDATE tasks SET state = 'ready', ready_at = stagecoach_now_ms()
+                     WHERE migration_id = $1 AND stage_idx = $2 AND state = 'pending'",
+                )
+                .bind(migration_id)
+                .bind(idx)
+                .execute(&mut *conn)
+                .await?;
+            }
+            fx.dispatch = true;
+            return Ok(false);
+        }
+        // A dynamic stage that received no tasks: nothing can add work to it
+        // any more, so it is done.
+        finish_stage(conn, migration_id, idx, fx).await?;
+        idx += 1;
+    }
+}
+
+/// Makes the next pending task of a serial stage ready, in insertion order.
+pub(super) async fn ready_next_serial(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    idx: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE tasks SET state = 'ready', ready_at = stagecoach_now_ms()
+         WHERE id = (SELECT min(id) FROM tasks WHERE migration_id = $1 AND stage_idx = $2 AND state = 'pending')
+           -- a serial stage runs one task at a time
+           AND NOT EXISTS (SELECT 1 FROM tasks WHERE migration_id = $1 AND stage_idx = $2
+                                                 AND state IN ('ready', 'leased'))",
+    )
+    .bind(migration_id)
+    .bind(idx)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks a running stage succeeded (once).
+async fn finish_stage(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    idx: i64,
+    fx: &mut Effects,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE stages SET state = 'succeeded', finished_at = stagecoach_now_ms()
+         WHERE migration_id = $1 AND idx = $2 AND state = 'running' AND succeeded = total",
+    )
+    .bind(migration_id)
+    .bind(idx)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if done == 1 {
+        fx.touch(migration_id);
+        event(
+            conn,
+            migration_id,
+            EventKind::StageSucceeded,
+            EventAt {
+                stage: Some(idx),
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    Ok(done == 1)
+}
+
+/// After a task of stage `idx` succeeded: if it was the stage's last, the
+/// stage succeeds and the next one starts (I1). Returns true when the whole
+/// migration succeeded.
+pub(super) async fn after_task_success(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    idx: i64,
+    fx: &mut Effects,
+) -> Result<bool> {
+    if finish_stage(conn, migration_id, idx, fx).await? {
+        enter_stage(conn, migration_id, idx + 1, fx).await
+    } else {
+        let serial: bool =
+            sqlx::query_scalar("SELECT serial FROM stages WHERE migration_id = $1 AND idx = $2")
+                .bind(migration_id)
+                .bind(idx)
+                .fetch_one(&mut *conn)
+                .await?;
+        if serial {
+            ready_next_serial(conn, migration_id, idx).await?;
+        }
+        Ok(false)
+    }
+}
+
+async fn succeed_migration(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    fx: &mut Effects,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE migrations SET state = 'succeeded', finished_at = stagecoach_now_ms()
+         WHERE id = $1 AND state = 'running'",
+    )
+    .bind(migration_id)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if done == 1 {
+        fx.touch(migration_id);
+        fx.dispatch = true;
+        event(
+            conn,
+            migration_id,
+            EventKind::MigrationSucceeded,
+            EventAt::default(),
+        )
+        .await?;
+    }
+    Ok(done == 1)
+}
+
+/// Ends a queued or running migration as failed or canceled: every unfinished
+/// task of a running stage is canceled, held leases are revoked (their
+/// workers get cancel notices, I9), the running stage ends, and the slot is
+/// freed. Returns false if the migration was already finished.
+pub(super) async fn abort_migration(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    state: MigrationState,
+    reason: &str,
+    fx: &mut Effects,
+) -> Result<bool> {
+    debug_assert!(matches!(
+        state,
+        MigrationState::Failed | MigrationState::Canceled
+    ));
+    let pool: Option<String> = sqlx::query_scalar(
+        "UPDATE migrations SET state = $1, reason = $2, finished_at = stagecoach_now_ms()
+         WHERE id = $3 AND state IN ('queued', 'running') RETURNING pool",
+    )
+    .bind(state.as_str())
+    .bind(reason)
+    .bind(migration_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(pool) = pool else { return Ok(false) };
+    fx.touch(migration_id);
+    fx.dispatch = true;
+
+    let leased: Vec<(i64, i64, Option<String>)> = sqlx::query_as(
+        "SELECT id, attempt, lease_worker FROM tasks
+         WHERE migration_id = $1 AND state = 'leased' ORDER BY id",
+    )
+    .bind(migration_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let why = match state {
+        MigrationState::Canceled => "migration canceled",
+        _ => "migration failed",
+    };
+    for (task_id, attempt, worker) in leased {
+        fx.revoked.push(Revoked {
+            worker_id: worker.unwrap_or_default(),
+            lease: LeaseToken {
+                task_id,
+                attempt: attempt as u32,
+            },
+            reason: why.to_string(),
+        });
+    }
+
+    let canceled = sqlx::query(
+        "UPDATE tasks SET state = 'canceled', lease_worker = NULL, lease_expires_at = NULL,
+                          finished_at = stagecoach_now_ms()
+         WHERE migration_id = $1 AND state IN ('pending', 'ready', 'leased')
+           AND stage_idx IN (SELECT idx FROM stages WHERE migration_id = $1 AND state = 'running')
+         RETURNING id, stage_idx, attempt",
+    )
+    .bind(migration_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut canceled: Vec<(i64, i64, i64)> = canceled
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    // RETURNING has no order; the log reads best in task order.
+    canceled.sort_unstable();
+    for (task_id, stage, attempt) in canceled {
+        sqlx::query(
+            "UPDATE stages SET canceled = canceled + 1 WHERE migration_id = $1 AND idx = $2",
+        )
+        .bind(migration_id)
+        .bind(stage)
+        .execute(&mut *conn)
+        .await?;
+        event(
+            conn,
+            migration_id,
+            EventKind::TaskCanceled,
+            EventAt {
+                stage: Some(stage),
+                task_id,
+                attempt,
+                message: why,
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+
+    let stage_state = match state {
+        MigrationState::Canceled => "canceled",
+        _ => "failed",
+    };
+    let mut ended: Vec<i64> = sqlx::query_scalar(
+        "UPDATE stages SET state = $1, finished_at = stagecoach_now_ms()
+         WHERE migration_id = $2 AND state = 'running' RETURNING idx",
+    )
+    .bind(stage_state)
+    .bind(migration_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    ended.sort_unstable();
+    for idx in ended {
+        event(
+            conn,
+            migration_id,
+            EventKind::StageFailed,
+            EventAt {
+                stage: Some(idx),
+                message: reason,
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    let kind = match state {
+        MigrationState::Canceled => EventKind::MigrationCanceled,
+        _ => EventKind::MigrationFailed,
+    };
+    event(
+        conn,
+        migration_id,
+        kind,
+        EventAt {
+            message: reason,
+            ..Default::default()
+        },
+    )
+    .await?;
+    admit(conn, &pool, fx).await?;
+    Ok(true)
+}

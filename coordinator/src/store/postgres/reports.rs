@@ -1,0 +1,487 @@
+//! The worker-facing transitions of the PostgreSQL store: releases,
+//! heartbeats and outcome reports (claims are in `claim`). Every update names the fencing token
+//! `(task id, attempt)` and the state it expects in its `WHERE` (I4), as on
+//! SQLite; on top of that each transaction takes its locks in the one order
+//! of the module doc (worker, migrations by id, pool, tasks), so coordinators
+//! running the same transitions at once never deadlock.
+
+use rand::Rng;
+use sqlx::{PgConnection, PgPool, Row};
+
+use super::machine::{self, EventAt, event};
+use super::notify;
+use crate::domain::{
+    Completion, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken, MigrationState,
+    ReportAck, validate_task,
+};
+use crate::error::{Error, Result};
+use crate::store::{Effects, Limits};
+
+pub(super) async fn release(
+    db: &PgPool,
+    origin: &str,
+    worker_id: &str,
+    lease: LeaseToken,
+) -> Result<Effects> {
+    let mut fx = Effects::default();
+    let mut tx = db.begin().await?;
+    // The attempt number stays bumped so the undelivered token stays stale.
+    let released = sqlx::query(
+        "UPDATE tasks SET state = 'ready', lease_worker = NULL, lease_expires_at = NULL
+         WHERE id = $1 AND attempt = $2 AND state = 'leased' AND lease_worker = $3",
+    )
+    .bind(lease.task_id)
+    .bind(lease.attempt as i64)
+    .bind(worker_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    fx.dispatch = released > 0;
+    notify::commit(tx, origin, &fx).await?;
+    Ok(fx)
+}
+
+/// Renews each lease in a statement of its own (each commits before the
+/// reply, I11). One transaction for all would hold some task rows while
+/// waiting for another, and could deadlock with a transition of that task's
+/// migration, which takes its tasks after the migration's lock.
+pub(super) async fn heartbeat(
+    db: &PgPool,
+    worker_id: &str,
+    leases: &[LeaseStatus],
+    limits: Limits,
+) -> Result<HeartbeatOutcome> {
+    let mut out = HeartbeatOutcome::default();
+    for l in leases {
+        let renewed: Option<i64> = sqlx::query_scalar(
+            "UPDATE tasks SET lease_expires_at = stagecoach_now_ms() + $1, progress_done = $2,
+                              progress_total = $3, checkpoint = coalesce($4, checkpoint)
+             WHERE id = $5 AND attempt = $6 AND state = 'leased' AND lease_worker = $7
+             RETURNING lease_expires_at",
+        )
+        .bind(limits.lease_ms)
+        .bind(l.done as i64)
+        .bind(l.total as i64)
+        .bind(&l.checkpoint)
+        .bind(l.lease.task_id)
+        .bind(l.lease.attempt as i64)
+        .bind(worker_id)
+        .fetch_optional(db)
+        .await?;
+        match renewed {
+            Some(expires) => out.renewed.push((l.lease, expires)),
+            None => out.cancel.push((
+                l.lease,
+                format!("lease {} is no longer held by this worker", l.lease),
+            )),
+        }
+    }
+    Ok(out)
+}
+
+/// The task row a report is about.
+pub(super) struct Reported {
+    pub migration_id: i64,
+    pub stage: i64,
+    pub kind: String,
+    pub state: String,
+    pub attempt: i64,
+    pub failures: i64,
+    pub max_attempts: i64,
+    pub worker: Option<String>,
+}
+
+/// Locks the task's migration, then the task, and reads the task. The
+/// migration lock comes first: it is the lock order of every transition.
+pub(super) async fn reported(conn: &mut PgConnection, lease: LeaseToken) -> Result<Reported> {
+    let not_found = || {
+        Error::LeaseNotHeld(format!(
+            "lease {lease} is not held: task {} does not exist",
+            lease.task_id
+        ))
+    };
+    // A task never moves to another migration: reading it unlocked is safe.
+    let migration_id: i64 = sqlx::query_scalar("SELECT migration_id FROM tasks WHERE id = $1")
+        .bind(lease.task_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(not_found)?;
+    machine::lock_migration(conn, migration_id).await?;
+    let row = sqlx::query(
+        "SELECT migration_id, stage_idx, kind, state, attempt, failures, max_attempts, lease_worker
+         FROM tasks WHERE id = $1 FOR UPDATE",
+    )
+    .bind(lease.task_id)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(not_found)?;
+    Ok(Reported {
+        migration_id: row.try_get(0)?,
+        stage: row.try_get(1)?,
+        kind: row.try_get(2)?,
+        state: row.try_get(3)?,
+        attempt: row.try_get(4)?,
+        failures: row.try_get(5)?,
+        max_attempts: row.try_get(6)?,
+        worker: row.try_get(7)?,
+    })
+}
+
+/// What a report's lease token is, against the task as stored.
+enum LeaseCheck {
+    /// The live lease of this worker: the report applies.
+    Live(Reported),
+    /// This very attempt's outcome was recorded before: answer as the first time.
+    Repeat,
+    /// Not the live lease: the report changes nothing.
+    Stale { task: Reported, why: String },
+}
+
+async fn check_lease(
+    conn: &mut PgConnection,
+    worker_id: &str,
+    lease: LeaseToken,
+    repeat_state: &str,
+) -> Result<LeaseCheck> {
+    let t = reported(conn, lease).await?;
+    let same_attempt = t.attempt == lease.attempt as i64;
+    if same_attempt && t.state == "leased" && t.worker.as_deref() == Some(worker_id) {
+        return Ok(LeaseCheck::Live(t));
+    }
+    if same_attempt && t.state == repeat_state {
+        return Ok(LeaseCheck::Repeat);
+    }
+    let why = format!(
+        "lease {lease} is no longer held by worker {worker_id:?} (the task is {} at attempt {}); the report changed nothing, drop it",
+        t.state, t.attempt
+    );
+    Ok(LeaseCheck::Stale { task: t, why })
+}
+
+/// Logs a rejected report (I4) in its own transaction, after the caller's
+/// has been rolled back, and returns the error to answer with.
+async fn reject(
+    db: &PgPool,
+    worker_id: &str,
+    lease: LeaseToken,
+    task: Reported,
+    why: String,
+) -> Result<Error> {
+    let mut tx = db.begin().await?;
+    machine::lock_migration(&mut tx, task.migration_id).await?;
+    let at = EventAt {
+        stage: Some(task.stage),
+        task_id: lease.task_id,
+        attempt: lease.attempt as i64,
+        worker: worker_id,
+        message: &why,
+    };
+    event(&mut tx, task.migration_id, EventKind::ReportRejected, at).await?;
+    tx.commit().await?;
+    Ok(Error::LeaseNotHeld(why))
+}
+
+/// Runs `check_lease` in `tx`; on a stale lease rolls `tx` back (releasing
+/// its locks before `reject` takes them again) and records the rejection.
+macro_rules! live_lease {
+    ($db:expr, $tx:ident, $worker:expr, $lease:expr, $repeat:expr) => {
+        match check_lease(&mut $tx, $worker, $lease, $repeat).await? {
+            LeaseCheck::Live(t) => t,
+            LeaseCheck::Repeat => {
+                $tx.rollback().await?;
+                return Ok((ReportAck::Duplicate, Effects::default()));
+            }
+            LeaseCheck::Stale { task, why } => {
+                $tx.rollback().await?;
+                return Err(reject($db, $worker, $lease, task, why).await?);
+            }
+        }
+    };
+}
+
+pub(super) async fn complete(
+    db: &PgPool,
+    origin: &str,
+    worker_id: &str,
+    c: &Completion,
+) -> Result<(ReportAck, Effects)> {
+    let mut fx = Effects::default();
+    let mut tx = db.begin().await?;
+    let t = live_lease!(db, tx, worker_id, c.lease, "succeeded");
+    if !c.add_tasks.is_empty() {
+        add_tasks(&mut tx, &t, c, &mut fx).await?;
+    }
+    let done = sqlx::query(
+        "UPDATE tasks SET state = 'succeeded', output = $1, finished_at = stagecoach_now_ms(),
+                          lease_worker = NULL, lease_expires_at = NULL
+         WHERE id = $2 AND attempt = $3 AND state = 'leased'",
+    )
+    .bind(c.output.to_string())
+    .bind(c.lease.task_id)
+    .bind(c.lease.attempt as i64)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if done == 0 {
+        return Err(Error::LeaseNotHeld(format!(
+            "lease {} was lost while the report was processed",
+            c.lease
+        )));
+    }
+    sqlx::query("UPDATE stages SET succeeded = succeeded + 1 WHERE migration_id = $1 AND idx = $2")
+        .bind(t.migration_id)
+        .bind(t.stage)
+        .execute(&mut *tx)
+        .await?;
+    event(
+        &mut tx,
+        t.migration_id,
+        EventKind::TaskSucceeded,
+        EventAt {
+            stage: Some(t.stage),
+            task_id: c.lease.task_id,
+            attempt: c.lease.attempt as i64,
+            worker: worker_id,
+            ..Default::default()
+        },
+    )
+    .await?;
+    fx.touch(t.migration_id);
+    fx.dispatch = true;
+    // I1/I2: the migration lock taken in `reported` makes this the only
+    // transaction that can see the stage's last success and start the next.
+    if machine::after_task_success(&mut tx, t.migration_id, t.stage, &mut fx).await? {
+        let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = $1")
+            .bind(t.migration_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        machine::admit(&mut tx, &pool, &mut fx).await?;
+    }
+    notify::commit(tx, origin, &fx).await?;
+    Ok((ReportAck::Recorded, fx))
+}
+
+/// Adds a completing task's new tasks to later, not yet started stages.
+async fn add_tasks(
+    conn: &mut PgConnection,
+    t: &Reported,
+    c: &Completion,
+    fx: &mut Effects,
+) -> Result<()> {
+    let stages: Vec<(i64, String, String, i64)> = sqlx::query_as(
+        "SELECT idx, name, state, max_attempts FROM stages WHERE migration_id = $1 ORDER BY idx",
+    )
+    .bind(t.migration_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (j, task) in c.add_tasks.iter().enumerate() {
+        let field = format!("add_tasks[{j}]");
+        validate_task(&field, &task.kind, &task.payload, task.max_attempts)?;
+        let Some((idx, name, state, stage_attempts)) = stages.iter().find(|s| s.1 == task.stage)
+        else {
+            let names: Vec<&str> = stages.iter().map(|s| s.1.as_str()).collect();
+            return Err(Error::invalid(
+                format!("{field}.stage"),
+                format!(
+                    "the plan has no stage {:?}; its stages are {names:?}",
+                    task.stage
+                ),
+            ));
+        };
+        if *idx <= t.stage || state != "pending" {
+            return Err(Error::FailedPrecondition(format!(
+                "{field}.stage: stage {name:?} (index {idx}) has already started or is not after this task's stage (index {}); tasks can only be added to later stages that have not started",
+                t.stage
+            )));
+        }
+        let attempts = if task.max_attempts == 0 {
+            *stage_attempts
+        } else {
+            task.max_attempts as i64
+        };
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts)
+             VALUES ($1, $2, $3, $4, 'pending', $5) RETURNING id",
+        )
+        .bind(t.migration_id)
+        .bind(idx)
+        .bind(&task.kind)
+        .bind(task.payload.to_string())
+        .bind(attempts)
+        .fetch_one(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE stages SET total = total + 1 WHERE migration_id = $1 AND idx = $2")
+            .bind(t.migration_id)
+            .bind(idx)
+            .execute(&mut *conn)
+            .await?;
+        let message = format!("{} added by task {}", task.kind, c.lease.task_id);
+        event(
+            conn,
+            t.migration_id,
+            EventKind::TaskAdded,
+            EventAt {
+                stage: Some(*idx),
+                task_id: id,
+                message: &message,
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    fx.touch(t.migration_id);
+    Ok(())
+}
+
+pub(super) async fn fail(
+    db: &PgPool,
+    origin: &str,
+    worker_id: &str,
+    f: &Failure,
+) -> Result<(ReportAck, Effects)> {
+    let mut fx = Effects::default();
+    let mut tx = db.begin().await?;
+    // A repeated Fail finds the task ready again (retrying) or dead.
+    let repeat = if f.retryable { "ready" } else { "failed" };
+    let t = live_lease!(db, tx, worker_id, f.lease, repeat);
+    record_failure(&mut tx, &t, f, worker_id, &mut fx).await?;
+    notify::commit(tx, origin, &fx).await?;
+    Ok((ReportAck::Recorded, fx))
+}
+
+/// A failed attempt of a live lease: ready again after a backoff while
+/// attempts remain (I7), otherwise the task is dead and the migration fails.
+pub(super) async fn record_failure(
+    conn: &mut PgConnection,
+    t: &Reported,
+    f: &Failure,
+    worker_id: &str,
+    fx: &mut Effects,
+) -> Result<()> {
+    let failures = t.failures + 1;
+    let at = EventAt {
+        stage: Some(t.stage),
+        task_id: f.lease.task_id,
+        attempt: f.lease.attempt as i64,
+        worker: worker_id,
+        message: &f.error,
+    };
+    if !(f.retryable && failures < t.max_attempts) {
+        let reason = if f.retryable {
+            format!(
+                "task {} ({}) failed after {failures} attempts: {}",
+                f.lease.task_id, t.kind, f.error
+            )
+        } else {
+            format!("task {} ({}) failed: {}", f.lease.task_id, t.kind, f.error)
+        };
+        let dead = Dead {
+            stage: t.stage,
+            lease: f.lease,
+            failures,
+            error: &f.error,
+            reason: &reason,
+        };
+        return kill_task(conn, t.migration_id, dead, at, fx).await;
+    }
+    let (initial, max): (i64, i64) = sqlx::query_as(
+        "SELECT initial_backoff_ms, max_backoff_ms FROM stages WHERE migration_id = $1 AND idx = $2",
+    )
+    .bind(t.migration_id)
+    .bind(t.stage)
+    .fetch_one(&mut *conn)
+    .await?;
+    let delay = backoff_ms(initial, max, failures);
+    sqlx::query(
+        "UPDATE tasks SET state = 'ready', failures = $1, error = $2,
+                          ready_at = stagecoach_now_ms() + $3,
+                          lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
+         WHERE id = $4 AND attempt = $5 AND state = 'leased'",
+    )
+    .bind(failures)
+    .bind(&f.error)
+    .bind(delay)
+    .bind(f.lease.task_id)
+    .bind(f.lease.attempt as i64)
+    .execute(&mut *conn)
+    .await?;
+    let message = format!(
+        "attempt {failures} of {} failed: {}; retrying in {delay} ms",
+        t.max_attempts, f.error
+    );
+    event(
+        conn,
+        t.migration_id,
+        EventKind::TaskRetrying,
+        EventAt {
+            message: &message,
+            ..at
+        },
+    )
+    .await?;
+    fx.touch(t.migration_id);
+    fx.dispatch = true;
+    Ok(())
+}
+
+/// Why and how a task dies.
+pub(super) struct Dead<'a> {
+    pub stage: i64,
+    pub lease: LeaseToken,
+    pub failures: i64,
+    pub error: &'a str,
+    pub reason: &'a str,
+}
+
+/// Makes a task dead and fails its migration with the reason (I7).
+pub(super) async fn kill_task(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    d: Dead<'_>,
+    at: EventAt<'_>,
+    fx: &mut Effects,
+) -> Result<()> {
+    let killed = sqlx::query(
+        "UPDATE tasks SET state = 'failed', failures = $1, error = $2,
+                          finished_at = stagecoach_now_ms(),
+                          lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
+         WHERE id = $3 AND attempt = $4 AND state IN ('leased', 'ready')",
+    )
+    .bind(d.failures)
+    .bind(d.error)
+    .bind(d.lease.task_id)
+    .bind(d.lease.attempt as i64)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if killed == 0 {
+        // Already ended in this transaction (its migration was aborted by an
+        // earlier task of the same sweep): counting it again would break I5.
+        return Ok(());
+    }
+    sqlx::query("UPDATE stages SET failed = failed + 1 WHERE migration_id = $1 AND idx = $2")
+        .bind(migration_id)
+        .bind(d.stage)
+        .execute(&mut *conn)
+        .await?;
+    event(
+        conn,
+        migration_id,
+        EventKind::TaskDead,
+        EventAt {
+            message: d.reason,
+            ..at
+        },
+    )
+    .await?;
+    machine::abort_migration(conn, migration_id, MigrationState::Failed, d.reason, fx).await?;
+    Ok(())
+}
+
+/// Exponential backoff with equal jitter: half the delay is fixed, half random,
+/// so retries of many tasks that failed together spread out.
+fn backoff_ms(initial: i64, max: i64, failures: i64) -> i64 {
+    let exp = initial.saturating_mul(1i64 << (failures - 1).clamp(0, 30));
+    let delay = exp.min(max).max(1);
+    delay / 2 + rand::rng().random_range(0..=delay / 2)
+}

@@ -1,0 +1,3 @@
+//! Helpers shared by the coordinator's test crates.
+
+pub mod postgres;

@@ -1,0 +1,96 @@
+//! Latencies seen by a raw in-process worker:
+//!
+//! - **stage transition**: a migration of S stages of one raw task each;
+//!   from the worker's Complete being acknowledged (reply received) to the
+//!   next stage's assignment arriving on its stream, clamped at 0 when the
+//!   assignment overtakes the reply.
+//! - **start**: CreateMigration sent → the migration's first assignment at
+//!   the worker, over C creates of distinct subjects, one after another
+//!   (each task is completed before the next create, so the default pool
+//!   never fills).
+
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use super::{Env, RAW_KIND, create, migrations, plan, stage, watch_until_succeeded, with_log};
+use crate::bench::options::Backend;
+use crate::bench::raw::RawWorker;
+use crate::bench::stats::{ms, percentile};
+
+/// How long one assignment may take to arrive before the run fails.
+const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// p50 and p99 of a latency, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub samples: usize,
+}
+
+impl Latency {
+    fn of(samples: &[f64]) -> anyhow::Result<Latency> {
+        let p = |q| percentile(samples, q).ok_or_else(|| anyhow::anyhow!("no samples"));
+        Ok(Latency {
+            p50_ms: p(50.0)?,
+            p99_ms: p(99.0)?,
+            samples: samples.len(),
+        })
+    }
+}
+
+/// Stage transition latency.
+pub async fn stage_transitions(env: &Env, backend: Backend) -> anyhow::Result<Latency> {
+    let (coordinator, channel, _dir) = env.coordinator(backend, "stages").await?;
+    let result = with_log(measure_stages(env, &channel).await, &coordinator);
+    coordinator.stop().await;
+    result
+}
+
+async fn measure_stages(env: &Env, channel: &Channel) -> anyhow::Result<Latency> {
+    let stages = env.sizes.stages;
+    let mut raw = RawWorker::subscribe(channel.clone(), "bench-raw", &[RAW_KIND], 1).await?;
+    let plan = plan(
+        "bench-stages",
+        (0..stages)
+            .map(|i| stage(&format!("s{i}"), RAW_KIND, 1))
+            .collect(),
+    );
+    let m = create(&mut migrations(channel), plan, "bench/stages", "").await?;
+    let mut samples = Vec::with_capacity(stages as usize);
+    let mut acked = None;
+    for _ in 0..stages {
+        let a = raw.next(ARRIVAL_TIMEOUT).await?;
+        if let Some(acked) = acked {
+            samples.push(ms(a.at.saturating_duration_since(acked)));
+        }
+        acked = Some(raw.complete(a.lease()?, Vec::new()).await?);
+    }
+    watch_until_succeeded(channel, m.id, Duration::from_secs(60)).await?;
+    Latency::of(&samples)
+}
+
+/// Start latency.
+pub async fn start(env: &Env, backend: Backend) -> anyhow::Result<Latency> {
+    let (coordinator, channel, _dir) = env.coordinator(backend, "start").await?;
+    let result = with_log(measure_start(env, &channel).await, &coordinator);
+    coordinator.stop().await;
+    result
+}
+
+async fn measure_start(env: &Env, channel: &Channel) -> anyhow::Result<Latency> {
+    let creates = env.sizes.creates;
+    let mut raw = RawWorker::subscribe(channel.clone(), "bench-raw", &[RAW_KIND], 1).await?;
+    let mut client = migrations(channel);
+    let mut samples = Vec::with_capacity(creates as usize);
+    for i in 0..creates {
+        let plan = plan("bench-start", vec![stage("only", RAW_KIND, 1)]);
+        let sent = tokio::time::Instant::now();
+        create(&mut client, plan, &format!("bench/start/{i}"), "").await?;
+        let a = raw.next(ARRIVAL_TIMEOUT).await?;
+        samples.push(ms(a.at.saturating_duration_since(sent)));
+        raw.complete(a.lease()?, Vec::new()).await?;
+    }
+    Latency::of(&samples)
+}

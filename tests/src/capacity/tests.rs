@@ -1,0 +1,113 @@
+//! The cross-migration checks on hand-made merged logs.
+
+use super::*;
+
+use EventKind::*;
+
+/// A merged log with increasing ids.
+#[derive(Default)]
+struct Log(Vec<Event>);
+
+impl Log {
+    fn ev(mut self, migration: i64, kind: EventKind, task: i64, worker: &str) -> Self {
+        let id = self.0.last().map_or(1, |e| e.id + 1);
+        self.0.push(Event {
+            id,
+            migration_id: migration,
+            kind: kind as i32,
+            task_id: task,
+            worker_id: worker.to_string(),
+            ..Default::default()
+        });
+        self
+    }
+    fn m(self, migration: i64, kind: EventKind) -> Self {
+        self.ev(migration, kind, 0, "")
+    }
+}
+
+/// Three migrations, two slots: the third waits and is admitted in the
+/// transaction that finishes the first.
+fn prompt_log() -> Log {
+    Log::default()
+        .m(1, MigrationCreated)
+        .m(1, MigrationAdmitted)
+        .m(1, StageStarted)
+        .m(2, MigrationCreated)
+        .m(2, MigrationAdmitted)
+        .m(2, StageStarted)
+        .m(3, MigrationCreated)
+        .ev(1, TaskAssigned, 10, "w1")
+        .ev(1, TaskSucceeded, 10, "w1")
+        .m(1, StageSucceeded)
+        .m(1, MigrationSucceeded)
+        .m(3, MigrationAdmitted)
+        .m(3, StageStarted)
+        .m(2, MigrationCanceled)
+        .m(3, MigrationSucceeded)
+}
+
+#[test]
+fn prompt_admissions_within_slots_pass() {
+    let seen = check_capacity(&prompt_log().0, 2).unwrap();
+    assert_eq!(
+        seen,
+        Capacity {
+            max_running: 2,
+            admissions: 3,
+            prompt_admissions: 3
+        }
+    );
+}
+
+#[test]
+fn too_many_running_is_caught() {
+    let errors = check_capacity(&prompt_log().0, 1).unwrap_err();
+    assert!(
+        errors.iter().any(|e| e.contains("2 migrations running")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_late_admission_is_caught() {
+    let log = Log::default()
+        .m(1, MigrationCreated)
+        .m(1, MigrationAdmitted)
+        .m(2, MigrationCreated)
+        .m(1, MigrationSucceeded)
+        // Something else happens before 2 gets the free slot.
+        .ev(3, TaskAssigned, 5, "w1")
+        .m(2, MigrationAdmitted);
+    let errors = check_capacity(&log.0, 1).unwrap_err();
+    assert!(
+        errors[0].contains("next event is #5 TASK_ASSIGNED"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn admission_out_of_order_is_caught() {
+    let log = Log::default()
+        .m(1, MigrationCreated)
+        .m(1, MigrationAdmitted)
+        .m(2, MigrationCreated)
+        .m(3, MigrationCreated)
+        .m(1, MigrationSucceeded)
+        .m(3, MigrationAdmitted);
+    assert!(check_capacity(&log.0, 1).is_err());
+}
+
+#[test]
+fn worker_slots() {
+    let log = Log::default()
+        .ev(1, TaskAssigned, 1, "w1")
+        .ev(1, TaskAssigned, 2, "w1")
+        .ev(1, TaskRetrying, 1, "w1")
+        .ev(1, TaskAssigned, 3, "w1")
+        .ev(1, TaskLeaseExpired, 2, "w1")
+        .ev(1, TaskAssigned, 2, "w2");
+    assert_eq!(check_worker_slots(&log.0, |_| 2), Ok(2));
+    let errors = check_worker_slots(&log.0, |_| 1).unwrap_err();
+    assert!(errors[0].contains("I12"), "{errors:?}");
+}
