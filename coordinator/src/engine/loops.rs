@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use std::collections::BTreeSet;
+
 use super::{Coordinator, WorkerEvent};
 use crate::domain::SweepReport;
+use crate::store::ClaimRequest;
 
 /// Hands ready tasks to eligible workers until shutdown.
 pub async fn run_dispatcher(core: Arc<Coordinator>, shutdown: CancellationToken) {
@@ -32,24 +35,32 @@ pub async fn run_dispatcher(core: Arc<Coordinator>, shutdown: CancellationToken)
     }
 }
 
-/// One dispatch pass: each eligible worker claims up to its free slots.
-/// Returns how many tasks were assigned.
+/// One dispatch pass: every eligible worker claims up to its free slots, all
+/// in one store call (one transaction on SQLite). Returns how many tasks
+/// were assigned.
 pub async fn dispatch_once(core: &Coordinator) -> crate::error::Result<usize> {
     // A worker that missed three heartbeats gets no new work; its leases are
     // only reclaimed when they expire (a longer threshold).
     let recent = core.timing.heartbeat_interval * 3;
+    let workers = core.registry.eligible(recent);
+    if workers.is_empty() {
+        return Ok(0);
+    }
+    let requests: Vec<ClaimRequest> = workers
+        .iter()
+        .map(|w| ClaimRequest {
+            worker_id: w.spec.worker_id.clone(),
+            kinds: w.spec.kinds.clone(),
+            slots: w.spec.slots,
+        })
+        .collect();
+    let claimed = core.store.claim_many(&requests).await?;
     let mut assigned = 0;
-    for worker in core.registry.eligible(recent) {
-        let claimed = core
-            .store
-            .claim(
-                &worker.spec.worker_id,
-                &worker.spec.kinds,
-                worker.spec.slots,
-            )
-            .await?;
-        for a in claimed {
+    let mut touched = BTreeSet::new();
+    for (worker, batch) in workers.iter().zip(claimed) {
+        for a in batch {
             let (lease, migration_id) = (a.lease, a.migration_id);
+            touched.insert(migration_id);
             if worker.tx.send(WorkerEvent::Assign(a)).is_err() {
                 // The stream closed between the claim and the send: give the
                 // task back at once instead of waiting for the lease to expire.
@@ -58,8 +69,10 @@ pub async fn dispatch_once(core: &Coordinator) -> crate::error::Result<usize> {
             } else {
                 assigned += 1;
             }
-            let _ = core.changes.send(migration_id);
         }
+    }
+    for id in touched {
+        let _ = core.changes.send(id);
     }
     Ok(assigned)
 }

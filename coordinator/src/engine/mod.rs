@@ -3,6 +3,7 @@
 //! on the committed [`Effects`]: wake the dispatcher, tell watchers, push
 //! cancel notices. No protobuf here, so it is tested without a network.
 
+mod group_commit;
 mod loops;
 mod registry;
 
@@ -18,7 +19,8 @@ use crate::domain::{
     NewMigration, PlanSpec, Pool, ReportAck, validate_name,
 };
 use crate::error::{Error, Result};
-use crate::store::{Effects, Store, SubjectView};
+use crate::store::{Effects, Report, Store, SubjectView};
+use group_commit::GroupCommit;
 
 pub use loops::{run_dispatcher, run_remote_effects, run_sweeper};
 pub use registry::{Registry, WorkerEvent, WorkerSpec, WorkerView};
@@ -62,6 +64,7 @@ pub struct Coordinator {
     changes: broadcast::Sender<i64>,
     timing: Timing,
     shutdown: CancellationToken,
+    reports: GroupCommit,
 }
 
 impl Coordinator {
@@ -74,6 +77,7 @@ impl Coordinator {
             changes: broadcast::channel(4096).0,
             timing,
             shutdown,
+            reports: GroupCommit::default(),
         })
     }
 
@@ -299,32 +303,33 @@ impl Coordinator {
         self.store.heartbeat(worker_id, leases).await
     }
 
-    /// Records successful attempts, one transaction each, in order.
+    /// Records successful attempts (group commit with concurrent reports).
     pub async fn complete(
         &self,
         worker_id: &str,
         reports: &[Completion],
     ) -> Vec<Result<ReportAck>> {
-        let mut out = Vec::with_capacity(reports.len());
-        for c in reports {
-            out.push(self.store.complete(worker_id, c).await.map(|(ack, fx)| {
-                self.apply(fx);
-                ack
-            }));
-        }
-        out
+        let items = reports
+            .iter()
+            .map(|c| (worker_id.to_string(), Report::Complete(c.clone())))
+            .collect();
+        self.record(items).await
     }
 
-    /// Records failed attempts, one transaction each, in order.
+    /// Records failed attempts (group commit with concurrent reports).
     pub async fn fail(&self, worker_id: &str, reports: &[Failure]) -> Vec<Result<ReportAck>> {
-        let mut out = Vec::with_capacity(reports.len());
-        for f in reports {
-            out.push(self.store.fail(worker_id, f).await.map(|(ack, fx)| {
-                self.apply(fx);
-                ack
-            }));
-        }
-        out
+        let items = reports
+            .iter()
+            .map(|f| (worker_id.to_string(), Report::Fail(f.clone())))
+            .collect();
+        self.record(items).await
+    }
+
+    async fn record(&self, items: Vec<(String, Report)>) -> Vec<Result<ReportAck>> {
+        let apply = |fx| self.apply(fx);
+        self.reports
+            .record(self.store.as_ref(), &apply, items)
+            .await
     }
 
     pub fn workers(&self) -> &Registry {

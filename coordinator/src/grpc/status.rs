@@ -28,7 +28,7 @@ pub fn code_of(e: &Error) -> Code {
         Error::Database(
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
         ) => Code::Unavailable,
-        Error::ShuttingDown => Code::Unavailable,
+        Error::ShuttingDown | Error::NotRecorded(_) => Code::Unavailable,
         Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) => Code::Internal,
     }
 }

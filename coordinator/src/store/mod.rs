@@ -68,6 +68,31 @@ pub struct Created {
     pub created: bool,
 }
 
+/// A worker's report of one attempt's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    Complete(Completion),
+    Fail(Failure),
+}
+
+impl Report {
+    /// The lease the report names.
+    pub fn lease(&self) -> LeaseToken {
+        match self {
+            Report::Complete(c) => c.lease,
+            Report::Fail(f) => f.lease,
+        }
+    }
+}
+
+/// One worker's claim in a dispatch pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimRequest {
+    pub worker_id: String,
+    pub kinds: Vec<String>,
+    pub slots: u32,
+}
+
 /// Subject status with the latest and the latest successful migration.
 #[derive(Debug, Clone)]
 pub struct SubjectView {
@@ -115,6 +140,14 @@ pub trait Store: Send + Sync + 'static {
     /// stages are ready), I4 (a task is claimed only from `ready`) and I12.
     async fn claim(&self, worker_id: &str, kinds: &[String], slots: u32)
     -> Result<Vec<Assignment>>;
+    /// Claims for several workers, in one transaction where the backend can.
+    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Vec<Vec<Assignment>>> {
+        let mut out = Vec::with_capacity(requests.len());
+        for r in requests {
+            out.push(self.claim(&r.worker_id, &r.kinds, r.slots).await?);
+        }
+        Ok(out)
+    }
     /// Puts a lease that could not be delivered back to `ready` without
     /// counting an attempt against the task.
     async fn release(&self, worker_id: &str, lease: LeaseToken) -> Result<Effects>;
@@ -127,6 +160,23 @@ pub trait Store: Send + Sync + 'static {
     /// Records a failed attempt: retry after backoff, or the task is dead and
     /// the migration fails. Keeps I4, I5, I7.
     async fn fail(&self, worker_id: &str, f: &Failure) -> Result<(ReportAck, Effects)>;
+    /// Records many reports, possibly of different workers, each with the
+    /// semantics of `complete`/`fail`, committed together where the backend
+    /// can (group commit). An `Err` of the whole call means nothing of the
+    /// batch was recorded; otherwise each report has its own result.
+    async fn report_many(
+        &self,
+        reports: &[(String, Report)],
+    ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
+        let mut out = Vec::with_capacity(reports.len());
+        for (worker_id, r) in reports {
+            out.push(match r {
+                Report::Complete(c) => self.complete(worker_id, c).await,
+                Report::Fail(f) => self.fail(worker_id, f).await,
+            });
+        }
+        Ok(out)
+    }
     /// Cancels a queued or running migration (I9).
     async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Effects>;
     /// Queues a failed or canceled migration again from its first unfinished

@@ -6,9 +6,11 @@
 //! list, watch) never wait for it. Each transition is one transaction on the
 //! writer; its precondition is in the `WHERE` of its updates.
 
+mod claim;
 mod machine;
 mod reads;
 mod reports;
+mod sweep;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -25,7 +27,7 @@ use crate::domain::{
     SweepReport,
 };
 use crate::error::{Error, Result};
-use crate::store::{Created, Effects, Limits, Store, SubjectView};
+use crate::store::{ClaimRequest, Created, Effects, Limits, Report, Store, SubjectView};
 use machine::{EventAt, event};
 
 /// The SQLite store.
@@ -66,6 +68,13 @@ impl SqliteStore {
             limits,
         })
     }
+}
+
+/// The one result of a one-report batch.
+fn single(mut results: Vec<Result<(ReportAck, Effects)>>) -> Result<(ReportAck, Effects)> {
+    results
+        .pop()
+        .unwrap_or_else(|| Err(Error::Corrupt("a report batch returned no result".into())))
 }
 
 fn pool_not_found(name: &str) -> Error {
@@ -296,23 +305,31 @@ impl Store for SqliteStore {
         kinds: &[String],
         slots: u32,
     ) -> Result<Vec<Assignment>> {
-        reports::claim(&self.writer, worker_id, kinds, slots, self.limits).await
+        let request = ClaimRequest {
+            worker_id: worker_id.to_string(),
+            kinds: kinds.to_vec(),
+            slots,
+        };
+        let mut claimed = claim::claim_many(&self.writer, &[request], self.limits).await?;
+        Ok(claimed.pop().unwrap_or_default())
     }
 
     async fn release(&self, worker_id: &str, lease: LeaseToken) -> Result<Effects> {
-        reports::release(&self.writer, worker_id, lease).await
+        claim::release(&self.writer, worker_id, lease).await
     }
 
     async fn heartbeat(&self, worker_id: &str, leases: &[LeaseStatus]) -> Result<HeartbeatOutcome> {
-        reports::heartbeat(&self.writer, worker_id, leases, self.limits).await
+        claim::heartbeat(&self.writer, worker_id, leases, self.limits).await
     }
 
     async fn complete(&self, worker_id: &str, c: &Completion) -> Result<(ReportAck, Effects)> {
-        reports::complete(&self.writer, worker_id, c).await
+        let report = [(worker_id.to_string(), Report::Complete(c.clone()))];
+        single(reports::report_many(&self.writer, &report).await?)
     }
 
     async fn fail(&self, worker_id: &str, f: &Failure) -> Result<(ReportAck, Effects)> {
-        reports::fail(&self.writer, worker_id, f).await
+        let report = [(worker_id.to_string(), Report::Fail(f.clone()))];
+        single(reports::report_many(&self.writer, &report).await?)
     }
 
     async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Effects> {
@@ -387,8 +404,19 @@ impl Store for SqliteStore {
         Ok(fx)
     }
 
+    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Vec<Vec<Assignment>>> {
+        claim::claim_many(&self.writer, requests, self.limits).await
+    }
+
+    async fn report_many(
+        &self,
+        reports: &[(String, Report)],
+    ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
+        reports::report_many(&self.writer, reports).await
+    }
+
     async fn sweep(&self) -> Result<(SweepReport, Effects)> {
-        reports::sweep(&self.writer, self.limits).await
+        sweep::sweep(&self.writer, self.limits).await
     }
 
     async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>> {

@@ -1,0 +1,98 @@
+//! Group commit of worker reports.
+//!
+//! Every report joins a queue; whoever holds the commit lock drains the queue
+//! into one `Store::report_many` call — one transaction and one fsync for all
+//! the outcomes that arrived while the previous batch was committing — and
+//! hands each caller its own result. No background task is involved: a
+//! caller waits for the lock, finds its result already delivered by an
+//! earlier leader, or commits the next batch itself. Replies still leave only
+//! after the commit (I11).
+
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
+
+use crate::domain::ReportAck;
+use crate::error::{Error, Result};
+use crate::store::{Effects, Report, Store};
+
+/// Most reports committed in one transaction.
+const MAX_BATCH: usize = 2048;
+
+type Reply = oneshot::Sender<Result<ReportAck>>;
+
+/// The report queue and the lock that makes one caller at a time its leader.
+#[derive(Default)]
+pub(crate) struct GroupCommit {
+    queue: Mutex<Vec<(String, Report, Reply)>>,
+    leader: tokio::sync::Mutex<()>,
+}
+
+impl GroupCommit {
+    /// Records `reports`, possibly together with other callers' reports, and
+    /// returns each one's result in order. The leader of a batch hands the
+    /// effects of every report in it to `apply` after the commit, so they are
+    /// acted on even when the caller that sent a report has gone away.
+    pub(crate) async fn record(
+        &self,
+        store: &dyn Store,
+        apply: &(dyn Fn(Effects) + Sync),
+        reports: Vec<(String, Report)>,
+    ) -> Vec<Result<ReportAck>> {
+        let mut waiting = Vec::with_capacity(reports.len());
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            for (worker_id, report) in reports {
+                let (tx, rx) = oneshot::channel();
+                queue.push((worker_id, report, tx));
+                waiting.push(rx);
+            }
+        }
+        let mut results = Vec::with_capacity(waiting.len());
+        for mut rx in waiting {
+            // Our reports are in the queue in order: lead batches until each
+            // has its result (an earlier leader may have committed it).
+            let result = loop {
+                if let Ok(r) = rx.try_recv() {
+                    break r;
+                }
+                let _leader = self.leader.lock().await;
+                if let Ok(r) = rx.try_recv() {
+                    break r;
+                }
+                self.commit_batch(store, apply).await;
+            };
+            results.push(result);
+        }
+        results
+    }
+
+    async fn commit_batch(&self, store: &dyn Store, apply: &(dyn Fn(Effects) + Sync)) {
+        let batch: Vec<_> = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let n = queue.len().min(MAX_BATCH);
+            queue.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let (items, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|(w, r, tx)| ((w, r), tx)).unzip();
+        match store.report_many(&items).await {
+            Ok(results) => {
+                for (tx, r) in replies.into_iter().zip(results) {
+                    let _ = tx.send(r.map(|(ack, fx)| {
+                        apply(fx);
+                        ack
+                    }));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, reports = items.len(), "recording a batch of reports failed");
+                for tx in replies {
+                    let _ = tx.send(Err(Error::NotRecorded(e.to_string())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Claims, lease releases and heartbeats of the SQLite store.
+//!
+//! Claims for every worker of one dispatch pass run in one transaction, so a
+//! pass costs one commit however many workers it serves.
+
+use std::collections::HashMap;
+
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use super::machine::{EventAt, event};
+use crate::clock::now_ms;
+use crate::domain::{Assignment, EventKind, HeartbeatOutcome, LeaseStatus, LeaseToken};
+use crate::error::{Error, Result};
+use crate::store::{ClaimRequest, Effects, Limits};
+
+/// Claims for several workers in one transaction (one dispatch pass).
+pub(super) async fn claim_many(
+    db: &SqlitePool,
+    requests: &[ClaimRequest],
+    limits: Limits,
+) -> Result<Vec<Vec<Assignment>>> {
+    let mut tx = db.begin().await?;
+    let mut context = HashMap::new();
+    let mut out = Vec::with_capacity(requests.len());
+    for r in requests {
+        out.push(claim(&mut tx, r, limits, &mut context).await?);
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// What every assignment of one stage of one migration shares, decoded once
+/// per pass instead of once per task.
+#[derive(Clone)]
+struct StageContext {
+    subject: String,
+    parameters: serde_json::Value,
+    stage_name: String,
+}
+
+async fn claim(
+    conn: &mut SqliteConnection,
+    r: &ClaimRequest,
+    limits: Limits,
+    context: &mut HashMap<(i64, i64), StageContext>,
+) -> Result<Vec<Assignment>> {
+    if r.kinds.is_empty() {
+        return Ok(Vec::new());
+    }
+    // I12: never more live leases than the worker declared slots.
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_worker = ?",
+    )
+    .bind(&r.worker_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let free = r.slots as i64 - held;
+    if free <= 0 {
+        return Ok(Vec::new());
+    }
+    let now = now_ms();
+    let expires = now + limits.lease_ms;
+    let placeholders = vec!["?"; r.kinds.len()].join(", ");
+    // Kinds are bound, not interpolated: only the placeholder list is built.
+    let sql = sqlx::AssertSqlSafe(format!(
+        "UPDATE tasks SET state = 'leased', attempt = attempt + 1, lease_worker = ?, lease_expires_at = ?,
+                          progress_done = 0, progress_total = 0,
+                          attempt_deadline = (SELECT CASE WHEN s.attempt_timeout_ms > 0
+                                                          THEN ? + s.attempt_timeout_ms END
+                                              FROM stages s WHERE s.migration_id = tasks.migration_id
+                                                              AND s.idx = tasks.stage_idx)
+         WHERE id IN (
+             SELECT t.id FROM tasks t
+             JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
+             JOIN migrations m ON m.id = t.migration_id
+             WHERE t.state = 'ready' AND t.ready_at <= ? AND t.kind IN ({placeholders})
+               -- I1/I9: only tasks of a running stage of a running migration
+               AND s.state = 'running' AND m.state = 'running'
+             ORDER BY t.ready_at, t.id LIMIT ?)
+         RETURNING id, attempt, migration_id, stage_idx, kind, payload, checkpoint, max_attempts"
+    ));
+    let mut q = sqlx::query(sql)
+        .bind(&r.worker_id)
+        .bind(expires)
+        .bind(now)
+        .bind(now);
+    for k in &r.kinds {
+        q = q.bind(k);
+    }
+    let rows = q.bind(free).fetch_all(&mut *conn).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (task_id, attempt, migration_id, stage): (i64, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let ctx = match context.get(&(migration_id, stage)) {
+            Some(c) => c.clone(),
+            None => {
+                let (subject, parameters, stage_name): (String, String, String) = sqlx::query_as(
+                    "SELECT m.subject, m.parameters, s.name FROM migrations m
+                     JOIN stages s ON s.migration_id = m.id AND s.idx = ? WHERE m.id = ?",
+                )
+                .bind(stage)
+                .bind(migration_id)
+                .fetch_one(&mut *conn)
+                .await?;
+                let parameters = serde_json::from_str(&parameters)
+                    .map_err(|e| Error::Corrupt(format!("parameters: {e}")))?;
+                let c = StageContext {
+                    subject,
+                    parameters,
+                    stage_name,
+                };
+                context.insert((migration_id, stage), c.clone());
+                c
+            }
+        };
+        let at = EventAt {
+            stage: Some(stage),
+            task_id,
+            attempt,
+            worker: &r.worker_id,
+            ..Default::default()
+        };
+        event(conn, migration_id, EventKind::TaskAssigned, at).await?;
+        let payload: String = row.get(5);
+        out.push(Assignment {
+            lease: LeaseToken {
+                task_id,
+                attempt: attempt as u32,
+            },
+            migration_id,
+            subject: ctx.subject,
+            stage_index: stage as u32,
+            stage_name: ctx.stage_name,
+            kind: row.get(4),
+            payload: serde_json::from_str(&payload)
+                .map_err(|e| Error::Corrupt(format!("payload: {e}")))?,
+            parameters: ctx.parameters,
+            lease_expires_at_ms: expires,
+            checkpoint: row.get(6),
+            max_attempts: row.get::<i64, _>(7) as u32,
+        });
+    }
+    Ok(out)
+}
+
+pub(super) async fn release(
+    db: &SqlitePool,
+    worker_id: &str,
+    lease: LeaseToken,
+) -> Result<Effects> {
+    let mut fx = Effects::default();
+    // The attempt number stays bumped so the undelivered token stays stale.
+    let released = sqlx::query(
+        "UPDATE tasks SET state = 'ready', lease_worker = NULL, lease_expires_at = NULL
+         WHERE id = ? AND attempt = ? AND state = 'leased' AND lease_worker = ?",
+    )
+    .bind(lease.task_id)
+    .bind(lease.attempt as i64)
+    .bind(worker_id)
+    .execute(db)
+    .await?
+    .rows_affected();
+    fx.dispatch = released > 0;
+    Ok(fx)
+}
+
+pub(super) async fn heartbeat(
+    db: &SqlitePool,
+    worker_id: &str,
+    leases: &[LeaseStatus],
+    limits: Limits,
+) -> Result<HeartbeatOutcome> {
+    let mut out = HeartbeatOutcome::default();
+    if leases.is_empty() {
+        return Ok(out);
+    }
+    let mut tx = db.begin().await?;
+    let expires = now_ms() + limits.lease_ms;
+    for l in leases {
+        let renewed = sqlx::query(
+            "UPDATE tasks SET lease_expires_at = ?, progress_done = ?, progress_total = ?,
+                              checkpoint = coalesce(?, checkpoint)
+             WHERE id = ? AND attempt = ? AND state = 'leased' AND lease_worker = ?",
+        )
+        .bind(expires)
+        .bind(l.done as i64)
+        .bind(l.total as i64)
+        .bind(&l.checkpoint)
+        .bind(l.lease.task_id)
+        .bind(l.lease.attempt as i64)
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if renewed == 1 {
+            out.renewed.push((l.lease, expires));
+        } else {
+            out.cancel.push((
+                l.lease,
+                format!("lease {} is no longer held by this worker", l.lease),
+            ));
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}
