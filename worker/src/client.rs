@@ -190,10 +190,13 @@ impl Coordinator {
         .await
     }
 
-    pub(crate) async fn complete(&self, completion: Completion) -> Result<ReportResponse, Status> {
+    pub(crate) async fn complete(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<ReportResponse, Status> {
         let message = CompleteRequest {
             worker_id: self.worker_id.clone(),
-            completions: vec![completion],
+            completions,
         };
         self.with_failover("Complete", |mut client| {
             let request = self.request(message.clone(), Some(REPORT_TIMEOUT));
@@ -202,10 +205,10 @@ impl Coordinator {
         .await
     }
 
-    pub(crate) async fn fail(&self, failure: Failure) -> Result<ReportResponse, Status> {
+    pub(crate) async fn fail(&self, failures: Vec<Failure>) -> Result<ReportResponse, Status> {
         let message = FailRequest {
             worker_id: self.worker_id.clone(),
-            failures: vec![failure],
+            failures,
         };
         self.with_failover("Fail", |mut client| {
             let request = self.request(message.clone(), Some(REPORT_TIMEOUT));

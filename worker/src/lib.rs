@@ -104,6 +104,7 @@
 //! | [`handlers`] | built-in handlers (`noop`, `sleep`, `fail`) and the sample project export |
 
 mod backoff;
+mod batch;
 mod builder;
 mod client;
 mod handler;

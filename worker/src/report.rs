@@ -67,8 +67,18 @@ pub(crate) async fn report(
             return;
         }
         let result = match &outcome {
-            Ok(output) => rt.coordinator.complete(completion(token, output)).await,
-            Err(error) => rt.coordinator.fail(failure(token, error)).await,
+            Ok(output) => {
+                let c = completion(token, output);
+                rt.completions
+                    .send(c, |batch| rt.coordinator.complete(batch))
+                    .await
+            }
+            Err(error) => {
+                let f = failure(token, error);
+                rt.failures
+                    .send(f, |batch| rt.coordinator.fail(batch))
+                    .await
+            }
         };
         match verdict(result) {
             Verdict::Accepted { duplicate } => {
@@ -126,9 +136,15 @@ fn completion(token: LeaseToken, output: &TaskOutput) -> Completion {
 }
 
 fn failure(token: LeaseToken, error: &TaskError) -> Failure {
+    // The coordinator refuses an empty error (and with it the whole batch).
+    let message = if error.message.trim().is_empty() {
+        "the handler failed without a message".to_string()
+    } else {
+        error.message.clone()
+    };
     Failure {
         lease: Some(token),
-        error: error.message.clone(),
+        error: message,
         retryable: error.retryable,
     }
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use stagecoach_proto::json::struct_to_json;
 use stagecoach_proto::v1::worker_message::Message;
-use stagecoach_proto::v1::{Assignment, WorkerMessage};
+use stagecoach_proto::v1::{Assignment, Completion, Failure, WorkerMessage};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
@@ -31,6 +31,7 @@ use tonic::{Code, Status, Streaming};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
+use crate::batch::Batcher;
 use crate::builder::{Config, Worker};
 use crate::client::Coordinator;
 use crate::handler::{Handler, SharedProgress, TaskContext, TaskInfo};
@@ -63,6 +64,9 @@ pub(crate) struct Runtime {
     pub(crate) leases: LeaseTable,
     /// One permit per slot; a task holds one from start to accepted report.
     pub(crate) slots: Arc<Semaphore>,
+    /// Outcomes waiting to go out together (see `batch`).
+    pub(crate) completions: Batcher<Completion>,
+    pub(crate) failures: Batcher<Failure>,
     /// `None` until the first `Welcome`.
     timing: watch::Sender<Option<Timing>>,
 }
@@ -92,6 +96,8 @@ impl Worker {
             coordinator: Coordinator::new(&config),
             leases: LeaseTable::default(),
             slots: Arc::new(Semaphore::new(config.slots as usize)),
+            completions: Batcher::default(),
+            failures: Batcher::default(),
             timing: watch::Sender::new(None),
         });
         let mut kinds: Vec<String> = handlers.keys().cloned().collect();
