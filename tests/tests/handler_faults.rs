@@ -152,7 +152,6 @@ async fn a_hanging_handler_times_out_on_every_attempt_then_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "bug: time_out_attempts (coordinator/src/store/sqlite/reports.rs) keeps failing attempts it listed before the first timeout failed the migration: record_failure runs on a task already canceled, logging TASK_DEAD after MIGRATION_FAILED and counting the stage failed 2 + canceled 1 of 2 tasks"]
 async fn two_attempts_timing_out_together_fail_the_migration_once() {
     // One worker claims both tasks at once, so they share their deadline.
     let cluster = Cluster::start_fast(&[], 1, 2).await;

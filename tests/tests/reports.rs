@@ -6,7 +6,8 @@
 //!   changes nothing; a contradicting Fail after it is rejected;
 //! - a Complete with the token of an attempt whose lease expired and was
 //!   given to another worker is FAILED_PRECONDITION, logged as
-//!   REPORT_REJECTED, and the live attempt still completes;
+//!   REPORT_REJECTED, and so is one naming the live attempt from a worker
+//!   that does not hold it; the live attempt still completes;
 //! - a Complete or Fail for a task of a stage that has not started is
 //!   FAILED_PRECONDITION and neither starts nor fails anything;
 //! - in a batch, a good and a stale report are answered one by one.
@@ -107,6 +108,9 @@ async fn a_complete_with_a_reassigned_attempts_token_is_rejected() {
 
     let late = f1.complete(vec![completion(token1)]).await.unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    // Nor may f1 report the live attempt: that lease is f2's.
+    let foreign = f1.complete(vec![completion(token2)]).await.unwrap_err();
+    assert_eq!(foreign.code(), Code::FailedPrecondition, "{foreign:?}");
     let rejected = client
         .wait_for_event(m.id, "REPORT_REJECTED of attempt 1", WAIT, |e| {
             e.kind() == EventKind::ReportRejected

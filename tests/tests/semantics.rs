@@ -14,7 +14,8 @@
 //! - tasks can be added only to later stages that have not started: a
 //!   Complete adding to its own (started) stage or an earlier one is
 //!   FAILED_PRECONDITION and changes nothing; one adding to a later dynamic
-//!   stage is accepted and the added task runs there.
+//!   stage is accepted (a repeat of it adds nothing) and the added task
+//!   runs there.
 
 use std::time::{Duration, SystemTime};
 
@@ -264,7 +265,10 @@ async fn tasks_can_only_be_added_to_later_stages_not_started() {
     assert!(of_kind(&events, EventKind::TaskAdded).is_empty());
 
     let ok = f.complete(vec![add(a, "later")]).await.unwrap();
-    assert!(ok.results[0].accepted);
+    assert!(ok.results[0].accepted && !ok.results[0].duplicate);
+    // Repeating it adds nothing more.
+    let again = f.complete(vec![add(a, "later")]).await.unwrap();
+    assert!(again.results[0].accepted && again.results[0].duplicate);
     let b = f.next_assignment(WAIT).await;
     assert_eq!((b.stage_index, b.stage_name.as_str()), (1, "later"));
     let b = b.lease.unwrap();

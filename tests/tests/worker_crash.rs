@@ -117,7 +117,6 @@ async fn a_killed_workers_task_moves_on_and_its_late_report_is_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "bug: expire_leases (coordinator/src/store/sqlite/reports.rs) keeps handling leases it listed before the first expiry failed the migration: task 2, already canceled, gets TASK_LEASE_EXPIRED and TASK_DEAD after MIGRATION_FAILED and the stage counts failed 2 + canceled 1 of 2 tasks"]
 async fn a_worker_dying_with_two_leases_fails_the_migration_once() {
     let mut cluster = Cluster::start_fast(&["--max-reassignments", "1"], 1, 2).await;
     let client = cluster.client().await;

@@ -101,7 +101,7 @@
 //! | `leases` | the table of held leases the loops above share |
 //! | `client` | one gRPC channel per coordinator address, failover of unary calls, per-call metadata |
 //! | `backoff` | exponential backoff with jitter |
-//! | [`handlers`] | built-in handlers (`noop`, `sleep`, `fail`) and the sample project export |
+//! | [`handlers`] | built-in handlers (`noop`, `sleep`, `fail`, `panic`, `hang`) and the sample project export |
 
 mod backoff;
 mod batch;

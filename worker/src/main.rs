@@ -19,7 +19,7 @@ mod bin_health;
 mod bin_sample;
 
 /// Runs Stagecoach tasks: subscribes to a coordinator, runs the built-in
-/// handlers (noop, sleep, fail, and the sample project export), and drains
+/// handlers (noop, sleep, fail, panic, hang, and the sample project export), and drains
 /// gracefully on SIGINT or SIGTERM.
 #[derive(Debug, Parser)]
 #[command(name = "worker", version, args_conflicts_with_subcommands = true)]

@@ -66,7 +66,7 @@ pub async fn run(opts: Options) -> anyhow::Result<(Report, PathBuf)> {
         Some(p) => p.clone(),
         None => default_out()?,
     };
-    let exes = Executables::locate_or_build(opts.bin_dir.as_deref())?;
+    let built = Executables::locate_or_build(opts.bin_dir.as_deref())?;
     let work_parent = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&work_parent)?;
     let work = tempfile::Builder::new()
@@ -79,6 +79,7 @@ pub async fn run(opts: Options) -> anyhow::Result<(Report, PathBuf)> {
         if opts.quick { "quick" } else { "full" },
         work.path().display()
     );
+    let exes = built.copy_to(&work.path().join("bin"))?;
 
     let backends = opts.backends();
     let pg = if backends.contains(&Backend::Postgres) {
@@ -106,19 +107,28 @@ pub async fn run(opts: Options) -> anyhow::Result<(Report, PathBuf)> {
         .filter(|b| !report.unavailable.contains_key(b.name()))
         .collect();
 
-    for run in 1..=opts.runs {
-        eprintln!("bench: run {run}/{}", opts.runs);
-        one_pass(&env, &available, &mut report).await;
-    }
-    drop(env);
-
-    report.duration_s = started.elapsed().as_secs_f64();
-    report.summarise();
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    let json = serde_json::to_string_pretty(&report)?;
-    std::fs::write(&out, json).with_context(|| format!("write {}", out.display()))?;
+    for run in 1..=opts.runs {
+        eprintln!("bench: run {run}/{}", opts.runs);
+        one_pass(&env, &available, &mut report).await;
+        // Written after every pass, so a long run that is stopped early
+        // still leaves the runs it finished.
+        report.runs_done = run;
+        report.duration_s = started.elapsed().as_secs_f64();
+        report.summarise();
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&out, json).with_context(|| format!("write {}", out.display()))?;
+        if run < opts.runs {
+            eprintln!(
+                "bench: after {run} of {} runs:\n{}",
+                opts.runs,
+                report.table()
+            );
+        }
+    }
+    drop(env);
     println!("{}", report.table());
     println!(
         "{} on {} ({} cpus, {} MB; load at start {}); commit {}{}; {:.0} s",

@@ -46,6 +46,22 @@ impl Executables {
         }
     }
 
+    /// Copies both into `dir`, so a build that replaces them in the target
+    /// dir during a long run does not change what later measurements start.
+    pub fn copy_to(&self, dir: &Path) -> anyhow::Result<Executables> {
+        std::fs::create_dir_all(dir)?;
+        let copy = |from: &Path| -> anyhow::Result<PathBuf> {
+            let to = dir.join(from.file_name().context("an executable without a name")?);
+            std::fs::copy(from, &to)
+                .with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
+            Ok(to)
+        };
+        Ok(Executables {
+            coordinator: copy(&self.coordinator)?,
+            worker: copy(&self.worker)?,
+        })
+    }
+
     fn existing(dir: &Path) -> anyhow::Result<Executables> {
         let exe = |name: &str| dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
         let found = Executables {

@@ -188,7 +188,10 @@ pub struct Report {
     pub git: Git,
     pub machine: Machine,
     pub quick: bool,
+    /// Runs asked for.
     pub runs: u32,
+    /// Runs finished (fewer than `runs` in a file written mid-way).
+    pub runs_done: u32,
     pub workers: u32,
     pub slots: u32,
     pub sizes: Sizes,
@@ -220,6 +223,7 @@ impl Report {
             machine,
             quick: opts.quick,
             runs: opts.runs,
+            runs_done: 0,
             workers: opts.workers,
             slots: opts.slots,
             sizes: opts.sizes(),

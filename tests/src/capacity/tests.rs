@@ -111,3 +111,20 @@ fn worker_slots() {
     let errors = check_worker_slots(&log.0, |_| 1).unwrap_err();
     assert!(errors[0].contains("I12"), "{errors:?}");
 }
+
+#[test]
+fn nothing_is_owed_while_paused() {
+    // 2 waits from #4 on; the pool is paused from #4 to #6.
+    let log = Log::default()
+        .m(1, MigrationCreated)
+        .m(1, MigrationAdmitted)
+        .m(2, MigrationCreated)
+        .m(1, MigrationSucceeded)
+        .m(3, MigrationCreated)
+        .m(3, MigrationCanceled)
+        .m(2, MigrationAdmitted)
+        .m(2, MigrationSucceeded);
+    assert!(check_capacity(&log.0, 1).is_err());
+    let seen = check_capacity_paused(&log.0, 1, |e| (4..=6).contains(&e.id)).unwrap();
+    assert_eq!((seen.max_running, seen.admissions), (1, 2));
+}

@@ -369,8 +369,11 @@ pub(super) async fn record_failure(
     if !(f.retryable && failures < t.max_attempts) {
         let reason = if f.retryable {
             format!(
-                "task {} ({}) failed after {failures} attempts: {}",
-                f.lease.task_id, t.kind, f.error
+                "task {} ({}) failed after {failures} attempt{}: {}",
+                f.lease.task_id,
+                t.kind,
+                if failures == 1 { "" } else { "s" },
+                f.error
             )
         } else {
             format!("task {} ({}) failed: {}", f.lease.task_id, t.kind, f.error)

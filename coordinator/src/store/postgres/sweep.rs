@@ -49,14 +49,16 @@ pub(super) async fn sweep(
     }
     // Retries whose backoff ended since the last sweep become claimable
     // without any write: tell the dispatcher.
-    let retries: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM tasks WHERE state = 'ready' AND ready_at <= $1 AND ready_at > $2",
+    // An existence check, not a count: a stage that just made a million
+    // tasks ready must not cost a million-row scan per sweep.
+    let retries: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM tasks WHERE state = 'ready' AND ready_at <= $1 AND ready_at > $2 LIMIT 1",
     )
     .bind(now)
     .bind(now - 2 * limits.lease_ms.max(1000))
-    .fetch_one(db)
+    .fetch_optional(db)
     .await?;
-    fx.dispatch |= retries > 0;
+    fx.dispatch |= retries.is_some();
     // I3 safety net. Admission skips a queued migration whose row another
     // transaction holds at that moment (waiting could deadlock); when that
     // holder was only a rejected report, nothing else would admit it.

@@ -39,14 +39,16 @@ pub(super) async fn sweep(db: &SqlitePool, limits: Limits) -> Result<(SweepRepor
     }
     // Retries whose backoff ended since the last sweep become claimable
     // without any write: tell the dispatcher.
-    let due: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM tasks WHERE state = 'ready' AND ready_at <= ? AND ready_at > ?",
+    // An existence check, not a count: a stage that just made a million
+    // tasks ready must not cost a million-row scan per sweep.
+    let due: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 FROM tasks WHERE state = 'ready' AND ready_at <= ? AND ready_at > ? LIMIT 1",
     )
     .bind(now)
     .bind(now - 2 * limits.lease_ms.max(1000))
-    .fetch_one(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    fx.dispatch |= due > 0;
+    fx.dispatch |= due.is_some();
     tx.commit().await?;
     Ok((report, fx))
 }
