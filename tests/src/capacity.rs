@@ -1,27 +1,56 @@
 //! Checks across migrations, read from the merged event log of a whole
-//! coordinator. Event ids are global and increase in commit order, and the
-//! SQLite store commits one transition at a time, so sorting the events of
-//! every migration by id replays what the coordinator did, in order.
+//! database (every migration's events, sorted by id).
 //!
 //! - **I3 capacity** ([`check_capacity`]): the migrations of a pool that run
-//!   at once never exceed its slots; and admission is immediate: whenever a
-//!   migration is queued while a slot is free, the very next event is the
-//!   admission of the oldest queued migration, the only exception being the
-//!   STAGE_STARTED (and, for empty stages, STAGE_SUCCEEDED and
-//!   MIGRATION_SUCCEEDED) events of the migration just admitted, which the
-//!   same admission pass writes. So a slot freed by a finishing migration, or
-//!   found free by a create, is filled in the same transaction, and all free
-//!   slots fill in one pass. This holds only while the pool is not paused.
+//!   at once never exceed its slots; and admission is immediate: a migration
+//!   never waits while a slot is free. How much of that the log proves
+//!   depends on the store's [`CommitOrder`]:
+//!   - [`CommitOrder::Serial`] (SQLite: one writer, so event ids increase in
+//!     commit order and a transaction's events are consecutive): whenever a
+//!     migration is queued while a slot is free, the very next event is the
+//!     admission of the oldest queued migration, the only exception being
+//!     the STAGE_STARTED (and, for empty stages, STAGE_SUCCEEDED and
+//!     MIGRATION_SUCCEEDED) events of the migration just admitted, which the
+//!     same admission pass writes. So a slot freed by a finishing migration,
+//!     or found free by a create, is filled in the same transaction, and all
+//!     free slots fill in one pass.
+//!   - [`CommitOrder::Concurrent`] (PostgreSQL, coordinators sharing one
+//!     database): ids come from one sequence as statements run, so other
+//!     migrations' events land between the events of one transaction, and
+//!     a transaction may commit after one that took later ids. The
+//!     replay in id order is still sound for the slot limit: admissions
+//!     into a pool hold the pool's row lock from their count of running
+//!     migrations to their commit, so their ids increase in commit order;
+//!     and a migration's end is written before its transaction takes that
+//!     lock (to refill the slot), so an end with a smaller id than an
+//!     admission either committed first or was not yet visible to the
+//!     admitter, which then counted the ending migration as running. The
+//!     replay can therefore only show *fewer* migrations running than there
+//!     were at some instant, never more: every excess it reports is real.
+//!     Immediacy cannot be read event by event; instead every stretch in
+//!     which the replay shows a migration waiting beside a free slot must
+//!     end with an admission, and the longest such stretch (by the events'
+//!     database timestamps) is reported in [`Capacity::longest_wait_ms`] for
+//!     the caller to bound.
+//!
+//!   Either way the log must be complete: read it once every migration of
+//!   the pool is finished (a log read migration by migration while others
+//!   commit is no snapshot). It holds only while the pool is not paused
+//!   ([`check_capacity_paused`] says when it may have been).
 //! - **I12 worker slots** ([`check_worker_slots`]): a worker never holds more
 //!   live leases than it declared slots. A lease lives from TASK_ASSIGNED
 //!   until its task's next outcome (TASK_SUCCEEDED, TASK_RETRYING, TASK_DEAD,
-//!   TASK_LEASE_EXPIRED, TASK_CANCELED) or its next assignment.
+//!   TASK_LEASE_EXPIRED, TASK_CANCELED) or its next assignment. Sound on
+//!   either backend: a claim counts the worker's committed leases after
+//!   taking the worker's lock, so an outcome with a larger id than the
+//!   assignment that reused its slot cannot have been counted as free.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use stagecoach_proto::v1::{Event, EventKind};
 
-use crate::checker::describe_event;
+use crate::backend::CommitOrder;
+use crate::checker::{describe_event, millis};
 
 /// What [`check_capacity`] saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,15 +60,24 @@ pub struct Capacity {
     /// MIGRATION_ADMITTED events.
     pub admissions: usize,
     /// Times a migration waited for a slot that another one freed (or was
-    /// free) and was admitted in the same pass.
+    /// free) and was admitted in the same pass ([`CommitOrder::Concurrent`]:
+    /// admissions that ended such a wait).
     pub prompt_admissions: usize,
+    /// The longest time, by event timestamps, a migration was seen waiting
+    /// while a slot was free (outside pauses).
+    pub longest_wait_ms: i64,
 }
 
 /// Checks I3 on every event of every migration of one pool (any order; they
 /// are sorted by id here), for a pool with `slots` slots that was never
-/// paused. Returns what it saw, or every violation.
-pub fn check_capacity(events: &[Event], slots: usize) -> Result<Capacity, Vec<String>> {
-    check_capacity_paused(events, slots, |_| false)
+/// paused, on a store that commits in `order`. Returns what it saw, or
+/// every violation.
+pub fn check_capacity(
+    events: &[Event],
+    slots: usize,
+    order: CommitOrder,
+) -> Result<Capacity, Vec<String>> {
+    check_capacity_paused(events, slots, order, |_| false)
 }
 
 /// Like [`check_capacity`], for a pool that was paused at some point:
@@ -49,6 +87,7 @@ pub fn check_capacity(events: &[Event], slots: usize) -> Result<Capacity, Vec<St
 pub fn check_capacity_paused(
     events: &[Event],
     slots: usize,
+    order: CommitOrder,
     paused: impl Fn(&Event) -> bool,
 ) -> Result<Capacity, Vec<String>> {
     let mut events: Vec<&Event> = events.iter().collect();
@@ -63,6 +102,7 @@ pub fn check_capacity_paused(
     for e in events {
         let m = e.migration_id;
         let kind = e.kind();
+        let admits = kind == EventKind::MigrationAdmitted;
         if let Some((since, just_admitted)) = owed {
             let head = queue.front().copied();
             let pass_of_admitted = just_admitted == Some(m)
@@ -72,16 +112,19 @@ pub fn check_capacity_paused(
                         | EventKind::StageSucceeded
                         | EventKind::MigrationSucceeded
                 );
-            let admits_head = kind == EventKind::MigrationAdmitted && head == Some(m);
-            if !(pass_of_admitted || admits_head) {
-                errors.push(format!(
-                    "I3: migration {head:?} waits with {} of {slots} slots used since {}, but the next event is {}",
-                    running.len(),
-                    describe_event(since),
-                    describe_event(e)
-                ));
-            } else if admits_head {
-                seen.prompt_admissions += 1;
+            let admits_head = admits && head == Some(m);
+            match order {
+                CommitOrder::Serial if !(pass_of_admitted || admits_head) => {
+                    errors.push(format!(
+                        "I3: migration {head:?} waits with {} of {slots} slots used since {}, but the next event is {}",
+                        running.len(),
+                        describe_event(since),
+                        describe_event(e)
+                    ));
+                }
+                CommitOrder::Serial if admits_head => seen.prompt_admissions += 1,
+                CommitOrder::Concurrent if admits => seen.prompt_admissions += 1,
+                _ => {}
             }
         }
         match kind {
@@ -118,24 +161,33 @@ pub fn check_capacity_paused(
         }
         let waiting = !queue.is_empty() && running.len() < slots && !paused(e);
         owed = match (waiting, owed) {
-            (false, _) => None,
+            (false, None) => None,
+            (false, Some((since, _))) => {
+                seen.longest_wait_ms = seen.longest_wait_ms.max(at(e) - at(since));
+                None
+            }
             // Still owed: keep the event that started it, note the admission.
-            (true, Some((since, last))) => Some((
-                since,
-                if kind == EventKind::MigrationAdmitted {
-                    Some(m)
-                } else {
-                    last
-                },
-            )),
-            (true, None) => Some((e, (kind == EventKind::MigrationAdmitted).then_some(m))),
+            (true, Some((since, last))) => Some((since, if admits { Some(m) } else { last })),
+            (true, None) => Some((e, admits.then_some(m))),
         };
+    }
+    if let Some((since, _)) = owed {
+        errors.push(format!(
+            "I3: the log ends with migrations {queue:?} queued and {} of {slots} slots used since {}",
+            running.len(),
+            describe_event(since)
+        ));
     }
     if errors.is_empty() {
         Ok(seen)
     } else {
         Err(errors)
     }
+}
+
+/// An event's database time in milliseconds (0 if it has none).
+fn at(e: &Event) -> i64 {
+    e.at.as_ref().map_or(0, millis)
 }
 
 /// Checks I12 on the merged log of a coordinator: no worker ever held more

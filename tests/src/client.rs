@@ -266,8 +266,12 @@ impl Client {
         (m, events)
     }
 
-    /// The events of every migration the coordinator knows, in id order:
-    /// ids are global, so this is the order in which they were committed.
+    /// The events of every migration the coordinator knows, in id order.
+    /// Ids are global: on SQLite this is the order in which they were
+    /// committed; on PostgreSQL the events of one migration are in commit
+    /// order, but concurrent transactions of different migrations may
+    /// interleave (see [`crate::capacity`]). Read migration by migration, so
+    /// it is a consistent snapshot only once nothing changes any more.
     pub async fn all_events(&self) -> Result<Vec<Event>, Status> {
         let mut all = Vec::new();
         for m in self.list_migrations().await? {

@@ -1,10 +1,10 @@
-//! A whole local system in one temporary directory: a coordinator on SQLite
-//! and some workers sharing one output directory.
+//! A whole local system in one temporary directory: a coordinator on either
+//! backend and some workers sharing one output directory.
 //!
 //! Layout of the directory:
 //!
 //! ```text
-//! <tmp>/coordinator/coord.db, coordinator.log
+//! <tmp>/coordinator/coordinator.log, coord.db (SQLite)
 //! <tmp>/shared/                 workers' shared dir (migration-<id>/…)
 //! <tmp>/worker-<id>.log
 //! ```
@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
+use crate::backend::Backend;
 use crate::client::Client;
 use crate::process::{Coordinator, Worker};
 
@@ -45,20 +46,27 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts a coordinator with default flags and `workers` workers of
-    /// `slots` slots each, and waits until the workers are connected.
-    pub async fn start(workers: usize, slots: u32) -> Cluster {
-        Self::start_with(&[], workers, slots).await
+    /// Starts a coordinator on `backend` with default flags and `workers`
+    /// workers of `slots` slots each, and waits until the workers are
+    /// connected.
+    pub async fn start(backend: Backend, workers: usize, slots: u32) -> Cluster {
+        Self::start_with(backend, &[], workers, slots).await
     }
 
     /// Like [`Cluster::start`], passing `coordinator_args` to `coordinator serve`.
-    pub async fn start_with(coordinator_args: &[&str], workers: usize, slots: u32) -> Cluster {
+    pub async fn start_with(
+        backend: Backend,
+        coordinator_args: &[&str],
+        workers: usize,
+        slots: u32,
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("stagecoach-test-")
             .tempdir()
             .expect("create temp dir");
         let path = dir.path().to_path_buf();
-        let coordinator = Coordinator::start(&path.join("coordinator"), coordinator_args).await;
+        let coordinator =
+            Coordinator::start(backend, &path.join("coordinator"), coordinator_args).await;
         let mut cluster = Cluster {
             workers: Vec::new(),
             coordinator,
@@ -80,9 +88,19 @@ impl Cluster {
 
     /// Like [`Cluster::start_with`], with the [`FAST`] timings before
     /// `coordinator_args`.
-    pub async fn start_fast(coordinator_args: &[&str], workers: usize, slots: u32) -> Cluster {
+    pub async fn start_fast(
+        backend: Backend,
+        coordinator_args: &[&str],
+        workers: usize,
+        slots: u32,
+    ) -> Cluster {
         let args: Vec<&str> = FAST.iter().chain(coordinator_args).copied().collect();
-        Self::start_with(&args, workers, slots).await
+        Self::start_with(backend, &args, workers, slots).await
+    }
+
+    /// The backend its coordinator runs on.
+    pub fn backend(&self) -> Backend {
+        self.coordinator.backend()
     }
 
     /// The worker with id `id`. Panics if there is none.

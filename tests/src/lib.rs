@@ -5,9 +5,11 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | [`backend`] | [`Backend`] (SQLite or a throwaway PostgreSQL), [`on_both_backends!`] |
 //! | [`binaries`] | builds the two executables once per test process and finds them |
 //! | [`process`] | one real process: [`Coordinator`] and [`Worker`], start, SIGTERM, SIGKILL, logs |
 //! | [`cluster`] | [`Cluster`]: a coordinator and workers in one temporary directory |
+//! | [`fleet`] | [`Fleet`]: several coordinators on one PostgreSQL database, workers that know several |
 //! | [`client`] | [`Client`]: gRPC clients and the calls tests repeat (wait, read the log) |
 //! | [`checker`] | [`check_invariants`]: the invariants I1–I10 read from one migration's log |
 //! | [`capacity`] | [`check_capacity`] (I3) and [`check_worker_slots`] (I12) on the merged log of all migrations |
@@ -16,7 +18,13 @@
 //! | [`sample`] | the sample export plan and a source database to export |
 //! | [`archive`] | [`check_archive`]: the export archive checked against its source |
 //!
-//! The test files under `tests/` are the scenarios:
+//! The test files under `tests/` are the scenarios. Each scenario runs on
+//! both backends, as `sqlite::NAME` and `postgres::NAME`
+//! ([`on_both_backends!`]; `grpc_surface.rs` does not touch the store and
+//! runs on SQLite only), so `cargo test -p stagecoach-tests postgres::` runs
+//! the PostgreSQL half. PostgreSQL is a throwaway server per test binary,
+//! started on first use; without its binaries those tests fail and say how
+//! to install them.
 //!
 //! | file | what it proves |
 //! |---|---|
@@ -31,30 +39,36 @@
 //! | `handler_faults.rs` | panicking and hanging handlers: bounded retries, timeouts (I7) |
 //! | `cancel_retry.rs` | cancel mid-stage and retry after a failure (I9) |
 //! | `semantics.rs` | deadline, subject exclusivity, idempotency, subject status, serial and dynamic stages (I8, I10) |
+//! | `cluster_postgres.rs` | three coordinators on one PostgreSQL database: a fleet, a `kill -9`, racing admissions, a cancel across coordinators (I2, I3, I6, I9) |
 //!
 //! # A test, typically
 //!
 //! ```no_run
-//! # async fn example() {
 //! use std::time::Duration;
-//! use stagecoach_tests::{Cluster, check_invariants};
+//! use stagecoach_tests::{Backend, Cluster, check_invariants, on_both_backends};
 //!
-//! let cluster = Cluster::start(2, 4).await; // 2 workers of 4 slots
-//! let client = cluster.client().await;
-//! client.put_plan_json(&serde_json::json!({
-//!     "name": "p", "stages": [{"name": "s", "tasks": [{"kind": "noop"}]}]
-//! })).await.unwrap();
-//! let m = client.create_migration("p", "project/1", &serde_json::json!({})).await.unwrap();
-//! let m = client.wait_for_terminal(m.id, Duration::from_secs(30)).await;
-//! let events = client.events(m.id).await.unwrap();
-//! check_invariants(&m, &events).unwrap();
-//! # }
+//! on_both_backends!(one_noop_succeeds);
+//!
+//! /// One noop task succeeds, by the rules.
+//! async fn one_noop_succeeds(backend: Backend) {
+//!     let cluster = Cluster::start(backend, 2, 4).await; // 2 workers of 4 slots
+//!     let client = cluster.client().await;
+//!     client.put_plan_json(&serde_json::json!({
+//!         "name": "p", "stages": [{"name": "s", "tasks": [{"kind": "noop"}]}]
+//!     })).await.unwrap();
+//!     let m = client.create_migration("p", "project/1", &serde_json::json!({})).await.unwrap();
+//!     let m = client.wait_for_terminal(m.id, Duration::from_secs(30)).await;
+//!     let events = client.events(m.id).await.unwrap();
+//!     check_invariants(&m, &events).unwrap();
+//! }
+//! # fn main() {}
 //! ```
 //!
 //! A panicking test prints the tail of every process's log and keeps its
 //! temporary directory.
 
 pub mod archive;
+pub mod backend;
 pub mod bench;
 pub mod binaries;
 pub mod capacity;
@@ -62,16 +76,19 @@ pub mod checker;
 pub mod client;
 pub mod cluster;
 pub mod fake_worker;
+pub mod fleet;
 pub mod plans;
 pub mod process;
 pub mod sample;
 
 pub use archive::check_archive;
+pub use backend::{Backend, CommitOrder, postgres_database};
 pub use capacity::{check_capacity, check_capacity_paused, check_worker_slots};
 pub use checker::{check_attempt_bound, check_invariants, describe_event};
 pub use client::{Client, is_terminal, of_kind, wait_for};
 pub use cluster::{Cluster, FAST};
 pub use fake_worker::FakeWorker;
+pub use fleet::Fleet;
 pub use process::{Coordinator, Worker};
 pub use sample::{SAMPLE_PLAN, SourceDb, build_source_db, sample_plan_json};
 

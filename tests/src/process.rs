@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::backend::Backend;
 use crate::binaries::binaries;
 
 /// How long a coordinator may take to print its address (the first start
@@ -28,33 +29,50 @@ const LISTENING: &str = "stagecoach coordinator listening on ";
 /// Lines of each log printed when a test fails.
 const LOG_TAIL_LINES: usize = 400;
 
-/// A running `coordinator serve` process with its SQLite database in `dir`.
+/// A running `coordinator serve` process, with its log (and its SQLite
+/// database) in `dir`.
 #[derive(Debug)]
 pub struct Coordinator {
     child: Child,
     addr: SocketAddr,
     dir: PathBuf,
+    backend: Backend,
     extra_args: Vec<String>,
 }
 
 impl Coordinator {
-    /// Starts a coordinator on a free loopback port with its database at
-    /// `dir/coord.db` (created if missing, reused if present) and waits until
-    /// it prints its address. Panics, showing its log, if it does not.
-    pub async fn start(dir: &Path, extra_args: &[&str]) -> Coordinator {
-        Self::start_at(dir, "127.0.0.1:0", extra_args).await
+    /// Starts a coordinator on `backend` on a free loopback port and waits
+    /// until it prints its address. Panics, showing its log, if it does not.
+    ///
+    /// Its database is `dir`'s ([`Backend::database_for`]: `dir/coord.db`,
+    /// or a PostgreSQL database of its own), created if missing and reused
+    /// if present, unless `extra_args` names one with `--database` (so
+    /// several coordinators can share one).
+    pub async fn start(backend: Backend, dir: &Path, extra_args: &[&str]) -> Coordinator {
+        Self::start_at(backend, dir, "127.0.0.1:0", extra_args).await
     }
 
     /// Like [`Coordinator::start`], listening on `listen` (e.g. the address
     /// of a coordinator that was killed, so its workers find it again).
-    pub async fn start_at(dir: &Path, listen: &str, extra_args: &[&str]) -> Coordinator {
+    pub async fn start_at(
+        backend: Backend,
+        dir: &Path,
+        listen: &str,
+        extra_args: &[&str],
+    ) -> Coordinator {
         let dir = std::path::absolute(dir).expect("absolute coordinator dir");
         std::fs::create_dir_all(&dir).expect("create coordinator dir");
         let log = dir.join("coordinator.log");
-        let db = format!("sqlite://{}", dir.join("coord.db").display());
         let mut cmd = Command::new(&binaries().coordinator);
-        cmd.args(["serve", "--listen", listen, "--database", &db])
-            .args(extra_args)
+        cmd.args(["serve", "--listen", listen]);
+        // clap refuses `--database` twice.
+        let names_database = extra_args
+            .iter()
+            .any(|a| *a == "--database" || a.starts_with("--database="));
+        if !names_database {
+            cmd.arg("--database").arg(backend.database_for(&dir).await);
+        }
+        cmd.args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(append(&log))
@@ -103,6 +121,7 @@ impl Coordinator {
             child,
             addr,
             dir,
+            backend,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -115,7 +134,7 @@ impl Coordinator {
         }
         let args: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
         let listen = self.addr.to_string();
-        let next = Coordinator::start_at(&self.dir, &listen, &args).await;
+        let next = Coordinator::start_at(self.backend, &self.dir, &listen, &args).await;
         // The old process is gone; replacing it drops nothing that runs.
         *self = next;
     }
@@ -130,9 +149,14 @@ impl Coordinator {
         format!("http://{}", self.addr)
     }
 
-    /// The directory holding its database and log.
+    /// The directory holding its log (and its SQLite database).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The backend it runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Path of its log file.
@@ -192,8 +216,11 @@ pub struct Worker {
 
 impl Worker {
     /// Starts a worker with `slots` slots and id `id` that connects to the
-    /// coordinator at `coordinator` (`http://ADDR`, or `ADDR`) and keeps its
-    /// files in `shared_dir`. Its log is `worker-ID.log` beside `shared_dir`.
+    /// coordinator at `coordinator` (`http://ADDR`, or `ADDR`; several
+    /// coordinators of one database as a comma-separated list, which the
+    /// worker streams from one at a time and fails over between) and keeps
+    /// its files in `shared_dir`. Its log is `worker-ID.log` beside
+    /// `shared_dir`.
     pub fn start(coordinator: &str, slots: u32, shared_dir: &Path, id: &str) -> Worker {
         let shared_dir = std::path::absolute(shared_dir).expect("absolute shared dir");
         std::fs::create_dir_all(&shared_dir).expect("create shared dir");
@@ -201,11 +228,17 @@ impl Worker {
             .parent()
             .unwrap_or(&shared_dir)
             .join(format!("worker-{id}.log"));
-        let url = if coordinator.contains("://") {
-            coordinator.to_string()
-        } else {
-            format!("http://{coordinator}")
-        };
+        let url = coordinator
+            .split(',')
+            .map(|a| {
+                if a.contains("://") {
+                    a.to_string()
+                } else {
+                    format!("http://{a}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",");
         let mut cmd = Command::new(&binaries().worker);
         cmd.args(["--coordinator", &url, "--slots", &slots.to_string()])
             .arg("--shared-dir")

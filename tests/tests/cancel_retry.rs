@@ -20,7 +20,14 @@ use stagecoach_proto::v1::{
     ResumePoolRequest, SubjectStatus,
 };
 use stagecoach_tests::plans::{create_inline, plan, stage, task};
-use stagecoach_tests::{Client, Cluster, describe_event, of_kind, wait_for};
+use stagecoach_tests::{
+    Backend, Client, Cluster, describe_event, of_kind, on_both_backends, wait_for,
+};
+
+on_both_backends!(
+    cancel_stops_running_tasks_and_frees_the_slot,
+    retry_resumes_at_the_failed_stage
+);
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -36,9 +43,8 @@ async fn create_pool(client: &Client, name: &str, slots: u32) {
         .expect("CreatePool");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cancel_stops_running_tasks_and_frees_the_slot() {
-    let cluster = Cluster::start_fast(&[], 2, 2).await;
+async fn cancel_stops_running_tasks_and_frees_the_slot(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 2, 2).await;
     let client = cluster.client().await;
     create_pool(&client, "one", 1).await;
     let markers: Vec<_> = (0..4)
@@ -134,9 +140,8 @@ async fn cancel_stops_running_tasks_and_frees_the_slot() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn retry_resumes_at_the_failed_stage() {
-    let cluster = Cluster::start_fast(&[], 2, 2).await;
+async fn retry_resumes_at_the_failed_stage(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 2, 2).await;
     let client = cluster.client().await;
     create_pool(&client, "retry", 1).await;
     let fixed = cluster.dir().join("input-ready");

@@ -16,13 +16,14 @@ use std::time::Duration;
 use serde_json::json;
 use stagecoach_proto::v1::{EventKind, MigrationState};
 use stagecoach_tests::plans::{StageExt, create_inline, plan, retry, stage, task};
-use stagecoach_tests::{Cluster, check_worker_slots, of_kind};
+use stagecoach_tests::{Backend, Cluster, check_worker_slots, of_kind, on_both_backends};
+
+on_both_backends!(the_coordinator_killed_mid_stage_twice_loses_nothing);
 
 const WAIT: Duration = Duration::from_secs(120);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_coordinator_killed_mid_stage_twice_loses_nothing() {
-    let mut cluster = Cluster::start_fast(&[], 2, 2).await;
+async fn the_coordinator_killed_mid_stage_twice_loses_nothing(backend: Backend) {
+    let mut cluster = Cluster::start_fast(backend, &[], 2, 2).await;
     let sleeps = || vec![task("sleep", json!({"ms": 3_000})); 4];
     // Generous attempts: each outage may cost a running attempt.
     let policy = retry(10, 100, 1_000, 0);

@@ -9,8 +9,10 @@ use serde_json::json;
 use stagecoach_proto::v1::{
     CreateMigrationRequest, Plan, StageSpec, TaskSpec, create_migration_request::PlanSource,
 };
-use stagecoach_tests::{Client, Coordinator};
+use stagecoach_tests::{Backend, Client, Coordinator, on_both_backends};
 use tonic::{Code, Status};
+
+on_both_backends!(bad_plans_and_requests_are_refused_and_store_nothing);
 
 fn noop_stage(name: &str) -> StageSpec {
     StageSpec {
@@ -55,10 +57,9 @@ fn assert_refused<T: std::fmt::Debug>(
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_plans_and_requests_are_refused_and_store_nothing() {
+async fn bad_plans_and_requests_are_refused_and_store_nothing(backend: Backend) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let coordinator = Coordinator::start(&dir.path().join("coordinator"), &[]).await;
+    let coordinator = Coordinator::start(backend, &dir.path().join("coordinator"), &[]).await;
     let client = Client::connect(&coordinator.url()).await;
 
     // One good plan, so CreateMigration cases can name a plan that exists.

@@ -7,7 +7,11 @@ use std::time::Duration;
 use serde_json::json;
 use stagecoach_proto::json::json_to_struct;
 use stagecoach_proto::v1::{EventKind, MigrationState, Plan, StageSpec, TaskSpec};
-use stagecoach_tests::{Cluster, assert_ok, check_invariants, describe_event};
+use stagecoach_tests::{
+    Backend, Cluster, assert_ok, check_invariants, describe_event, on_both_backends,
+};
+
+on_both_backends!(a_dead_task_fails_the_migration_and_later_stages_never_run);
 
 fn stage(name: &str, kind: &str, payload: serde_json::Value) -> StageSpec {
     StageSpec {
@@ -21,9 +25,8 @@ fn stage(name: &str, kind: &str, payload: serde_json::Value) -> StageSpec {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_dead_task_fails_the_migration_and_later_stages_never_run() {
-    let cluster = Cluster::start(2, 4).await;
+async fn a_dead_task_fails_the_migration_and_later_stages_never_run(backend: Backend) {
+    let cluster = Cluster::start(backend, 2, 4).await;
     let client = cluster.client().await;
     client
         .put_plan(Plan {

@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use stagecoach_proto::v1::{EventKind, MigrationState, StageState};
 use stagecoach_tests::{
-    Cluster, SAMPLE_PLAN, assert_ok, build_source_db, check_archive, check_invariants,
-    describe_event, sample_plan_json,
+    Backend, Cluster, SAMPLE_PLAN, assert_ok, build_source_db, check_archive, check_invariants,
+    describe_event, on_both_backends, sample_plan_json,
 };
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sample_export_succeeds_and_matches_its_source() {
-    let cluster = Cluster::start(2, 4).await;
+on_both_backends!(sample_export_succeeds_and_matches_its_source);
+
+async fn sample_export_succeeds_and_matches_its_source(backend: Backend) {
+    let cluster = Cluster::start(backend, 2, 4).await;
     let client = cluster.client().await;
     let source = build_source_db(&cluster.dir().join("source.db"))
         .await

@@ -2,8 +2,10 @@
 //! standard health service answers SERVING, and server reflection lists the
 //! three Stagecoach services and serves their descriptors (so `grpcurl` works
 //! without .proto files).
+//!
+//! On SQLite only: neither service reads the store.
 
-use stagecoach_tests::{Client, Coordinator};
+use stagecoach_tests::{Backend, Client, Coordinator};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -21,7 +23,8 @@ const SERVICES: [&str; 3] = [
 #[tokio::test(flavor = "multi_thread")]
 async fn health_check_answers_serving() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let coordinator = Coordinator::start(&dir.path().join("coordinator"), &[]).await;
+    let coordinator =
+        Coordinator::start(Backend::Sqlite, &dir.path().join("coordinator"), &[]).await;
     let client = Client::connect(&coordinator.url()).await;
 
     let resp = HealthClient::new(client.channel.clone())
@@ -37,7 +40,8 @@ async fn health_check_answers_serving() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_and_describes_the_stagecoach_services() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let coordinator = Coordinator::start(&dir.path().join("coordinator"), &[]).await;
+    let coordinator =
+        Coordinator::start(Backend::Sqlite, &dir.path().join("coordinator"), &[]).await;
     let client = Client::connect(&coordinator.url()).await;
 
     let services = list_services(client.channel.clone()).await;

@@ -21,8 +21,15 @@ use serde_json::json;
 use stagecoach_proto::v1::{EventKind, MigrationState, StageState};
 use stagecoach_tests::fake_worker::{completion, failure, lease};
 use stagecoach_tests::plans::{StageExt, create_inline, plan, retry, stage, task};
-use stagecoach_tests::{Cluster, FakeWorker, of_kind};
+use stagecoach_tests::{Backend, Cluster, FakeWorker, of_kind, on_both_backends};
 use tonic::Code;
+
+on_both_backends!(
+    a_repeated_complete_is_a_harmless_duplicate,
+    a_complete_with_a_reassigned_attempts_token_is_rejected,
+    a_report_for_a_stage_not_started_is_rejected,
+    a_batch_with_a_good_and_a_stale_report_applies_the_good_one
+);
 
 /// A kind no real worker handles: only the fake workers get these tasks.
 const KIND: &str = "fake.step";
@@ -32,9 +39,8 @@ fn step() -> stagecoach_proto::v1::TaskSpec {
     task(KIND, json!({}))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_repeated_complete_is_a_harmless_duplicate() {
-    let cluster = Cluster::start_fast(&[], 0, 1).await;
+async fn a_repeated_complete_is_a_harmless_duplicate(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 0, 1).await;
     let client = cluster.client().await;
     let url = cluster.coordinator.url();
     let mut f = FakeWorker::subscribe(&url, "f1", &[KIND], 4).await;
@@ -87,9 +93,8 @@ async fn a_repeated_complete_is_a_harmless_duplicate() {
     eprintln!("raw report calls: {}", f.report_calls());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_complete_with_a_reassigned_attempts_token_is_rejected() {
-    let cluster = Cluster::start_fast(&[], 0, 1).await;
+async fn a_complete_with_a_reassigned_attempts_token_is_rejected(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 0, 1).await;
     let client = cluster.client().await;
     let url = cluster.coordinator.url();
     let mut f1 = FakeWorker::subscribe(&url, "f1", &[KIND], 1).await;
@@ -146,9 +151,8 @@ async fn a_complete_with_a_reassigned_attempts_token_is_rejected() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_report_for_a_stage_not_started_is_rejected() {
-    let cluster = Cluster::start_fast(&[], 0, 1).await;
+async fn a_report_for_a_stage_not_started_is_rejected(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 0, 1).await;
     let client = cluster.client().await;
     let mut f = FakeWorker::subscribe(&cluster.coordinator.url(), "f1", &[KIND], 4).await;
     let p = plan(
@@ -207,9 +211,8 @@ async fn a_report_for_a_stage_not_started_is_rejected() {
     eprintln!("raw report calls: {}", f.report_calls());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_batch_with_a_good_and_a_stale_report_applies_the_good_one() {
-    let cluster = Cluster::start_fast(&[], 0, 1).await;
+async fn a_batch_with_a_good_and_a_stale_report_applies_the_good_one(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 0, 1).await;
     let client = cluster.client().await;
     let mut f = FakeWorker::subscribe(&cluster.coordinator.url(), "f1", &[KIND], 2).await;
     let p = plan(

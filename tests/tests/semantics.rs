@@ -26,8 +26,18 @@ use stagecoach_proto::v1::{
 use stagecoach_tests::checker::DEADLINE_EXCEEDED;
 use stagecoach_tests::fake_worker::{completion, completion_adding};
 use stagecoach_tests::plans::{StageExt, create_inline, plan, stage, task};
-use stagecoach_tests::{Client, Cluster, FakeWorker, describe_event, of_kind, wait_for};
+use stagecoach_tests::{
+    Backend, Client, Cluster, FakeWorker, describe_event, of_kind, on_both_backends, wait_for,
+};
 use tonic::Code;
+
+on_both_backends!(
+    a_migration_past_its_deadline_fails,
+    one_unfinished_migration_per_subject_and_idempotent_creates,
+    a_second_run_of_a_finished_subject_is_regenerating,
+    a_serial_stage_runs_one_task_at_a_time_in_order,
+    tasks_can_only_be_added_to_later_stages_not_started
+);
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -46,9 +56,8 @@ async fn paused_pool(client: &Client, name: &str) {
     admin.pause_pool(pause).await.expect("PausePool");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_migration_past_its_deadline_fails() {
-    let cluster = Cluster::start_fast(&[], 1, 2).await;
+async fn a_migration_past_its_deadline_fails(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 1, 2).await;
     let client = cluster.client().await;
     let marker = cluster.dir().join("stopped");
     let long = plan(
@@ -96,9 +105,8 @@ async fn a_migration_past_its_deadline_fails() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn one_unfinished_migration_per_subject_and_idempotent_creates() {
-    let cluster = Cluster::start_fast(&[], 0, 1).await;
+async fn one_unfinished_migration_per_subject_and_idempotent_creates(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 0, 1).await;
     let client = cluster.client().await;
     paused_pool(&client, "held").await;
     let p = plan("p", vec![stage("s", vec![task("noop", json!({}))])]);
@@ -141,9 +149,8 @@ async fn one_unfinished_migration_per_subject_and_idempotent_creates() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_second_run_of_a_finished_subject_is_regenerating() {
-    let cluster = Cluster::start_fast(&[], 1, 2).await;
+async fn a_second_run_of_a_finished_subject_is_regenerating(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 1, 2).await;
     let client = cluster.client().await;
     let subject = "project/regen";
     let status = async || client.subject_status(subject).await.unwrap();
@@ -173,9 +180,8 @@ async fn a_second_run_of_a_finished_subject_is_regenerating() {
     assert_eq!(s.last_succeeded.map(|m| m.id), Some(run2.id));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_serial_stage_runs_one_task_at_a_time_in_order() {
-    let cluster = Cluster::start_fast(&[], 2, 4).await;
+async fn a_serial_stage_runs_one_task_at_a_time_in_order(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 2, 4).await;
     let client = cluster.client().await;
     let tasks = (0..4)
         .map(|i| task("sleep", json!({"ms": 200, "n": i})))
@@ -232,10 +238,9 @@ async fn a_serial_stage_runs_one_task_at_a_time_in_order() {
     assert_eq!(done, 4, "{order:#?}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tasks_can_only_be_added_to_later_stages_not_started() {
+async fn tasks_can_only_be_added_to_later_stages_not_started(backend: Backend) {
     const KIND: &str = "fake.step";
-    let cluster = Cluster::start_fast(&[], 0, 1).await;
+    let cluster = Cluster::start_fast(backend, &[], 0, 1).await;
     let client = cluster.client().await;
     let mut f = FakeWorker::subscribe(&cluster.coordinator.url(), "f1", &[KIND], 2).await;
     let p = plan(

@@ -18,14 +18,20 @@ use serde_json::json;
 use stagecoach_proto::v1::{CompleteRequest, EventKind, FailRequest, MigrationState};
 use stagecoach_tests::fake_worker::{completion, failure, lease};
 use stagecoach_tests::plans::{create_inline, plan, stage, task};
-use stagecoach_tests::{Cluster, check_worker_slots, describe_event, of_kind, wait_for};
+use stagecoach_tests::{
+    Backend, Cluster, check_worker_slots, describe_event, of_kind, on_both_backends, wait_for,
+};
 use tonic::Code;
+
+on_both_backends!(
+    a_killed_workers_task_moves_on_and_its_late_report_is_rejected,
+    a_worker_dying_with_two_leases_fails_the_migration_once
+);
 
 const WAIT: Duration = Duration::from_secs(90);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_killed_workers_task_moves_on_and_its_late_report_is_rejected() {
-    let mut cluster = Cluster::start_fast(&[], 2, 2).await;
+async fn a_killed_workers_task_moves_on_and_its_late_report_is_rejected(backend: Backend) {
+    let mut cluster = Cluster::start_fast(backend, &[], 2, 2).await;
     let client = cluster.client().await;
     let p = plan(
         "crash",
@@ -116,9 +122,8 @@ async fn a_killed_workers_task_moves_on_and_its_late_report_is_rejected() {
     eprintln!("kills: {kills}, raw reports: {raw_reports}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_worker_dying_with_two_leases_fails_the_migration_once() {
-    let mut cluster = Cluster::start_fast(&["--max-reassignments", "1"], 1, 2).await;
+async fn a_worker_dying_with_two_leases_fails_the_migration_once(backend: Backend) {
+    let mut cluster = Cluster::start_fast(backend, &["--max-reassignments", "1"], 1, 2).await;
     let client = cluster.client().await;
     let long = || task("sleep", json!({"ms": 60_000}));
     let p = plan("doomed", vec![stage("only", vec![long(), long()])]);

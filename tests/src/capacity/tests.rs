@@ -2,6 +2,7 @@
 
 use super::*;
 
+use CommitOrder::{Concurrent, Serial};
 use EventKind::*;
 
 /// A merged log with increasing ids.
@@ -23,6 +24,16 @@ impl Log {
     }
     fn m(self, migration: i64, kind: EventKind) -> Self {
         self.ev(migration, kind, 0, "")
+    }
+    /// The last event happened at `ms` (database time).
+    fn at(mut self, ms: i64) -> Self {
+        if let Some(e) = self.0.last_mut() {
+            e.at = Some(prost_types::Timestamp {
+                seconds: ms / 1000,
+                nanos: (ms % 1000) as i32 * 1_000_000,
+            });
+        }
+        self
     }
 }
 
@@ -49,20 +60,21 @@ fn prompt_log() -> Log {
 
 #[test]
 fn prompt_admissions_within_slots_pass() {
-    let seen = check_capacity(&prompt_log().0, 2).unwrap();
+    let seen = check_capacity(&prompt_log().0, 2, Serial).unwrap();
     assert_eq!(
         seen,
         Capacity {
             max_running: 2,
             admissions: 3,
-            prompt_admissions: 3
+            prompt_admissions: 3,
+            longest_wait_ms: 0,
         }
     );
 }
 
 #[test]
 fn too_many_running_is_caught() {
-    let errors = check_capacity(&prompt_log().0, 1).unwrap_err();
+    let errors = check_capacity(&prompt_log().0, 1, Serial).unwrap_err();
     assert!(
         errors.iter().any(|e| e.contains("2 migrations running")),
         "{errors:?}"
@@ -79,7 +91,7 @@ fn a_late_admission_is_caught() {
         // Something else happens before 2 gets the free slot.
         .ev(3, TaskAssigned, 5, "w1")
         .m(2, MigrationAdmitted);
-    let errors = check_capacity(&log.0, 1).unwrap_err();
+    let errors = check_capacity(&log.0, 1, Serial).unwrap_err();
     assert!(
         errors[0].contains("next event is #5 TASK_ASSIGNED"),
         "{errors:?}"
@@ -95,7 +107,7 @@ fn admission_out_of_order_is_caught() {
         .m(3, MigrationCreated)
         .m(1, MigrationSucceeded)
         .m(3, MigrationAdmitted);
-    assert!(check_capacity(&log.0, 1).is_err());
+    assert!(check_capacity(&log.0, 1, Serial).is_err());
 }
 
 #[test]
@@ -124,7 +136,63 @@ fn nothing_is_owed_while_paused() {
         .m(3, MigrationCanceled)
         .m(2, MigrationAdmitted)
         .m(2, MigrationSucceeded);
-    assert!(check_capacity(&log.0, 1).is_err());
-    let seen = check_capacity_paused(&log.0, 1, |e| (4..=6).contains(&e.id)).unwrap();
+    assert!(check_capacity(&log.0, 1, Serial).is_err());
+    let seen = check_capacity_paused(&log.0, 1, Serial, |e| (4..=6).contains(&e.id)).unwrap();
     assert_eq!((seen.max_running, seen.admissions), (1, 2));
+}
+
+#[test]
+fn a_log_ending_with_a_wait_beside_a_free_slot_is_caught() {
+    let log = Log::default()
+        .m(1, MigrationCreated)
+        .m(1, MigrationAdmitted)
+        .m(2, MigrationCreated)
+        .m(1, MigrationSucceeded);
+    for order in [Serial, Concurrent] {
+        let errors = check_capacity(&log.0, 1, order).unwrap_err();
+        assert!(errors[0].contains("the log ends"), "{errors:?}");
+    }
+}
+
+/// Two coordinators: 1 finishes and its transaction refills the slot with 3,
+/// while another transaction's claim of 2's task takes an id in between.
+fn interleaved_log() -> Log {
+    Log::default()
+        .m(1, MigrationCreated)
+        .m(1, MigrationAdmitted)
+        .m(2, MigrationCreated)
+        .m(2, MigrationAdmitted)
+        .m(3, MigrationCreated)
+        .m(1, MigrationSucceeded)
+        .at(1_000)
+        .ev(2, TaskAssigned, 20, "w2")
+        .m(3, MigrationAdmitted)
+        .at(1_040)
+        .m(2, MigrationSucceeded)
+        .m(3, MigrationSucceeded)
+}
+
+#[test]
+fn concurrent_commits_may_interleave_an_admission_pass() {
+    let log = interleaved_log();
+    assert!(check_capacity(&log.0, 2, Serial).is_err());
+    let seen = check_capacity(&log.0, 2, Concurrent).unwrap();
+    assert_eq!(
+        seen,
+        Capacity {
+            max_running: 2,
+            admissions: 3,
+            prompt_admissions: 3,
+            longest_wait_ms: 40,
+        }
+    );
+}
+
+#[test]
+fn concurrent_commits_still_keep_the_slot_limit() {
+    let errors = check_capacity(&interleaved_log().0, 1, Concurrent).unwrap_err();
+    assert!(
+        errors.iter().any(|e| e.contains("2 migrations running")),
+        "{errors:?}"
+    );
 }

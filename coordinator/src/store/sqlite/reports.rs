@@ -224,6 +224,7 @@ async fn add_tasks(
     .bind(t.migration_id)
     .fetch_all(&mut *conn)
     .await?;
+    let mut added: std::collections::BTreeMap<i64, i64> = Default::default();
     for (j, task) in c.add_tasks.iter().enumerate() {
         let field = format!("add_tasks[{j}]");
         validate_task(&field, &task.kind, &task.payload, task.max_attempts)?;
@@ -260,11 +261,7 @@ async fn add_tasks(
         .bind(attempts)
         .fetch_one(&mut *conn)
         .await?;
-        sqlx::query("UPDATE stages SET total = total + 1 WHERE migration_id = ? AND idx = ?")
-            .bind(t.migration_id)
-            .bind(idx)
-            .execute(&mut *conn)
-            .await?;
+        *added.entry(*idx).or_insert(0) += 1;
         let message = format!("{} added by task {}", task.kind, c.lease.task_id);
         event(
             conn,
@@ -278,6 +275,15 @@ async fn add_tasks(
             },
         )
         .await?;
+    }
+    // One counter update per stage, not per task: a fan-out of thousands.
+    for (idx, n) in added {
+        sqlx::query("UPDATE stages SET total = total + ? WHERE migration_id = ? AND idx = ?")
+            .bind(n)
+            .bind(t.migration_id)
+            .bind(idx)
+            .execute(&mut *conn)
+            .await?;
     }
     fx.touch(t.migration_id);
     Ok(())
