@@ -15,23 +15,49 @@ use stagecoach_coordinator::domain::{
     NewMigration, NewTask, PlanSpec, ReportAck, StageState,
 };
 use stagecoach_coordinator::error::Error;
-use stagecoach_coordinator::store::{Limits, SqliteStore, Store};
+use stagecoach_coordinator::store::{Limits, Report, SqliteStore, Store};
 
 const WORKERS: [&str; 3] = ["w0", "w1", "w2"];
 const SUBJECTS: [&str; 4] = ["s0", "s1", "s2", "s3"];
 
 #[derive(Debug, Clone)]
 enum Op {
-    Create { subject: usize, plan: usize },
-    Claim { worker: usize, slots: u32 },
-    Complete { pick: usize, fan_out: bool },
-    Fail { pick: usize, retryable: bool },
-    Stale { pick: usize },
-    Heartbeat { worker: usize },
+    Create {
+        subject: usize,
+        plan: usize,
+    },
+    Claim {
+        worker: usize,
+        slots: u32,
+    },
+    Complete {
+        pick: usize,
+        fan_out: bool,
+    },
+    /// Two live leases and a repeat of the first, in one batch.
+    CompleteBatch {
+        pick: usize,
+    },
+    Fail {
+        pick: usize,
+        retryable: bool,
+    },
+    Stale {
+        pick: usize,
+    },
+    Heartbeat {
+        worker: usize,
+    },
     Expire,
-    Cancel { pick: usize },
-    Retry { pick: usize },
-    SetSlots { slots: u32 },
+    Cancel {
+        pick: usize,
+    },
+    Retry {
+        pick: usize,
+    },
+    SetSlots {
+        slots: u32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -40,6 +66,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..WORKERS.len(), 1..4u32).prop_map(|(worker, slots)| Op::Claim { worker, slots }),
         5 => (any::<usize>(), any::<bool>()).prop_map(|(pick, fan_out)| Op::Complete { pick, fan_out }),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(pick, retryable)| Op::Fail { pick, retryable }),
+        2 => any::<usize>().prop_map(|pick| Op::CompleteBatch { pick }),
         1 => any::<usize>().prop_map(|pick| Op::Stale { pick }),
         1 => (0..WORKERS.len()).prop_map(|worker| Op::Heartbeat { worker }),
         1 => Just(Op::Expire),
@@ -202,6 +229,42 @@ async fn step(s: &SqliteStore, m: &mut Model, plans: &[PlanSpec], op: &Op) {
             m.drop_lease(a.lease);
             for r in fx.revoked {
                 m.drop_lease(r.lease);
+            }
+        }
+        Op::CompleteBatch { pick } => {
+            let all = m.all_held();
+            if all.len() < 2 {
+                return;
+            }
+            let (w1, a1) = &all[pick % all.len()];
+            let (w2, a2) = &all[(pick + 1) % all.len()];
+            let report = |w: &str, a: &Assignment| {
+                (
+                    w.to_string(),
+                    Report::Complete(Completion {
+                        lease: a.lease,
+                        output: json!({"t": a.lease.task_id}),
+                        add_tasks: vec![],
+                    }),
+                )
+            };
+            let batch = [report(w1, a1), report(w2, a2), report(w1, a1)];
+            let results = s.report_many(&batch).await.unwrap();
+            let acks: Vec<_> = results
+                .into_iter()
+                .map(|r| r.map(|(ack, _)| ack).unwrap_or_else(|e| panic!("{e}")))
+                .collect();
+            assert_eq!(
+                acks,
+                [
+                    ReportAck::Recorded,
+                    ReportAck::Recorded,
+                    ReportAck::Duplicate
+                ]
+            );
+            for a in [a1, a2] {
+                m.completed.insert(a.lease);
+                m.drop_lease(a.lease);
             }
         }
         Op::Fail { pick, retryable } => {

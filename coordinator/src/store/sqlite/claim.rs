@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
-use super::machine::{EventAt, event};
+use super::bulk::{NewEvent, insert_events};
 use crate::clock::now_ms;
 use crate::domain::{Assignment, EventKind, HeartbeatOutcome, LeaseStatus, LeaseToken};
 use crate::error::{Error, Result};
@@ -89,6 +89,7 @@ async fn claim(
     }
     let rows = q.bind(free).fetch_all(&mut *conn).await?;
     let mut out = Vec::with_capacity(rows.len());
+    let mut events = Vec::with_capacity(rows.len());
     for row in rows {
         let (task_id, attempt, migration_id, stage): (i64, i64, i64, i64) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
@@ -114,14 +115,14 @@ async fn claim(
                 c
             }
         };
-        let at = EventAt {
+        events.push(NewEvent {
+            migration_id,
+            kind: EventKind::TaskAssigned,
             stage: Some(stage),
             task_id,
             attempt,
-            worker: &r.worker_id,
-            ..Default::default()
-        };
-        event(conn, migration_id, EventKind::TaskAssigned, at).await?;
+            worker: r.worker_id.clone(),
+        });
         let payload: String = row.get(5);
         out.push(Assignment {
             lease: LeaseToken {
@@ -141,6 +142,7 @@ async fn claim(
             max_attempts: row.get::<i64, _>(7) as u32,
         });
     }
+    insert_events(conn, &events).await?;
     Ok(out)
 }
 

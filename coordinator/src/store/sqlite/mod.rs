@@ -6,6 +6,7 @@
 //! list, watch) never wait for it. Each transition is one transaction on the
 //! writer; its precondition is in the `WHERE` of its updates.
 
+mod bulk;
 mod claim;
 mod machine;
 mod reads;

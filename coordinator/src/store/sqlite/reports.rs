@@ -7,6 +7,7 @@
 use rand::Rng;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
+use super::bulk;
 use super::machine::{self, EventAt, event};
 use crate::clock::now_ms;
 use crate::domain::{
@@ -22,8 +23,23 @@ pub(super) async fn report_many(
     reports: &[(String, Report)],
 ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
     let mut tx = db.begin().await?;
+    // Plain completions of live leases go set at a time; everything else
+    // (failures, fan-out, stale or repeated reports) one by one below.
+    let plain: Vec<_> = reports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (w, r))| match r {
+            Report::Complete(c) if c.add_tasks.is_empty() => Some((i, w.as_str(), c)),
+            _ => None,
+        })
+        .collect();
+    let mut bulk = bulk::complete_plain(&mut tx, &plain).await?;
     let mut out = Vec::with_capacity(reports.len());
-    for (worker_id, report) in reports {
+    for (i, (worker_id, report)) in reports.iter().enumerate() {
+        if let Some(done) = bulk.remove(&i) {
+            out.push(Ok(done));
+            continue;
+        }
         let mut fx = Effects::default();
         sqlx::query("SAVEPOINT report").execute(&mut *tx).await?;
         let outcome = match report {

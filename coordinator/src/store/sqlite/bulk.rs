@@ -1,0 +1,164 @@
+//! Set-at-a-time SQL for the hot paths of the SQLite store.
+//!
+//! sqlx runs each SQLite connection on its own thread and every statement is
+//! a round trip to it, so at tens of thousands of tasks per second the cost
+//! is the number of statements, not the work in each. Here a batch of plain
+//! completions (no added tasks) is recorded with a handful of statements
+//! whatever its size, and events are appended many rows per `INSERT`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+
+use super::machine;
+use crate::clock::now_ms;
+use crate::domain::{Completion, EventKind, ReportAck};
+use crate::error::Result;
+use crate::store::Effects;
+
+/// Rows per multi-row `INSERT` (8 parameters each, far below SQLite's limit).
+const ROWS_PER_INSERT: usize = 500;
+
+/// An event to append, owned so a batch can collect many.
+pub(super) struct NewEvent {
+    pub migration_id: i64,
+    pub kind: EventKind,
+    pub stage: Option<i64>,
+    pub task_id: i64,
+    pub attempt: i64,
+    pub worker: String,
+}
+
+/// Appends events in order, many rows per statement.
+pub(super) async fn insert_events(conn: &mut SqliteConnection, events: &[NewEvent]) -> Result<()> {
+    let at = now_ms();
+    for chunk in events.chunks(ROWS_PER_INSERT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message) ",
+        );
+        q.push_values(chunk, |mut row, e| {
+            row.push_bind(e.migration_id)
+                .push_bind(at)
+                .push_bind(e.kind.as_str())
+                .push_bind(e.stage)
+                .push_bind(e.task_id)
+                .push_bind(e.attempt)
+                .push_bind(e.worker.as_str())
+                .push_bind("");
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Records the completions of `batch` (indexes into `reports`) whose lease is
+/// live, set at a time, and returns their results by index. The rest —
+/// stale, repeated, or with tasks to add — are left to the one-by-one path.
+pub(super) async fn complete_plain(
+    conn: &mut SqliteConnection,
+    batch: &[(usize, &str, &Completion)],
+) -> Result<HashMap<usize, (ReportAck, Effects)>> {
+    let mut done = HashMap::new();
+    if batch.is_empty() {
+        return Ok(done);
+    }
+    // Which leases are live right now, in this transaction.
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+        "SELECT id, attempt, lease_worker, migration_id, stage_idx FROM tasks WHERE state = 'leased' AND id IN (",
+    );
+    let mut ids = q.separated(", ");
+    for (_, _, c) in batch {
+        ids.push_bind(c.lease.task_id);
+    }
+    q.push(")");
+    let rows: Vec<(i64, i64, Option<String>, i64, i64)> =
+        q.build_query_as().fetch_all(&mut *conn).await?;
+    let live: HashMap<i64, (i64, Option<String>, i64, i64)> = rows
+        .into_iter()
+        .map(|(id, attempt, worker, m, s)| (id, (attempt, worker, m, s)))
+        .collect();
+
+    let mut taken = Vec::new();
+    let mut outputs = serde_json::Map::new();
+    for &(i, worker, c) in batch {
+        let Some((attempt, holder, migration_id, stage)) = live.get(&c.lease.task_id) else {
+            continue;
+        };
+        let key = c.lease.task_id.to_string();
+        if *attempt != c.lease.attempt as i64
+            || holder.as_deref() != Some(worker)
+            || outputs.contains_key(&key)
+        {
+            continue;
+        }
+        outputs.insert(key, c.output.clone());
+        taken.push((i, worker, c, *migration_id, *stage));
+    }
+    if taken.is_empty() {
+        return Ok(done);
+    }
+
+    // One UPDATE for every task; each output is picked out of one JSON
+    // object keyed by task id.
+    let mut q: QueryBuilder<Sqlite> =
+        QueryBuilder::new("UPDATE tasks SET state = 'succeeded', output = json_extract(");
+    q.push_bind(serde_json::Value::Object(outputs).to_string())
+        .push(", '$.\"' || id || '\"'), finished_at = ")
+        .push_bind(now_ms())
+        .push(", lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL WHERE state = 'leased' AND id IN (");
+    let mut ids = q.separated(", ");
+    for (_, _, c, _, _) in &taken {
+        ids.push_bind(c.lease.task_id);
+    }
+    q.push(")");
+    q.build().execute(&mut *conn).await?;
+
+    let mut per_stage: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+    let mut events = Vec::with_capacity(taken.len());
+    for (_, worker, c, migration_id, stage) in &taken {
+        *per_stage.entry((*migration_id, *stage)).or_insert(0) += 1;
+        events.push(NewEvent {
+            migration_id: *migration_id,
+            kind: EventKind::TaskSucceeded,
+            stage: Some(*stage),
+            task_id: c.lease.task_id,
+            attempt: c.lease.attempt as i64,
+            worker: worker.to_string(),
+        });
+    }
+    insert_events(conn, &events).await?;
+
+    // Stage counters and transitions once per stage; the effects ride on the
+    // first report of the batch (the committer applies them all anyway).
+    let mut fx = Effects {
+        dispatch: true,
+        ..Effects::default()
+    };
+    for (&(migration_id, stage), &n) in &per_stage {
+        sqlx::query(
+            "UPDATE stages SET succeeded = succeeded + ? WHERE migration_id = ? AND idx = ?",
+        )
+        .bind(n)
+        .bind(migration_id)
+        .bind(stage)
+        .execute(&mut *conn)
+        .await?;
+        fx.touch(migration_id);
+        if machine::after_task_success(conn, migration_id, stage, &mut fx).await? {
+            let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = ?")
+                .bind(migration_id)
+                .fetch_one(&mut *conn)
+                .await?;
+            machine::admit(conn, &pool, &mut fx).await?;
+        }
+    }
+    for (n, (i, ..)) in taken.iter().enumerate() {
+        let effects = if n == 0 {
+            std::mem::take(&mut fx)
+        } else {
+            Effects::default()
+        };
+        done.insert(*i, (ReportAck::Recorded, effects));
+    }
+    Ok(done)
+}
