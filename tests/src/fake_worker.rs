@@ -173,6 +173,13 @@ impl FakeWorker {
         }
     }
 
+    /// A client of the coordinator it subscribed to, for reports sent from
+    /// other tasks while this one waits for assignments (not counted in
+    /// [`Self::report_calls`]).
+    pub fn raw_client(&self) -> WorkerServiceClient<Channel> {
+        self.client.clone()
+    }
+
     /// Cancel notices received so far while waiting for assignments.
     pub fn cancels(&self) -> &[CancelNotice] {
         &self.cancels

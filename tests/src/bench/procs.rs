@@ -46,19 +46,22 @@ impl Executables {
         }
     }
 
-    /// Copies both into `dir`, so a build that replaces them in the target
-    /// dir during a long run does not change what later measurements start.
+    /// Copies both into `dir` as `bench-coordinator` and `bench-worker`:
+    /// a build that replaces the originals during a long run then does not
+    /// change what later measurements start, and on a shared machine the
+    /// bench's processes are told apart from (and not stopped with) other
+    /// `coordinator` and `worker` processes by name.
     pub fn copy_to(&self, dir: &Path) -> anyhow::Result<Executables> {
         std::fs::create_dir_all(dir)?;
-        let copy = |from: &Path| -> anyhow::Result<PathBuf> {
-            let to = dir.join(from.file_name().context("an executable without a name")?);
+        let copy = |from: &Path, name: &str| -> anyhow::Result<PathBuf> {
+            let to = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
             std::fs::copy(from, &to)
                 .with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
             Ok(to)
         };
         Ok(Executables {
-            coordinator: copy(&self.coordinator)?,
-            worker: copy(&self.worker)?,
+            coordinator: copy(&self.coordinator, "bench-coordinator")?,
+            worker: copy(&self.worker, "bench-worker")?,
         })
     }
 
