@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
 use super::bulk::{NewEvent, insert_events};
 use crate::clock::now_ms;
@@ -60,34 +60,55 @@ async fn claim(
     }
     let now = now_ms();
     let expires = now + limits.lease_ms;
-    let placeholders = vec!["?"; r.kinds.len()].join(", ");
-    // Kinds are bound, not interpolated: only the placeholder list is built.
-    let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE tasks SET state = 'leased', attempt = attempt + 1, lease_worker = ?, lease_expires_at = ?,
-                          progress_done = 0, progress_total = 0,
-                          attempt_deadline = (SELECT CASE WHEN s.attempt_timeout_ms > 0
-                                                          THEN ? + s.attempt_timeout_ms END
-                                              FROM stages s WHERE s.migration_id = tasks.migration_id
-                                                              AND s.idx = tasks.stage_idx)
-         WHERE id IN (
-             SELECT t.id FROM tasks t
+    // The oldest ready tasks, kind by kind: each lookup is a range of the
+    // (kind, ready_at, id) index bounded by `free`, so a worker whose kinds
+    // have no ready work costs nothing however many other tasks are ready.
+    let mut candidates: Vec<(i64, i64)> = Vec::new();
+    for kind in &r.kinds {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT t.ready_at, t.id FROM tasks t
              JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
              JOIN migrations m ON m.id = t.migration_id
-             WHERE t.state = 'ready' AND t.ready_at <= ? AND t.kind IN ({placeholders})
+             WHERE t.state = 'ready' AND t.kind = ? AND t.ready_at <= ?
                -- I1/I9: only tasks of a running stage of a running migration
                AND s.state = 'running' AND m.state = 'running'
-             ORDER BY t.ready_at, t.id LIMIT ?)
-         RETURNING id, attempt, migration_id, stage_idx, kind, payload, checkpoint, max_attempts"
-    ));
-    let mut q = sqlx::query(sql)
-        .bind(&r.worker_id)
-        .bind(expires)
+             ORDER BY t.ready_at, t.id LIMIT ?",
+        )
+        .bind(kind)
         .bind(now)
-        .bind(now);
-    for k in &r.kinds {
-        q = q.bind(k);
+        .bind(free)
+        .fetch_all(&mut *conn)
+        .await?;
+        candidates.extend(rows);
     }
-    let rows = q.bind(free).fetch_all(&mut *conn).await?;
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    candidates.sort_unstable();
+    candidates.truncate(free as usize);
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+        "UPDATE tasks SET state = 'leased', attempt = attempt + 1, progress_done = 0, progress_total = 0, lease_worker = ",
+    );
+    q.push_bind(&r.worker_id)
+        .push(", lease_expires_at = ")
+        .push_bind(expires)
+        .push(", attempt_deadline = (SELECT CASE WHEN s.attempt_timeout_ms > 0 THEN ")
+        .push_bind(now)
+        .push(
+            " + s.attempt_timeout_ms END FROM stages s
+               WHERE s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx)
+             WHERE state = 'ready' AND id IN (",
+        );
+    let mut ids = q.separated(", ");
+    for (_, id) in &candidates {
+        ids.push_bind(*id);
+    }
+    q.push(
+        ") RETURNING id, attempt, migration_id, stage_idx, kind, payload, checkpoint, max_attempts",
+    );
+    let mut rows = q.build().fetch_all(&mut *conn).await?;
+    // RETURNING has no order: hand tasks out in the order they were created.
+    rows.sort_by_key(|row| row.get::<i64, _>(0));
     let mut out = Vec::with_capacity(rows.len());
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {

@@ -1,0 +1,4 @@
+-- Claims look up ready tasks kind by kind, oldest first: without this index a
+-- worker whose kinds have no ready work scanned every ready task of other
+-- kinds on each dispatch pass.
+CREATE INDEX tasks_ready_kind ON tasks (kind, ready_at, id) WHERE state = 'ready';
