@@ -63,7 +63,12 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
-    let server = tokio::spawn(crate::server::run(config, listener, shutdown.clone()));
+    let server = tokio::spawn(crate::server::run(
+        config,
+        listener,
+        shutdown.clone(),
+        || {},
+    ));
 
     let mut workers = Vec::new();
     for i in 0..args.workers {

@@ -75,8 +75,9 @@ async fn main() -> anyhow::Result<()> {
             let addr = listener.local_addr()?;
             let database = stagecoach_coordinator::config::redacted_url(&config.database);
             tracing::info!(%addr, %database, ?config.log_format, "coordinator starting");
-            println!("stagecoach coordinator listening on {addr}");
-            server::run(config, listener, shutdown).await?;
+            // Printed once the store is open: scripts and tests wait for it.
+            let ready = move || println!("stagecoach coordinator listening on {addr}");
+            server::run(config, listener, shutdown, ready).await?;
         }
         Command::Demo(args) => {
             init_logging(LogFormat::Text, "warn");

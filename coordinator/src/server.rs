@@ -8,8 +8,8 @@ use stagecoach_proto::v1::admin_service_server::AdminServiceServer;
 use stagecoach_proto::v1::migration_service_server::MigrationServiceServer;
 use stagecoach_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::engine::{Coordinator, run_dispatcher, run_remote_effects, run_sweeper};
@@ -42,10 +42,14 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServeError> {
 
 /// Serves on `listener` until `shutdown` is cancelled, then drains: worker
 /// and watch streams end, in-flight calls finish, the loops stop.
+///
+/// `on_ready` is called once the store is open and migrated, just before
+/// the server starts answering.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
+    on_ready: impl FnOnce(),
 ) -> Result<(), ServeError> {
     let store = open_store(&config).await?;
     let remote = store.remote_effects().await?;
@@ -72,6 +76,7 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    on_ready();
     let drain = {
         let core = core.clone();
         async move {
@@ -87,7 +92,12 @@ pub async fn run(
         .add_service(MigrationServiceServer::new(MigrationApi::new(core.clone())))
         .add_service(WorkerServiceServer::new(WorkerApi::new(core.clone())))
         .add_service(AdminServiceServer::new(AdminApi::new(core.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .serve_with_incoming_shutdown(
+            // TCP_NODELAY: without it Nagle's algorithm meets delayed ACKs and
+            // every small reply (an assignment, a report's answer) waits ~40 ms.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            drain,
+        )
         .await?;
     let _ = dispatcher.await;
     let _ = sweeper.await;

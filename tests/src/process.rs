@@ -6,6 +6,7 @@
 //! panics, dropping a process prints the tail of its log, so a failing test
 //! shows what the servers saw; dropping always kills the process.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -271,6 +272,30 @@ impl Worker {
     /// Its whole log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The leases (task id, attempt) its log says the coordinator canceled:
+    /// by a cancel notice on its stream ("coordinator canceled a task") or
+    /// in a heartbeat's answer ("coordinator canceled a lease"). The two
+    /// race after a cancel commits; whichever comes first cancels the
+    /// handler, and the other may find nothing left to cancel.
+    pub fn canceled_leases(&self) -> BTreeSet<(i64, u32)> {
+        let field = |line: &str, name: &str| -> Option<String> {
+            let rest = line.split(&format!(" {name}=")).nth(1)?;
+            rest.split(' ').next().map(String::from)
+        };
+        self.logs()
+            .lines()
+            .filter(|l| {
+                l.contains("coordinator canceled a task")
+                    || l.contains("coordinator canceled a lease")
+            })
+            .filter_map(|l| {
+                let task = field(l, "task_id")?.parse().ok()?;
+                let attempt = field(l, "attempt")?.parse().ok()?;
+                Some((task, attempt))
+            })
+            .collect()
     }
 
     /// True while the process has not exited.

@@ -64,7 +64,9 @@ async fn expire_leases(
 ) -> Result<()> {
     let expired = sqlx::query(
         "SELECT id, attempt, migration_id, stage_idx, kind, expiries, failures, lease_worker
-         FROM tasks WHERE state = 'leased' AND lease_expires_at < ? ORDER BY id",
+         FROM tasks WHERE state = 'leased' AND lease_expires_at < ?
+         -- by expiry, so the partial index serves both the filter and the order
+         ORDER BY lease_expires_at",
     )
     .bind(now)
     .fetch_all(&mut *conn)
@@ -149,7 +151,7 @@ async fn time_out_attempts(
 ) -> Result<()> {
     let late: Vec<(i64, i64, Option<String>)> = sqlx::query_as(
         "SELECT id, attempt, lease_worker FROM tasks
-         WHERE state = 'leased' AND attempt_deadline IS NOT NULL AND attempt_deadline < ? ORDER BY id",
+         WHERE state = 'leased' AND attempt_deadline IS NOT NULL AND attempt_deadline < ? ORDER BY attempt_deadline",
     )
     .bind(now)
     .fetch_all(&mut *conn)
