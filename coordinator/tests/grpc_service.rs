@@ -1,13 +1,15 @@
 //! Service tests: the gRPC handlers called directly (no socket), checking
 //! status codes, that messages name the field, and that bad input stores
-//! nothing.
+//! nothing — on SQLite and on a throwaway PostgreSQL.
+
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use stagecoach_coordinator::engine::{Coordinator, Timing};
 use stagecoach_coordinator::grpc::{AdminApi, MigrationApi, WorkerApi};
-use stagecoach_coordinator::store::{Limits, SqliteStore, Store};
+use stagecoach_coordinator::store::{Limits, PostgresStore, SqliteStore, Store};
 use stagecoach_proto::v1::{
     self as pb, admin_service_server::AdminService, migration_service_server::MigrationService,
     worker_service_server::WorkerService,
@@ -22,25 +24,35 @@ struct Apis {
     _dir: tempfile::TempDir,
 }
 
-async fn apis() -> Apis {
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+async fn apis(backend: Backend) -> Apis {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let store = SqliteStore::open(
-        &url,
-        Limits {
-            lease_ms: 10_000,
-            max_reassignments: 3,
-        },
-    )
-    .await
-    .unwrap();
+    let limits = Limits {
+        lease_ms: 10_000,
+        max_reassignments: 3,
+    };
+    let store: Arc<dyn Store> = match backend {
+        Backend::Sqlite => {
+            let url = format!("sqlite://{}", dir.path().join("t.db").display());
+            Arc::new(SqliteStore::open(&url, limits).await.unwrap())
+        }
+        Backend::Postgres => {
+            let url = support::postgres::fresh_database();
+            Arc::new(PostgresStore::open(&url, limits).await.unwrap())
+        }
+    };
     store.ensure_pool("default", 10).await.unwrap();
     let timing = Timing {
         heartbeat_interval: Duration::from_millis(100),
         lease_duration: Duration::from_secs(10),
         sweep_interval: Duration::from_millis(100),
     };
-    let core = Coordinator::new(Arc::new(store), timing, CancellationToken::new());
+    let core = Coordinator::new(store, timing, CancellationToken::new());
     Apis {
         migrations: MigrationApi::new(core.clone()),
         workers: WorkerApi::new(core.clone()),
@@ -87,9 +99,8 @@ async fn migration_count(a: &Apis) -> usize {
         .len()
 }
 
-#[tokio::test]
-async fn bad_plans_are_invalid_argument_naming_the_field_and_store_nothing() {
-    let a = apis().await;
+async fn bad_plans_are_invalid_argument_naming_the_field_and_store_nothing(backend: Backend) {
+    let a = apis(backend).await;
     let cases = [
         (r#"{"name":"p","stages":[]}"#, "stages"),
         (r#"{"name":"p","stages":[{"name":"a"}]}"#, "stages[0].tasks"),
@@ -134,9 +145,8 @@ async fn bad_plans_are_invalid_argument_naming_the_field_and_store_nothing() {
     assert_eq!(plan_count(&a).await, 0, "nothing is stored");
 }
 
-#[tokio::test]
-async fn bad_creates_store_nothing() {
-    let a = apis().await;
+async fn bad_creates_store_nothing(backend: Backend) {
+    let a = apis(backend).await;
     let plan = pb::Plan {
         name: "p".into(),
         stages: vec![noop_stage("a")],
@@ -218,9 +228,8 @@ async fn bad_creates_store_nothing() {
     assert_eq!(migration_count(&a).await, 1);
 }
 
-#[tokio::test]
-async fn worker_reports_with_stale_tokens_are_failed_precondition() {
-    let a = apis().await;
+async fn worker_reports_with_stale_tokens_are_failed_precondition(backend: Backend) {
+    let a = apis(backend).await;
     let req = pb::CompleteRequest {
         worker_id: "w".into(),
         completions: vec![pb::Completion {
@@ -278,9 +287,8 @@ async fn worker_reports_with_stale_tokens_are_failed_precondition() {
     );
 }
 
-#[tokio::test]
-async fn pools_are_managed_through_the_admin_service() {
-    let a = apis().await;
+async fn pools_are_managed_through_the_admin_service(backend: Backend) {
+    let a = apis(backend).await;
     let created = a
         .admin
         .create_pool(Request::new(pb::CreatePoolRequest {
@@ -334,3 +342,28 @@ async fn pools_are_managed_through_the_admin_service() {
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
 }
+
+/// Each case on both backends.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Sqlite).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Postgres).await
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    bad_plans_are_invalid_argument_naming_the_field_and_store_nothing,
+    bad_creates_store_nothing,
+    worker_reports_with_stale_tokens_are_failed_precondition,
+    pools_are_managed_through_the_admin_service
+);
