@@ -7,6 +7,7 @@
 //! the commit (wake the dispatcher, tell watchers, send cancel notices) — the
 //! reply to a client or worker is sent only after the commit (I11).
 
+mod common;
 mod postgres;
 mod sqlite;
 

@@ -5,7 +5,6 @@
 //! of the module doc (worker, migrations by id, pool, tasks), so coordinators
 //! running the same transitions at once never deadlock.
 
-use rand::Rng;
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::machine::{self, EventAt, event};
@@ -15,6 +14,7 @@ use crate::domain::{
     ReportAck, validate_task,
 };
 use crate::error::{Error, Result};
+use crate::store::common::{backoff_ms, dead_reason};
 use crate::store::{Effects, Limits};
 
 pub(super) async fn release(
@@ -367,17 +367,7 @@ pub(super) async fn record_failure(
         message: &f.error,
     };
     if !(f.retryable && failures < t.max_attempts) {
-        let reason = if f.retryable {
-            format!(
-                "task {} ({}) failed after {failures} attempt{}: {}",
-                f.lease.task_id,
-                t.kind,
-                if failures == 1 { "" } else { "s" },
-                f.error
-            )
-        } else {
-            format!("task {} ({}) failed: {}", f.lease.task_id, t.kind, f.error)
-        };
+        let reason = dead_reason(f.lease.task_id, &t.kind, failures, &f.error, f.retryable);
         let dead = Dead {
             stage: t.stage,
             lease: f.lease,
@@ -479,12 +469,4 @@ pub(super) async fn kill_task(
     .await?;
     machine::abort_migration(conn, migration_id, MigrationState::Failed, d.reason, fx).await?;
     Ok(())
-}
-
-/// Exponential backoff with equal jitter: half the delay is fixed, half random,
-/// so retries of many tasks that failed together spread out.
-fn backoff_ms(initial: i64, max: i64, failures: i64) -> i64 {
-    let exp = initial.saturating_mul(1i64 << (failures - 1).clamp(0, 30));
-    let delay = exp.min(max).max(1);
-    delay / 2 + rand::rng().random_range(0..=delay / 2)
 }

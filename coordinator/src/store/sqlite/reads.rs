@@ -6,10 +6,11 @@ use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::domain::{
     Event, EventKind, LeaseToken, Migration, MigrationFilter, MigrationState, PlanSpec, Pool,
-    StageProgress, StageState, SubjectStatus,
+    StageProgress, StageState,
 };
 use crate::error::{Error, Result};
 use crate::store::SubjectView;
+use crate::store::common;
 
 fn corrupt(what: &str, value: &str) -> Error {
     Error::Corrupt(format!("unknown {what} {value:?} in the database"))
@@ -217,16 +218,7 @@ pub(super) async fn subject_status(db: &SqlitePool, subject: &str) -> Result<Sub
         Some(id) => migration(db, id).await?,
         None => None,
     };
-    let status = match (&latest, &last_succeeded) {
-        (None, _) => SubjectStatus::None,
-        (Some(m), Some(_)) if !m.state.is_terminal() => SubjectStatus::Regenerating,
-        (Some(m), _) => match m.state {
-            MigrationState::Queued => SubjectStatus::Queued,
-            MigrationState::Running => SubjectStatus::Running,
-            MigrationState::Succeeded => SubjectStatus::Finished,
-            MigrationState::Failed | MigrationState::Canceled => SubjectStatus::Failed,
-        },
-    };
+    let status = common::subject_status(latest.as_ref(), last_succeeded.is_some());
     Ok(SubjectView {
         status,
         latest,

@@ -4,7 +4,6 @@
 //! the batch still commit. Every update names the fencing token
 //! `(task id, attempt)` and the state it expects in its `WHERE` (I4).
 
-use rand::Rng;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::bulk;
@@ -14,6 +13,7 @@ use crate::domain::{
     Completion, EventKind, Failure, LeaseToken, MigrationState, ReportAck, validate_task,
 };
 use crate::error::{Error, Result};
+use crate::store::common::{backoff_ms, dead_reason};
 use crate::store::{Effects, Report};
 
 /// Records a batch of reports in one transaction. A database failure fails
@@ -337,17 +337,7 @@ pub(super) async fn record_failure(
         message: &f.error,
     };
     if !(f.retryable && failures < t.max_attempts) {
-        let reason = if f.retryable {
-            format!(
-                "task {} ({}) failed after {failures} attempt{}: {}",
-                f.lease.task_id,
-                t.kind,
-                if failures == 1 { "" } else { "s" },
-                f.error
-            )
-        } else {
-            format!("task {} ({}) failed: {}", f.lease.task_id, t.kind, f.error)
-        };
+        let reason = dead_reason(f.lease.task_id, &t.kind, failures, &f.error, f.retryable);
         let dead = Dead {
             stage: t.stage,
             lease: f.lease,
@@ -447,12 +437,4 @@ pub(super) async fn kill_task(
     .await?;
     machine::abort_migration(conn, migration_id, MigrationState::Failed, d.reason, fx).await?;
     Ok(())
-}
-
-/// Exponential backoff with equal jitter: half the delay is fixed, half random,
-/// so retries of many tasks that failed together spread out.
-fn backoff_ms(initial: i64, max: i64, failures: i64) -> i64 {
-    let exp = initial.saturating_mul(1i64 << (failures - 1).clamp(0, 30));
-    let delay = exp.min(max).max(1);
-    delay / 2 + rand::rng().random_range(0..=delay / 2)
 }

@@ -1,0 +1,77 @@
+//! Rules both backends apply the same way, kept out of their SQL: how a
+//! subject's status is derived, what a dead task's reason says, and how long
+//! a retry waits.
+
+use rand::Rng;
+
+use crate::domain::{Migration, MigrationState, SubjectStatus};
+
+/// A subject's status from its latest migration and whether any run of it
+/// succeeded.
+pub(crate) fn subject_status(latest: Option<&Migration>, any_succeeded: bool) -> SubjectStatus {
+    match latest {
+        None => SubjectStatus::None,
+        Some(m) if any_succeeded && !m.state.is_terminal() => SubjectStatus::Regenerating,
+        Some(m) => match m.state {
+            MigrationState::Queued => SubjectStatus::Queued,
+            MigrationState::Running => SubjectStatus::Running,
+            MigrationState::Succeeded => SubjectStatus::Finished,
+            MigrationState::Failed | MigrationState::Canceled => SubjectStatus::Failed,
+        },
+    }
+}
+
+/// The migration's reason when a task dies of a reported failure (I7).
+pub(crate) fn dead_reason(
+    task_id: i64,
+    kind: &str,
+    failures: i64,
+    error: &str,
+    retryable: bool,
+) -> String {
+    if retryable {
+        let s = if failures == 1 { "" } else { "s" };
+        format!("task {task_id} ({kind}) failed after {failures} attempt{s}: {error}")
+    } else {
+        format!("task {task_id} ({kind}) failed: {error}")
+    }
+}
+
+/// Exponential backoff with equal jitter: half the delay is fixed, half random,
+/// so retries of many tasks that failed together spread out.
+pub(crate) fn backoff_ms(initial: i64, max: i64, failures: i64) -> i64 {
+    let exp = initial.saturating_mul(1i64 << (failures - 1).clamp(0, 30));
+    let delay = exp.min(max).max(1);
+    delay / 2 + rand::rng().random_range(0..=delay / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        for _ in 0..100 {
+            let d = backoff_ms(100, 1_000, 3);
+            assert!((200..=400).contains(&d), "{d}");
+            let capped = backoff_ms(100, 1_000, 20);
+            assert!((500..=1_000).contains(&capped), "{capped}");
+        }
+    }
+
+    #[test]
+    fn reasons_name_the_task_kind_and_attempts() {
+        assert_eq!(
+            dead_reason(7, "k", 1, "boom", true),
+            "task 7 (k) failed after 1 attempt: boom"
+        );
+        assert_eq!(
+            dead_reason(7, "k", 3, "boom", true),
+            "task 7 (k) failed after 3 attempts: boom"
+        );
+        assert_eq!(
+            dead_reason(7, "k", 1, "boom", false),
+            "task 7 (k) failed: boom"
+        );
+    }
+}
