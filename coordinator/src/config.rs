@@ -106,6 +106,7 @@ impl Config {
     pub fn limits(&self) -> Limits {
         Limits {
             lease_ms: self.lease_duration_ms as i64,
+            heartbeat_interval_ms: self.heartbeat_interval_ms as i64,
             max_reassignments: self.max_reassignments,
         }
     }

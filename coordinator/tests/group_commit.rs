@@ -19,6 +19,7 @@ async fn hundreds_of_concurrent_reports_are_each_recorded_once() {
             &url,
             Limits {
                 lease_ms: 60_000,
+                heartbeat_interval_ms: 1_000,
                 max_reassignments: 3,
             },
         )

@@ -34,6 +34,7 @@ async fn apis(backend: Backend) -> Apis {
     let dir = tempfile::tempdir().unwrap();
     let limits = Limits {
         lease_ms: 10_000,
+        heartbeat_interval_ms: 100,
         max_reassignments: 3,
     };
     let store: Arc<dyn Store> = match backend {
@@ -119,6 +120,15 @@ async fn bad_plans_are_invalid_argument_naming_the_field_and_store_nothing(backe
         (
             r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"noop","max_attempts":1000}]}]}"#,
             "stages[0].tasks[0].max_attempts",
+        ),
+        // Heartbeats come every 100 ms here: a timeout under 200 ms is refused.
+        (
+            r#"{"name":"p","stages":[{"name":"a","retry":{"heartbeat_timeout_ms":150},"tasks":[{"kind":"noop"}]}]}"#,
+            "stages[0].retry.heartbeat_timeout_ms",
+        ),
+        (
+            r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"noop","retry":{"heartbeat_timeout_ms":199}}]}]}"#,
+            "stages[0].tasks[0].retry.heartbeat_timeout_ms",
         ),
         ("not json", "plan_json"),
     ];

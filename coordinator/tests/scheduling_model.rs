@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use serde_json::json;
 use stagecoach_coordinator::domain::{
     Assignment, Completion, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState,
-    NewMigration, NewTask, PlanSpec, ReportAck, StageState,
+    NewMigration, NewTask, PlanSpec, ReportAck, StageState, TaskSpec,
 };
 use stagecoach_coordinator::error::Error;
 use stagecoach_coordinator::store::{Limits, Report, SqliteStore, Store};
@@ -92,7 +92,7 @@ fn plans() -> Vec<PlanSpec> {
     docs.iter()
         .map(|d| {
             let p = PlanSpec::from_json(&d.to_string()).unwrap();
-            p.validate("").unwrap();
+            p.validate("", 2_000).unwrap();
             p
         })
         .collect()
@@ -207,9 +207,7 @@ async fn step(s: &SqliteStore, m: &mut Model, plans: &[PlanSpec], op: &Op) {
                     (0..2)
                         .map(|i| NewTask {
                             stage: "b".into(),
-                            kind: "k".into(),
-                            payload: json!({"i": i}),
-                            max_attempts: 0,
+                            task: TaskSpec::new("k", json!({"i": i})),
                         })
                         .collect()
                 } else {
@@ -498,7 +496,7 @@ proptest! {
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let url = format!("sqlite://{}", dir.path().join("m.db").display());
-            let s = SqliteStore::open(&url, Limits { lease_ms: 1, max_reassignments: 3 }).await.unwrap();
+            let s = SqliteStore::open(&url, Limits { lease_ms: 1, heartbeat_interval_ms: 1, max_reassignments: 3 }).await.unwrap();
             s.ensure_pool("default", 2).await.unwrap();
             let plans = plans();
             let mut m = Model { allowed_running: 2, ..Model::default() };

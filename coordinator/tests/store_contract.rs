@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde_json::json;
 use stagecoach_coordinator::domain::{
     Completion, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState, NewMigration, NewTask,
-    PlanSpec, ReportAck, StageState,
+    PlanSpec, ReportAck, StageState, TaskSpec,
 };
 use stagecoach_coordinator::error::Error;
 use stagecoach_coordinator::store::{Limits, PostgresStore, SqliteStore, Store};
@@ -57,6 +57,7 @@ async fn store_with(backend: Backend, limits: Limits) -> Db {
 
 const LIMITS: Limits = Limits {
     lease_ms: 60_000,
+    heartbeat_interval_ms: 1_000,
     max_reassignments: 3,
 };
 
@@ -66,7 +67,7 @@ async fn store(backend: Backend) -> Db {
 
 fn plan(json: serde_json::Value) -> PlanSpec {
     let p = PlanSpec::from_json(&json.to_string()).unwrap();
-    p.validate("").unwrap();
+    p.validate("", 2_000).unwrap();
     p
 }
 
@@ -316,9 +317,7 @@ async fn tasks_fan_out_to_a_later_dynamic_stage_only(b: Backend) {
         output: json!({}),
         add_tasks: vec![NewTask {
             stage: "inspect".into(),
-            kind: "noop".into(),
-            payload: json!({}),
-            max_attempts: 0,
+            task: TaskSpec::new("noop", json!({})),
         }],
     };
     let err = s.complete(W, &bad).await.unwrap_err();
@@ -334,21 +333,42 @@ async fn tasks_fan_out_to_a_later_dynamic_stage_only(b: Backend) {
         s.complete(W, &unknown).await,
         Err(Error::InvalidArgument { .. })
     ));
+    let with_timeout = |ms| {
+        let mut t = TaskSpec::new("noop", json!({}));
+        t.retry.heartbeat_timeout_ms = ms;
+        NewTask {
+            stage: "export".into(),
+            task: t,
+        }
+    };
+    // A bad second task adds nothing, not even the good first one.
+    let too_short = Completion {
+        add_tasks: vec![with_timeout(4_000), with_timeout(10)],
+        ..bad.clone()
+    };
+    match s.complete(W, &too_short).await {
+        Err(Error::InvalidArgument { field, .. }) => {
+            assert_eq!(field, "add_tasks[1].retry.heartbeat_timeout_ms")
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    let mut added: Vec<NewTask> = (0..2)
+        .map(|i| NewTask {
+            stage: "export".into(),
+            task: TaskSpec::new("noop", json!({"i": i})),
+        })
+        .collect();
+    added.push(with_timeout(4_000));
     let fan = Completion {
-        add_tasks: (0..3)
-            .map(|i| NewTask {
-                stage: "export".into(),
-                kind: "noop".into(),
-                payload: json!({"i": i}),
-                max_attempts: 0,
-            })
-            .collect(),
+        add_tasks: added,
         ..bad
     };
     s.complete(W, &fan).await.unwrap();
     let exports = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     assert_eq!(exports.len(), 3);
     assert!(exports.iter().all(|e| e.stage_name == "export"));
+    let leases: Vec<i64> = exports.iter().map(|e| e.lease_ms).collect();
+    assert_eq!(leases, [LIMITS.lease_ms, LIMITS.lease_ms, 4_000]);
     for e in &exports {
         s.complete(W, &done(e.lease)).await.unwrap();
     }
@@ -494,6 +514,7 @@ async fn expired_leases_are_reassigned_until_the_cap(b: Backend) {
         b,
         Limits {
             lease_ms: 1,
+            heartbeat_interval_ms: 1,
             max_reassignments: 2,
         },
     )
@@ -560,6 +581,76 @@ async fn an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told(b
     assert!(m.reason.contains("timed out after 1 ms"), "{}", m.reason);
 }
 
+/// Leases and retries follow the task's own settings, else its stage's,
+/// else the coordinator's: heartbeat timeout (claim and renewal), backoff
+/// and attempt timeout.
+async fn task_and_stage_settings_override_the_defaults(b: Backend) {
+    use stagecoach_coordinator::clock::now_ms;
+    let db = store(b).await;
+    let s = &*db.store;
+    let p = plan(json!({"name": "p", "stages": [{"name": "a",
+    "retry": {"heartbeat_timeout_ms": 5000, "initial_backoff_ms": 60000, "max_backoff_ms": 60000},
+    "tasks": [
+        {"kind": "staged"},
+        {"kind": "own", "retry": {"heartbeat_timeout_ms": 3000, "initial_backoff_ms": 1,
+                                  "max_backoff_ms": 1, "attempt_timeout_ms": 1}}
+    ]}]}));
+    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
+    let close = |expires: i64, ms: i64| (expires - now_ms() - ms).abs() < 1_000;
+
+    let staged = s.claim(W, &kinds(&["staged"]), 10).await.unwrap();
+    assert_eq!(staged[0].lease_ms, 5_000, "the stage's heartbeat timeout");
+    assert!(close(staged[0].lease_expires_at_ms, 5_000));
+    let own = s.claim(W, &kinds(&["own"]), 10).await.unwrap();
+    assert_eq!(own[0].lease_ms, 3_000, "the task's own heartbeat timeout");
+    let beat = s
+        .heartbeat(
+            W,
+            &[staged[0].lease, own[0].lease].map(|lease| LeaseStatus {
+                lease,
+                done: 0,
+                total: 0,
+                checkpoint: None,
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(close(beat.renewed[0].1, 5_000), "{beat:?}");
+    assert!(close(beat.renewed[1].1, 3_000), "{beat:?}");
+
+    // The task's 1 ms backoff, not the stage's minute.
+    for lease in [staged[0].lease, own[0].lease] {
+        let f = Failure {
+            lease,
+            error: "flaky".into(),
+            retryable: true,
+        };
+        s.fail(W, &f).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    assert!(
+        s.claim(W, &kinds(&["staged"]), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = s.claim(W, &kinds(&["own"]), 10).await.unwrap();
+    assert_eq!(again[0].lease.attempt, 2);
+    // The task's 1 ms attempt timeout; the stage has none.
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    let (report, _) = s.sweep().await.unwrap();
+    assert_eq!(report.attempts_timed_out, 1);
+
+    // A stage without settings gets the coordinator's lease.
+    let p = plan(json!({"name": "q", "stages": [{"name": "a", "tasks": [{"kind": "plain"}]}]}));
+    s.create_migration(&new(p, "t")).await.unwrap();
+    let plain = s.claim(W, &kinds(&["plain"]), 10).await.unwrap();
+    assert_eq!(plain[0].lease_ms, LIMITS.lease_ms);
+    assert!(close(plain[0].lease_expires_at_ms, LIMITS.lease_ms));
+    let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
+    assert_eq!(m.state, MigrationState::Running);
+}
+
 /// Generates one `#[tokio::test]` per case and backend. A case left out of
 /// the list below is dead code, which clippy (`-D warnings`) refuses.
 macro_rules! on_both_backends {
@@ -593,6 +684,7 @@ on_both_backends!(
     expired_leases_are_reassigned_until_the_cap,
     a_migration_past_its_deadline_fails,
     an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told,
+    task_and_stage_settings_override_the_defaults,
 );
 
 /// Several coordinators on one PostgreSQL database: the same transitions

@@ -256,7 +256,7 @@ pub fn completion_adding(lease: LeaseToken, stage: &str, kind: &str, payload: &J
             stage: stage.to_string(),
             kind: kind.to_string(),
             payload: Some(json_to_struct(payload)),
-            max_attempts: 0,
+            ..Default::default()
         }],
         ..completion(lease)
     }

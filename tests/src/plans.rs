@@ -22,7 +22,7 @@ pub fn task(kind: &str, payload: Json) -> TaskSpec {
     TaskSpec {
         kind: kind.to_string(),
         payload: Some(json_to_struct(&payload)),
-        max_attempts: 0,
+        ..Default::default()
     }
 }
 
@@ -47,6 +47,7 @@ pub fn retry(
         initial_backoff_ms,
         max_backoff_ms,
         attempt_timeout_ms,
+        heartbeat_timeout_ms: 0,
     }
 }
 

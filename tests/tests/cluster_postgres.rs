@@ -130,7 +130,7 @@ async fn run_fan_out(url: String) -> JoinHandle<()> {
                             stage: "work".into(),
                             kind: kind.into(),
                             payload: Some(json_to_struct(&payload)),
-                            max_attempts: 0,
+                            ..Default::default()
                         }
                     })
                     .collect();

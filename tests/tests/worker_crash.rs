@@ -10,12 +10,19 @@
 //!   migration makes the first task dead and fails the migration once: the
 //!   log stays consistent (both leases expire in the same sweep).
 //!
-//! One kill and two raw reports in the first test, one kill in the second.
+//! - a stage's own `heartbeat_timeout_ms` (1.5 s) decides how soon a killed
+//!   worker's task moves on, not the coordinator's 10-minute default lease;
+//!   the surviving worker keeps its 1.5 s lease alive through a 3 s task.
+//!
+//! One kill and two raw reports in the first test, one kill in each of the
+//! others.
 
 use std::time::Duration;
 
 use serde_json::json;
-use stagecoach_proto::v1::{CompleteRequest, EventKind, FailRequest, MigrationState};
+use stagecoach_proto::v1::{
+    CompleteRequest, EventKind, FailRequest, MigrationState, RetryPolicy, StageSpec,
+};
 use stagecoach_tests::fake_worker::{completion, failure, lease};
 use stagecoach_tests::plans::{create_inline, plan, stage, task};
 use stagecoach_tests::{
@@ -25,7 +32,8 @@ use tonic::Code;
 
 on_both_backends!(
     a_killed_workers_task_moves_on_and_its_late_report_is_rejected,
-    a_worker_dying_with_two_leases_fails_the_migration_once
+    a_worker_dying_with_two_leases_fails_the_migration_once,
+    a_stage_heartbeat_timeout_overrides_the_coordinator_lease
 );
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -155,5 +163,51 @@ async fn a_worker_dying_with_two_leases_fails_the_migration_once(backend: Backen
         "{}",
         log.join("\n")
     );
+    eprintln!("kills: 1, raw reports: 0");
+}
+
+async fn a_stage_heartbeat_timeout_overrides_the_coordinator_lease(backend: Backend) {
+    let args = [
+        "--heartbeat-interval-ms",
+        "200",
+        "--lease-duration-ms",
+        "600000",
+        "--sweep-interval-ms",
+        "100",
+    ];
+    let mut cluster = Cluster::start_with(backend, &args, 2, 1).await;
+    let client = cluster.client().await;
+    let p = plan(
+        "short-leases",
+        vec![StageSpec {
+            retry: Some(RetryPolicy {
+                heartbeat_timeout_ms: 1_500,
+                ..Default::default()
+            }),
+            ..stage("only", vec![task("sleep", json!({"ms": 3_000}))])
+        }],
+    );
+    let m = client.create(create_inline(p, "short/1")).await.unwrap();
+    let assigned = client
+        .wait_for_event(m.id, "TASK_ASSIGNED", WAIT, |e| {
+            e.kind() == EventKind::TaskAssigned
+        })
+        .await;
+    cluster.worker_mut(&assigned.worker_id).kill9().await;
+
+    // With the default lease this would take ten minutes, far past WAIT.
+    let (m, events) = client.finish_and_check(m.id, WAIT).await;
+    let log: Vec<String> = events.iter().map(describe_event).collect();
+    assert_eq!(m.state(), MigrationState::Succeeded, "{}", log.join("\n"));
+    let expired = of_kind(&events, EventKind::TaskLeaseExpired);
+    assert_eq!(
+        expired.len(),
+        1,
+        "only the killed worker's lease expires; heartbeats keep the 1.5 s lease of the 3 s task alive:\n{}",
+        log.join("\n")
+    );
+    assert_eq!(expired[0].worker_id, assigned.worker_id);
+    let succeeded = of_kind(&events, EventKind::TaskSucceeded);
+    assert_eq!(succeeded[0].attempt, 2);
     eprintln!("kills: 1, raw reports: 0");
 }

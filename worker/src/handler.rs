@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::future::BoxFuture;
 use serde_json::Value;
-use stagecoach_proto::v1::LeaseToken;
+use stagecoach_proto::v1::{LeaseToken, RetryPolicy};
 use tokio_util::sync::CancellationToken;
 
 /// The code that runs one kind of task.
@@ -85,6 +85,9 @@ pub struct NewTask {
     pub payload: Value,
     /// Attempts it gets; 0 means the stage's retry policy.
     pub max_attempts: u32,
+    /// Its own retry and timeout settings: each non-zero field replaces the
+    /// stage's.
+    pub retry: Option<RetryPolicy>,
 }
 
 impl NewTask {
@@ -95,7 +98,14 @@ impl NewTask {
             kind: kind.into(),
             payload,
             max_attempts: 0,
+            retry: None,
         }
+    }
+
+    /// The same task with its own retry and timeout settings.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = Some(retry);
+        self
     }
 }
 

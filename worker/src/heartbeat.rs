@@ -90,10 +90,11 @@ fn tickers(timing: Timing) -> (Interval, Interval) {
     let mut beat = interval(timing.heartbeat_interval);
     // A slow heartbeat must not be followed by a burst of catch-up ones.
     beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // Check expiries much more often than leases last, so a handler is told
-    // to stop close to its local expiry rather than up to a beat later.
+    // Check expiries well within the local margin of the shortest lease the
+    // coordinator grants (a fifth of two heartbeat intervals), so a handler
+    // is told to stop close to its local expiry rather than a beat later.
     let mut sweep = interval(
-        (timing.lease_duration / 20).clamp(Duration::from_millis(20), Duration::from_secs(1)),
+        (timing.heartbeat_interval / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
     );
     sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
     (beat, sweep)

@@ -47,13 +47,13 @@ impl Timing {
             lease_duration,
         }
     }
+}
 
-    /// How long the worker itself trusts a lease after a renewal: a fifth
-    /// less than the coordinator does, so a handler is told to stop before
-    /// the coordinator can give its task to someone else.
-    pub(crate) fn local_lease(&self) -> Duration {
-        self.lease_duration - self.lease_duration / 5
-    }
+/// How long the worker itself trusts a lease of `duration` after a renewal:
+/// a fifth less than the coordinator does, so a handler is told to stop
+/// before the coordinator can give its task to someone else.
+fn local(duration: Duration) -> Duration {
+    duration - duration / 5
 }
 
 /// Why a lease ended while its entry still exists.
@@ -79,7 +79,16 @@ struct Lease {
     cancel: CancellationToken,
     progress: SharedProgress,
     renewed_at: Instant,
+    /// The lease's own heartbeat timeout, when its assignment named one;
+    /// otherwise the coordinator's lease duration.
+    duration: Option<Duration>,
     ended: Option<Ended>,
+}
+
+impl Lease {
+    fn duration(&self, timing: Timing) -> Duration {
+        self.duration.unwrap_or(timing.lease_duration)
+    }
 }
 
 /// A lease as the heartbeat loop sends it.
@@ -98,14 +107,16 @@ impl LeaseTable {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a new lease granted by a request sent at `granted_at`; false
-    /// if the worker already holds it (a repeated assignment).
+    /// Records a new lease granted by a request sent at `granted_at`, lasting
+    /// `duration` after each renewal (`None`: the coordinator's default);
+    /// false if the worker already holds it (a repeated assignment).
     pub(crate) fn insert(
         &self,
         token: LeaseToken,
         cancel: CancellationToken,
         progress: SharedProgress,
         granted_at: Instant,
+        duration: Option<Duration>,
     ) -> bool {
         let mut leases = self.lock();
         if leases.contains_key(&token) {
@@ -117,6 +128,7 @@ impl LeaseTable {
                 cancel,
                 progress,
                 renewed_at: granted_at,
+                duration,
                 ended: None,
             },
         );
@@ -155,7 +167,7 @@ impl LeaseTable {
     pub(crate) fn expire_overdue(&self, now: Instant, timing: Timing) -> Vec<LeaseToken> {
         let mut expired = Vec::new();
         for (token, lease) in self.lock().iter_mut() {
-            if lease.ended.is_none() && now >= lease.renewed_at + timing.local_lease() {
+            if lease.ended.is_none() && now >= lease.renewed_at + local(lease.duration(timing)) {
                 lease.ended = Some(Ended::Expired);
                 lease.cancel.cancel();
                 expired.push(*token);
@@ -215,7 +227,7 @@ impl LeaseTable {
             }
             // The coordinator's lease runs the full duration from the last
             // renewal; until then a report may still land.
-            _ if now >= lease.renewed_at + timing.lease_duration => {
+            _ if now >= lease.renewed_at + lease.duration(timing) => {
                 ReportState::Gone("it expired without being renewed".into())
             }
             _ => ReportState::Live,
@@ -244,7 +256,7 @@ mod tests {
         let t = Timing::from_welcome(0, 0);
         assert_eq!(t.lease_duration, Duration::from_secs(30));
         assert_eq!(t.heartbeat_interval, Duration::from_secs(10));
-        assert_eq!(t.local_lease(), Duration::from_secs(24));
+        assert_eq!(local(t.lease_duration), Duration::from_secs(24));
     }
 
     #[test]
@@ -252,8 +264,8 @@ mod tests {
         let table = LeaseTable::default();
         let cancel = CancellationToken::new();
         let start = Instant::now();
-        assert!(table.insert(token(1), cancel.clone(), Default::default(), start));
-        assert!(!table.insert(token(1), cancel.clone(), Default::default(), start));
+        assert!(table.insert(token(1), cancel.clone(), Default::default(), start, None));
+        assert!(!table.insert(token(1), cancel.clone(), Default::default(), start, None));
 
         assert!(
             table
@@ -287,6 +299,50 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_lease_with_its_own_heartbeat_timeout_expires_by_it() {
+        let table = LeaseTable::default();
+        let start = Instant::now();
+        let short = Some(Duration::from_secs(2));
+        table.insert(
+            token(1),
+            CancellationToken::new(),
+            Default::default(),
+            start,
+            short,
+        );
+        table.insert(
+            token(2),
+            CancellationToken::new(),
+            Default::default(),
+            start,
+            None,
+        );
+        // 2 s lease: trusted locally for 1.6 s, reportable until 2 s.
+        assert!(
+            table
+                .expire_overdue(start + Duration::from_millis(1_500), TIMING)
+                .is_empty()
+        );
+        assert_eq!(
+            table.expire_overdue(start + Duration::from_millis(1_600), TIMING),
+            vec![token(1)]
+        );
+        assert_eq!(
+            table.report_state(token(1), start + Duration::from_millis(1_900), TIMING),
+            ReportState::Live
+        );
+        assert!(matches!(
+            table.report_state(token(1), start + Duration::from_secs(2), TIMING),
+            ReportState::Gone(_)
+        ));
+        // The other lease keeps the coordinator's 10 s.
+        assert_eq!(
+            table.report_state(token(2), start + Duration::from_secs(5), TIMING),
+            ReportState::Live
+        );
+    }
+
     #[tokio::test]
     async fn checkpoints_are_sent_until_acknowledged() {
         let table = LeaseTable::default();
@@ -296,6 +352,7 @@ mod tests {
             CancellationToken::new(),
             progress.clone(),
             Instant::now(),
+            None,
         );
         {
             let mut p = lock(&progress);
@@ -312,7 +369,13 @@ mod tests {
     async fn revoked_leases_drop_their_reports() {
         let table = LeaseTable::default();
         let cancel = CancellationToken::new();
-        table.insert(token(2), cancel.clone(), Default::default(), Instant::now());
+        table.insert(
+            token(2),
+            cancel.clone(),
+            Default::default(),
+            Instant::now(),
+            None,
+        );
         assert!(table.revoke(token(2), "migration canceled"));
         assert!(cancel.is_cancelled());
         assert!(!table.revoke(token(3), "unknown"));

@@ -121,3 +121,4 @@ pub use builder::{
 pub use futures::future::BoxFuture;
 pub use handler::{Handler, NewTask, TaskContext, TaskError, TaskOutput};
 pub use run::WorkerError;
+pub use stagecoach_proto::v1::RetryPolicy;

@@ -130,6 +130,7 @@ fn completion(token: LeaseToken, output: &TaskOutput) -> Completion {
                 kind: t.kind.clone(),
                 payload: Some(json_to_struct(&t.payload)),
                 max_attempts: t.max_attempts,
+                retry: t.retry,
             })
             .collect(),
     }

@@ -321,11 +321,15 @@ impl Session {
         let cancel = CancellationToken::new();
         // The lease started on the coordinator a moment before it arrived
         // here; the local lease's margin covers that delivery time.
-        if !self
-            .rt
-            .leases
-            .insert(lease, cancel.clone(), progress.clone(), Instant::now())
-        {
+        let duration =
+            (a.lease_duration_ms > 0).then(|| Duration::from_millis(a.lease_duration_ms.into()));
+        if !self.rt.leases.insert(
+            lease,
+            cancel.clone(),
+            progress.clone(),
+            Instant::now(),
+            duration,
+        ) {
             debug!(
                 task_id = lease.task_id,
                 attempt = lease.attempt,

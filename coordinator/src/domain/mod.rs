@@ -5,4 +5,6 @@ mod model;
 mod plan;
 
 pub use model::*;
-pub use plan::{PlanSpec, RetryPolicy, StageSpec, TaskSpec, validate_name, validate_task};
+pub use plan::{
+    PlanSpec, RetryPolicy, StageSpec, TaskSpec, task_override, validate_name, validate_task,
+};

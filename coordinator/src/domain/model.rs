@@ -3,6 +3,7 @@
 //! converts them to and from protobuf, so nothing below it depends on
 //! generated code.
 
+use super::plan::TaskSpec;
 use serde_json::Value;
 
 macro_rules! string_enum {
@@ -192,6 +193,8 @@ pub struct Assignment {
     pub payload: Value,
     pub parameters: Value,
     pub lease_expires_at_ms: i64,
+    /// The heartbeat timeout: how far each renewal extends the lease.
+    pub lease_ms: i64,
     pub checkpoint: Option<Vec<u8>>,
     pub max_attempts: u32,
 }
@@ -199,10 +202,9 @@ pub struct Assignment {
 /// A task a completing task adds to a later stage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewTask {
+    /// Name of a later stage of the same plan.
     pub stage: String,
-    pub kind: String,
-    pub payload: Value,
-    pub max_attempts: u32,
+    pub task: TaskSpec,
 }
 
 /// A successful attempt, as a worker reports it.

@@ -54,12 +54,16 @@ pub struct TaskSpec {
     pub kind: String,
     #[serde(default = "empty_object")]
     pub payload: Value,
-    /// 0 means the stage's policy.
+    /// 0 means the stage's policy; the same as `retry.max_attempts`.
     #[serde(default)]
     pub max_attempts: u32,
+    /// This task's own settings: each non-zero field replaces the stage's.
+    #[serde(default, skip_serializing_if = "RetryPolicy::is_unset")]
+    pub retry: RetryPolicy,
 }
 
-/// How a stage's failed tasks are retried; 0 means "the default".
+/// How a stage's failed tasks are retried and how long their leases and
+/// attempts may last; 0 means "the default". On a task, 0 means "the stage's".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
@@ -72,6 +76,22 @@ pub struct RetryPolicy {
     /// Longest an attempt may run (start to close); 0 means no limit.
     #[serde(default)]
     pub attempt_timeout_ms: u32,
+    /// How long a lease lives after its last heartbeat; 0 means the
+    /// coordinator's lease duration.
+    #[serde(default)]
+    pub heartbeat_timeout_ms: u32,
+}
+
+impl TaskSpec {
+    /// A task of `kind` with `payload` that follows its stage's policy.
+    pub fn new(kind: impl Into<String>, payload: Value) -> Self {
+        Self {
+            kind: kind.into(),
+            payload,
+            max_attempts: 0,
+            retry: RetryPolicy::default(),
+        }
+    }
 }
 
 fn empty_object() -> Value {
@@ -90,8 +110,26 @@ impl RetryPolicy {
             max_attempts: or(self.max_attempts, Self::DEFAULT_MAX_ATTEMPTS),
             initial_backoff_ms: or(self.initial_backoff_ms, Self::DEFAULT_INITIAL_BACKOFF_MS),
             max_backoff_ms: or(self.max_backoff_ms, Self::DEFAULT_MAX_BACKOFF_MS),
-            attempt_timeout_ms: self.attempt_timeout_ms,
+            ..self
         }
+    }
+
+    /// True when every field is 0 (nothing set).
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What the store keeps of a task's own settings: the attempts it gets
+/// (resolved against its stage when added) and the rest of its override.
+pub fn task_override(max_attempts: u32, retry: RetryPolicy) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: if max_attempts == 0 {
+            retry.max_attempts
+        } else {
+            max_attempts
+        },
+        ..retry
     }
 }
 
@@ -111,8 +149,9 @@ impl PlanSpec {
     }
 
     /// Checks every rule a plan must follow. `field` prefixes error paths
-    /// (e.g. `plan` or `inline_plan`).
-    pub fn validate(&self, field: &str) -> Result<()> {
+    /// (e.g. `plan` or `inline_plan`); `min_heartbeat_timeout_ms` is the
+    /// shortest heartbeat timeout this coordinator's heartbeats can keep alive.
+    pub fn validate(&self, field: &str, min_heartbeat_timeout_ms: u32) -> Result<()> {
         let at = |rest: &str| {
             if field.is_empty() {
                 rest.to_string()
@@ -158,14 +197,20 @@ impl PlanSpec {
                     ),
                 ));
             }
-            validate_retry(&format!("{sf}.retry"), &stage.retry)?;
+            let retry_field = format!("{sf}.retry");
+            validate_retry(&retry_field, &stage.retry, min_heartbeat_timeout_ms)?;
+            let resolved = stage.retry.resolved();
+            if resolved.initial_backoff_ms > resolved.max_backoff_ms {
+                return Err(Error::invalid(
+                    format!("{retry_field}.initial_backoff_ms"),
+                    format!(
+                        "{} ms is more than max_backoff_ms ({} ms); lower it or raise max_backoff_ms",
+                        resolved.initial_backoff_ms, resolved.max_backoff_ms
+                    ),
+                ));
+            }
             for (j, task) in stage.tasks.iter().enumerate() {
-                validate_task(
-                    &format!("{sf}.tasks[{j}]"),
-                    &task.kind,
-                    &task.payload,
-                    task.max_attempts,
-                )?;
+                validate_task(&format!("{sf}.tasks[{j}]"), task, min_heartbeat_timeout_ms)?;
             }
             static_tasks += stage.tasks.len();
         }
@@ -187,26 +232,45 @@ impl PlanSpec {
 }
 
 /// Checks one task's fields (also used for tasks added at run time).
-pub fn validate_task(field: &str, kind: &str, payload: &Value, max_attempts: u32) -> Result<()> {
-    validate_name(&format!("{field}.kind"), kind, "task kind")?;
-    if !payload.is_object() {
+pub fn validate_task(field: &str, task: &TaskSpec, min_heartbeat_timeout_ms: u32) -> Result<()> {
+    validate_name(&format!("{field}.kind"), &task.kind, "task kind")?;
+    if !task.payload.is_object() {
         return Err(Error::invalid(
             format!("{field}.payload"),
             "the payload must be a JSON object, e.g. {\"table\": \"users\"}",
         ));
     }
-    if max_attempts > MAX_ATTEMPTS {
+    if task.max_attempts > MAX_ATTEMPTS {
         return Err(Error::invalid(
             format!("{field}.max_attempts"),
             format!(
-                "{max_attempts} is more than the limit of {MAX_ATTEMPTS}; use 1-{MAX_ATTEMPTS}, or 0 for the stage's policy"
+                "{} is more than the limit of {MAX_ATTEMPTS}; use 1-{MAX_ATTEMPTS}, or 0 for the stage's policy",
+                task.max_attempts
             ),
         ));
     }
-    Ok(())
+    if task.max_attempts != 0
+        && task.retry.max_attempts != 0
+        && task.max_attempts != task.retry.max_attempts
+    {
+        return Err(Error::invalid(
+            format!("{field}.retry.max_attempts"),
+            format!(
+                "{} contradicts the task's max_attempts ({}); set only one of them",
+                task.retry.max_attempts, task.max_attempts
+            ),
+        ));
+    }
+    validate_retry(
+        &format!("{field}.retry"),
+        &task.retry,
+        min_heartbeat_timeout_ms,
+    )
 }
 
-fn validate_retry(field: &str, r: &RetryPolicy) -> Result<()> {
+/// Checks the fields of a stage's policy or a task's override; 0 always
+/// means "inherit", so only the fields that are set are checked.
+fn validate_retry(field: &str, r: &RetryPolicy, min_heartbeat_timeout_ms: u32) -> Result<()> {
     if r.max_attempts > MAX_ATTEMPTS {
         return Err(Error::invalid(
             format!("{field}.max_attempts"),
@@ -216,13 +280,22 @@ fn validate_retry(field: &str, r: &RetryPolicy) -> Result<()> {
             ),
         ));
     }
-    let r = r.resolved();
-    if r.initial_backoff_ms > r.max_backoff_ms {
+    if r.initial_backoff_ms != 0 && r.max_backoff_ms != 0 && r.initial_backoff_ms > r.max_backoff_ms
+    {
         return Err(Error::invalid(
             format!("{field}.initial_backoff_ms"),
             format!(
                 "{} ms is more than max_backoff_ms ({} ms); lower it or raise max_backoff_ms",
                 r.initial_backoff_ms, r.max_backoff_ms
+            ),
+        ));
+    }
+    if r.heartbeat_timeout_ms != 0 && r.heartbeat_timeout_ms < min_heartbeat_timeout_ms {
+        return Err(Error::invalid(
+            format!("{field}.heartbeat_timeout_ms"),
+            format!(
+                "{} ms is less than twice this coordinator's heartbeat interval, so one late heartbeat would lose the lease; use at least {min_heartbeat_timeout_ms}, or 0 for the coordinator's lease duration",
+                r.heartbeat_timeout_ms
             ),
         ));
     }
@@ -254,7 +327,7 @@ mod tests {
 
     fn plan(json: &str) -> Result<PlanSpec> {
         let p = PlanSpec::from_json(json)?;
-        p.validate("")?;
+        p.validate("", 2_000)?;
         Ok(p)
     }
 
@@ -302,6 +375,59 @@ mod tests {
                 r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x","payload":[1]}]}]}"#
             )),
             "stages[0].tasks[0].payload"
+        );
+    }
+
+    #[test]
+    fn checks_task_settings_and_heartbeat_timeouts() {
+        let one = |stage_retry: &str, task: &str| {
+            plan(&format!(
+                r#"{{"name":"p","stages":[{{"name":"a","retry":{stage_retry},"tasks":[{task}]}}]}}"#
+            ))
+        };
+        assert!(
+            one(
+                "{}",
+                r#"{"kind":"x","retry":{"heartbeat_timeout_ms":2000}}"#
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            field_of(one(
+                "{}",
+                r#"{"kind":"x","retry":{"heartbeat_timeout_ms":1999}}"#
+            )),
+            "stages[0].tasks[0].retry.heartbeat_timeout_ms"
+        );
+        assert_eq!(
+            field_of(one(r#"{"heartbeat_timeout_ms":500}"#, r#"{"kind":"x"}"#)),
+            "stages[0].retry.heartbeat_timeout_ms"
+        );
+        assert_eq!(
+            field_of(one(
+                "{}",
+                r#"{"kind":"x","max_attempts":2,"retry":{"max_attempts":3}}"#
+            )),
+            "stages[0].tasks[0].retry.max_attempts"
+        );
+        assert_eq!(
+            field_of(one(
+                "{}",
+                r#"{"kind":"x","retry":{"initial_backoff_ms":20,"max_backoff_ms":10}}"#
+            )),
+            "stages[0].tasks[0].retry.initial_backoff_ms"
+        );
+        // A task's backoff above the stage's cap is only capped by it.
+        assert!(
+            one(
+                "{}",
+                r#"{"kind":"x","retry":{"initial_backoff_ms":120000}}"#
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            field_of(one(r#"{"initial_backoff_ms":120000}"#, r#"{"kind":"x"}"#)),
+            "stages[0].retry.initial_backoff_ms"
         );
     }
 

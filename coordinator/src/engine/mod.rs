@@ -112,10 +112,16 @@ impl Coordinator {
         }
     }
 
+    /// The shortest heartbeat timeout this coordinator's workers can keep
+    /// alive: two heartbeat intervals, as for `--lease-duration-ms`.
+    fn min_heartbeat_timeout_ms(&self) -> u32 {
+        (2 * self.timing.heartbeat_interval.as_millis()).min(u32::MAX as u128) as u32
+    }
+
     // --- plans -----------------------------------------------------------
 
     pub async fn put_plan(&self, plan: PlanSpec) -> Result<PlanSpec> {
-        plan.validate("")?;
+        plan.validate("", self.min_heartbeat_timeout_ms())?;
         self.store.put_plan(&plan).await
     }
 
@@ -178,7 +184,7 @@ impl Coordinator {
                 self.get_plan(&name).await?
             }
             PlanSource::Inline(plan) => {
-                plan.validate("inline_plan")?;
+                plan.validate("inline_plan", self.min_heartbeat_timeout_ms())?;
                 plan
             }
         };

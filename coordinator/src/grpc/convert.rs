@@ -56,17 +56,10 @@ pub fn plan_from_pb(p: pb::Plan) -> PlanSpec {
                         kind: t.kind,
                         payload: struct_to_json(t.payload.as_ref()),
                         max_attempts: t.max_attempts,
+                        retry: retry_from_pb(t.retry),
                     })
                     .collect(),
-                retry: s
-                    .retry
-                    .map(|r| RetryPolicy {
-                        max_attempts: r.max_attempts,
-                        initial_backoff_ms: r.initial_backoff_ms,
-                        max_backoff_ms: r.max_backoff_ms,
-                        attempt_timeout_ms: r.attempt_timeout_ms,
-                    })
-                    .unwrap_or_default(),
+                retry: retry_from_pb(s.retry),
             })
             .collect(),
     }
@@ -91,17 +84,34 @@ pub fn plan_to_pb(p: &PlanSpec) -> pb::Plan {
                         kind: t.kind.clone(),
                         payload: Some(json_to_struct(&t.payload)),
                         max_attempts: t.max_attempts,
+                        retry: retry_to_pb(t.retry),
                     })
                     .collect(),
-                retry: (s.retry != RetryPolicy::default()).then_some(pb::RetryPolicy {
-                    max_attempts: s.retry.max_attempts,
-                    initial_backoff_ms: s.retry.initial_backoff_ms,
-                    max_backoff_ms: s.retry.max_backoff_ms,
-                    attempt_timeout_ms: s.retry.attempt_timeout_ms,
-                }),
+                retry: retry_to_pb(s.retry),
             })
             .collect(),
     }
+}
+
+fn retry_from_pb(r: Option<pb::RetryPolicy>) -> RetryPolicy {
+    r.map(|r| RetryPolicy {
+        max_attempts: r.max_attempts,
+        initial_backoff_ms: r.initial_backoff_ms,
+        max_backoff_ms: r.max_backoff_ms,
+        attempt_timeout_ms: r.attempt_timeout_ms,
+        heartbeat_timeout_ms: r.heartbeat_timeout_ms,
+    })
+    .unwrap_or_default()
+}
+
+fn retry_to_pb(r: RetryPolicy) -> Option<pb::RetryPolicy> {
+    (!r.is_unset()).then_some(pb::RetryPolicy {
+        max_attempts: r.max_attempts,
+        initial_backoff_ms: r.initial_backoff_ms,
+        max_backoff_ms: r.max_backoff_ms,
+        attempt_timeout_ms: r.attempt_timeout_ms,
+        heartbeat_timeout_ms: r.heartbeat_timeout_ms,
+    })
 }
 
 // --- migrations and events ---------------------------------------------------
@@ -290,6 +300,7 @@ fn assignment_to_pb(a: Assignment) -> pb::Assignment {
         lease_expires_at: Some(timestamp(a.lease_expires_at_ms)),
         checkpoint: a.checkpoint,
         max_attempts: a.max_attempts,
+        lease_duration_ms: a.lease_ms.clamp(0, u32::MAX as i64) as u32,
     }
 }
 
@@ -311,9 +322,12 @@ pub fn completion_from_pb(i: usize, c: pb::Completion) -> Result<Completion> {
             .into_iter()
             .map(|t| NewTask {
                 stage: t.stage,
-                kind: t.kind,
-                payload: struct_to_json(t.payload.as_ref()),
-                max_attempts: t.max_attempts,
+                task: TaskSpec {
+                    kind: t.kind,
+                    payload: struct_to_json(t.payload.as_ref()),
+                    max_attempts: t.max_attempts,
+                    retry: retry_from_pb(t.retry),
+                },
             })
             .collect(),
     })

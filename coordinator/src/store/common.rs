@@ -1,10 +1,53 @@
 //! Rules both backends apply the same way, kept out of their SQL: how a
-//! subject's status is derived, what a dead task's reason says, and how long
-//! a retry waits.
+//! subject's status is derived, what a dead task's reason says, how long a
+//! retry waits, and which tasks a completion may add where.
+
+use std::collections::BTreeMap;
 
 use rand::Rng;
 
-use crate::domain::{Migration, MigrationState, SubjectStatus};
+use crate::domain::{Migration, MigrationState, NewTask, SubjectStatus, TaskSpec, validate_task};
+use crate::error::{Error, Result};
+
+/// A stage as fan-out sees it: index, name, state, and its `max_attempts`.
+pub(crate) type StageRow = (i64, String, String, i64);
+
+/// Checks every task a completing task of stage `from` adds and groups them
+/// by target stage index, with that stage's `max_attempts`. Tasks may only
+/// go to later stages that have not started; one bad task refuses them all.
+pub(crate) fn plan_added_tasks<'a>(
+    stages: &[StageRow],
+    from: i64,
+    add_tasks: &'a [NewTask],
+    min_heartbeat_timeout_ms: u32,
+) -> Result<BTreeMap<i64, (i64, Vec<&'a TaskSpec>)>> {
+    let mut per_stage: BTreeMap<i64, (i64, Vec<&TaskSpec>)> = BTreeMap::new();
+    for (j, new) in add_tasks.iter().enumerate() {
+        let field = format!("add_tasks[{j}]");
+        validate_task(&field, &new.task, min_heartbeat_timeout_ms)?;
+        let Some((idx, name, state, attempts)) = stages.iter().find(|s| s.1 == new.stage) else {
+            let names: Vec<&str> = stages.iter().map(|s| s.1.as_str()).collect();
+            return Err(Error::invalid(
+                format!("{field}.stage"),
+                format!(
+                    "the plan has no stage {:?}; its stages are {names:?}",
+                    new.stage
+                ),
+            ));
+        };
+        if *idx <= from || state != "pending" {
+            return Err(Error::FailedPrecondition(format!(
+                "{field}.stage: stage {name:?} (index {idx}) has already started or is not after this task's stage (index {from}); tasks can only be added to later stages that have not started"
+            )));
+        }
+        per_stage
+            .entry(*idx)
+            .or_insert((*attempts, Vec::new()))
+            .1
+            .push(&new.task);
+    }
+    Ok(per_stage)
+}
 
 /// A subject's status from its latest migration and whether any run of it
 /// succeeded.

@@ -56,10 +56,21 @@ impl Effects {
 /// Timing and limits the store applies; taken from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// How long a lease lasts after it is granted or renewed.
+    /// How long a lease lasts after it is granted or renewed, unless its
+    /// stage or task sets a heartbeat timeout of its own.
     pub lease_ms: i64,
+    /// How often workers send heartbeats: a heartbeat timeout must be at
+    /// least twice this.
+    pub heartbeat_interval_ms: i64,
     /// Lease expiries a task survives before it is dead.
     pub max_reassignments: u32,
+}
+
+impl Limits {
+    /// The shortest heartbeat timeout a stage or task may set.
+    pub fn min_heartbeat_timeout_ms(&self) -> u32 {
+        (2 * self.heartbeat_interval_ms).clamp(0, u32::MAX as i64) as u32
+    }
 }
 
 /// The created (or found) migration and whether this call created it.

@@ -205,6 +205,7 @@ pub fn assignment(task_id: i64, kind: &str, payload: Value) -> Assignment {
         lease_expires_at: None,
         checkpoint: Some(b"earlier".to_vec()),
         max_attempts: 3,
+        lease_duration_ms: 0,
     }
 }
 

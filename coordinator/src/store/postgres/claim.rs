@@ -153,17 +153,21 @@ async fn lease_ready(
              -- changed right now; never lease it twice, never wait for it
              FOR UPDATE OF t SKIP LOCKED)
          UPDATE tasks SET state = 'leased', attempt = tasks.attempt + 1, lease_worker = $1,
-                          lease_expires_at = stagecoach_now_ms() + $5,
+                          -- the task's heartbeat timeout and attempt timeout,
+                          -- else its stage's, else the coordinator's lease
+                          lease_expires_at = stagecoach_now_ms() + coalesce(
+                              tasks.heartbeat_timeout_ms, nullif(s.heartbeat_timeout_ms, 0), $5),
                           progress_done = 0, progress_total = 0,
-                          attempt_deadline = CASE WHEN s.attempt_timeout_ms > 0
-                                                  THEN stagecoach_now_ms() + s.attempt_timeout_ms END
+                          attempt_deadline = stagecoach_now_ms()
+                              + nullif(coalesce(tasks.attempt_timeout_ms, s.attempt_timeout_ms), 0)
          FROM picked, stages s, migrations m
          WHERE tasks.id = picked.id AND tasks.state = 'ready'
            AND s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx
            AND m.id = tasks.migration_id
          RETURNING tasks.id, tasks.attempt, tasks.migration_id, tasks.stage_idx, tasks.kind,
                    tasks.payload, tasks.checkpoint, tasks.max_attempts, tasks.lease_expires_at,
-                   m.subject, m.parameters, s.name",
+                   m.subject, m.parameters, s.name,
+                   coalesce(tasks.heartbeat_timeout_ms, nullif(s.heartbeat_timeout_ms, 0), $5)",
     )
     .bind(worker_id)
     .bind(kinds)
@@ -194,5 +198,6 @@ fn assignment(row: &PgRow) -> Result<Assignment> {
         parameters: serde_json::from_str(&parameters)
             .map_err(|e| Error::Corrupt(format!("parameters: {e}")))?,
         stage_name: row.try_get(11)?,
+        lease_ms: row.try_get(12)?,
     })
 }

@@ -2,9 +2,10 @@
 //! retry. Each is one transaction; `transact` runs it again when it lost a
 //! race on a unique index (I8) or a deadlock.
 
+use super::bulk;
 use super::machine::{self, EventAt, event};
 use super::{PostgresStore, notify, pool_not_found, reads};
-use crate::domain::{EventKind, MigrationState, NewMigration};
+use crate::domain::{EventKind, MigrationState, NewMigration, TaskSpec};
 use crate::error::{Error, Result};
 use crate::store::{Created, Effects};
 
@@ -71,8 +72,9 @@ impl PostgresStore {
             let retry = stage.retry.resolved();
             sqlx::query(
                 "INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
-                                     initial_backoff_ms, max_backoff_ms, attempt_timeout_ms)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8, $9)",
+                                     initial_backoff_ms, max_backoff_ms, attempt_timeout_ms,
+                                     heartbeat_timeout_ms)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8, $9, $10)",
             )
             .bind(id)
             .bind(idx as i64)
@@ -83,26 +85,11 @@ impl PostgresStore {
             .bind(retry.initial_backoff_ms as i64)
             .bind(retry.max_backoff_ms as i64)
             .bind(retry.attempt_timeout_ms as i64)
+            .bind(retry.heartbeat_timeout_ms as i64)
             .execute(&mut *tx)
             .await?;
-            for task in &stage.tasks {
-                let attempts = if task.max_attempts == 0 {
-                    retry.max_attempts
-                } else {
-                    task.max_attempts
-                };
-                sqlx::query(
-                    "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts)
-                     VALUES ($1, $2, $3, $4, 'pending', $5)",
-                )
-                .bind(id)
-                .bind(idx as i64)
-                .bind(&task.kind)
-                .bind(task.payload.to_string())
-                .bind(attempts as i64)
-                .execute(&mut *tx)
-                .await?;
-            }
+            let tasks: Vec<&TaskSpec> = stage.tasks.iter().collect();
+            bulk::insert_tasks(&mut tx, id, idx as i64, retry.max_attempts as i64, &tasks).await?;
         }
         // No lock needed for the new migration's events: nobody else sees
         // the row before this transaction commits.

@@ -34,6 +34,7 @@
 //! create a migration for one subject at once: the loser's transaction is run
 //! again, finds the winner, and answers exactly as the SQLite store would.
 
+mod bulk;
 mod claim;
 mod lifecycle;
 mod machine;
@@ -307,7 +308,7 @@ impl Store for PostgresStore {
 
     async fn complete(&self, worker_id: &str, c: &Completion) -> Result<(ReportAck, Effects)> {
         transact("complete", || {
-            reports::complete(&self.db, &self.origin, worker_id, c)
+            reports::complete(&self.db, &self.origin, worker_id, c, self.limits)
         })
         .await
     }

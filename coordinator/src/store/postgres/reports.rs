@@ -8,13 +8,13 @@
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::machine::{self, EventAt, event};
-use super::notify;
+use super::{bulk, notify};
 use crate::domain::{
     Completion, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken, MigrationState,
-    ReportAck, validate_task,
+    ReportAck,
 };
 use crate::error::{Error, Result};
-use crate::store::common::{backoff_ms, dead_reason};
+use crate::store::common::{StageRow, backoff_ms, dead_reason, plan_added_tasks};
 use crate::store::{Effects, Limits};
 
 pub(super) async fn release(
@@ -54,7 +54,13 @@ pub(super) async fn heartbeat(
     let mut out = HeartbeatOutcome::default();
     for l in leases {
         let renewed: Option<i64> = sqlx::query_scalar(
-            "UPDATE tasks SET lease_expires_at = stagecoach_now_ms() + $1, progress_done = $2,
+            // The task's heartbeat timeout, else its stage's, else the default.
+            "UPDATE tasks SET lease_expires_at = stagecoach_now_ms() + coalesce(
+                                  heartbeat_timeout_ms,
+                                  (SELECT nullif(s.heartbeat_timeout_ms, 0) FROM stages s
+                                   WHERE s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx),
+                                  $1),
+                              progress_done = $2,
                               progress_total = $3, checkpoint = coalesce($4, checkpoint)
              WHERE id = $5 AND attempt = $6 AND state = 'leased' AND lease_worker = $7
              RETURNING lease_expires_at",
@@ -204,12 +210,13 @@ pub(super) async fn complete(
     origin: &str,
     worker_id: &str,
     c: &Completion,
+    limits: Limits,
 ) -> Result<(ReportAck, Effects)> {
     let mut fx = Effects::default();
     let mut tx = db.begin().await?;
     let t = live_lease!(db, tx, worker_id, c.lease, "succeeded");
     if !c.add_tasks.is_empty() {
-        add_tasks(&mut tx, &t, c, &mut fx).await?;
+        add_tasks(&mut tx, &t, c, limits, &mut fx).await?;
     }
     let done = sqlx::query(
         "UPDATE tasks SET state = 'succeeded', output = $1, finished_at = stagecoach_now_ms(),
@@ -266,68 +273,41 @@ async fn add_tasks(
     conn: &mut PgConnection,
     t: &Reported,
     c: &Completion,
+    limits: Limits,
     fx: &mut Effects,
 ) -> Result<()> {
-    let stages: Vec<(i64, String, String, i64)> = sqlx::query_as(
+    let stages: Vec<StageRow> = sqlx::query_as(
         "SELECT idx, name, state, max_attempts FROM stages WHERE migration_id = $1 ORDER BY idx",
     )
     .bind(t.migration_id)
     .fetch_all(&mut *conn)
     .await?;
-    for (j, task) in c.add_tasks.iter().enumerate() {
-        let field = format!("add_tasks[{j}]");
-        validate_task(&field, &task.kind, &task.payload, task.max_attempts)?;
-        let Some((idx, name, state, stage_attempts)) = stages.iter().find(|s| s.1 == task.stage)
-        else {
-            let names: Vec<&str> = stages.iter().map(|s| s.1.as_str()).collect();
-            return Err(Error::invalid(
-                format!("{field}.stage"),
-                format!(
-                    "the plan has no stage {:?}; its stages are {names:?}",
-                    task.stage
-                ),
-            ));
-        };
-        if *idx <= t.stage || state != "pending" {
-            return Err(Error::FailedPrecondition(format!(
-                "{field}.stage: stage {name:?} (index {idx}) has already started or is not after this task's stage (index {}); tasks can only be added to later stages that have not started",
-                t.stage
-            )));
-        }
-        let attempts = if task.max_attempts == 0 {
-            *stage_attempts
-        } else {
-            task.max_attempts as i64
-        };
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts)
-             VALUES ($1, $2, $3, $4, 'pending', $5) RETURNING id",
-        )
-        .bind(t.migration_id)
-        .bind(idx)
-        .bind(&task.kind)
-        .bind(task.payload.to_string())
-        .bind(attempts)
-        .fetch_one(&mut *conn)
-        .await?;
-        sqlx::query("UPDATE stages SET total = total + 1 WHERE migration_id = $1 AND idx = $2")
+    let per_stage = plan_added_tasks(
+        &stages,
+        t.stage,
+        &c.add_tasks,
+        limits.min_heartbeat_timeout_ms(),
+    )?;
+    for (idx, (stage_attempts, tasks)) in per_stage {
+        let ids = bulk::insert_tasks(conn, t.migration_id, idx, stage_attempts, &tasks).await?;
+        // One counter update per stage, not per task: a fan-out of thousands.
+        sqlx::query("UPDATE stages SET total = total + $1 WHERE migration_id = $2 AND idx = $3")
+            .bind(ids.len() as i64)
             .bind(t.migration_id)
             .bind(idx)
             .execute(&mut *conn)
             .await?;
-        let message = format!("{} added by task {}", task.kind, c.lease.task_id);
-        event(
-            conn,
-            t.migration_id,
-            EventKind::TaskAdded,
-            EventAt {
-                stage: Some(*idx),
-                task_id: id,
-                message: &message,
-                ..Default::default()
-            },
-        )
-        .await?;
+        let events: Vec<(i64, String)> = ids
+            .into_iter()
+            .zip(tasks)
+            .map(|(id, task)| {
+                (
+                    id,
+                    format!("{} added by task {}", task.kind, c.lease.task_id),
+                )
+            })
+            .collect();
+        bulk::insert_task_events(conn, t.migration_id, EventKind::TaskAdded, idx, &events).await?;
     }
     fx.touch(t.migration_id);
     Ok(())
@@ -377,11 +357,14 @@ pub(super) async fn record_failure(
         };
         return kill_task(conn, t.migration_id, dead, at, fx).await;
     }
+    // The task's own backoff where it set one, else its stage's.
     let (initial, max): (i64, i64) = sqlx::query_as(
-        "SELECT initial_backoff_ms, max_backoff_ms FROM stages WHERE migration_id = $1 AND idx = $2",
+        "SELECT coalesce(t.initial_backoff_ms, s.initial_backoff_ms),
+                coalesce(t.max_backoff_ms, s.max_backoff_ms)
+         FROM tasks t JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
+         WHERE t.id = $1",
     )
-    .bind(t.migration_id)
-    .bind(t.stage)
+    .bind(f.lease.task_id)
     .fetch_one(&mut *conn)
     .await?;
     let delay = backoff_ms(initial, max, failures);

@@ -12,7 +12,7 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::machine;
 use crate::clock::now_ms;
-use crate::domain::{Completion, EventKind, ReportAck};
+use crate::domain::{Completion, EventKind, ReportAck, TaskSpec, task_override};
 use crate::error::Result;
 use crate::store::Effects;
 
@@ -27,6 +27,7 @@ pub(super) struct NewEvent {
     pub task_id: i64,
     pub attempt: i64,
     pub worker: String,
+    pub message: String,
 }
 
 /// Appends events in order, many rows per statement.
@@ -44,11 +45,51 @@ pub(super) async fn insert_events(conn: &mut SqliteConnection, events: &[NewEven
                 .push_bind(e.task_id)
                 .push_bind(e.attempt)
                 .push_bind(e.worker.as_str())
-                .push_bind("");
+                .push_bind(e.message.as_str());
         });
         q.build().execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// Inserts `tasks` as pending tasks of one stage, many rows per statement,
+/// and returns their ids in the order given. A task's `max_attempts` is
+/// resolved against `stage_attempts` now; the rest of its override is kept
+/// as is, NULL meaning "the stage's".
+pub(super) async fn insert_tasks(
+    conn: &mut SqliteConnection,
+    migration_id: i64,
+    stage: i64,
+    stage_attempts: i64,
+    tasks: &[&TaskSpec],
+) -> Result<Vec<i64>> {
+    let set = |v: u32| (v != 0).then_some(v as i64);
+    let mut ids = Vec::with_capacity(tasks.len());
+    for chunk in tasks.chunks(ROWS_PER_INSERT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts,
+                                initial_backoff_ms, max_backoff_ms, attempt_timeout_ms, heartbeat_timeout_ms) ",
+        );
+        q.push_values(chunk, |mut row, t| {
+            let o = task_override(t.max_attempts, t.retry);
+            row.push_bind(migration_id)
+                .push_bind(stage)
+                .push_bind(t.kind.as_str())
+                .push_bind(t.payload.to_string())
+                .push_bind("pending")
+                .push_bind(set(o.max_attempts).unwrap_or(stage_attempts))
+                .push_bind(set(o.initial_backoff_ms))
+                .push_bind(set(o.max_backoff_ms))
+                .push_bind(set(o.attempt_timeout_ms))
+                .push_bind(set(o.heartbeat_timeout_ms));
+        });
+        q.push(" RETURNING id");
+        let mut chunk_ids: Vec<i64> = q.build_query_scalar().fetch_all(&mut *conn).await?;
+        // RETURNING has no order; rows get increasing ids in VALUES order.
+        chunk_ids.sort_unstable();
+        ids.extend(chunk_ids);
+    }
+    Ok(ids)
 }
 
 /// Records the completions of `batch` (indexes into `reports`) whose lease is
@@ -124,6 +165,7 @@ pub(super) async fn complete_plain(
             task_id: c.lease.task_id,
             attempt: c.lease.attempt as i64,
             worker: worker.to_string(),
+            message: String::new(),
         });
     }
     insert_events(conn, &events).await?;

@@ -59,7 +59,6 @@ async fn claim(
         return Ok(Vec::new());
     }
     let now = now_ms();
-    let expires = now + limits.lease_ms;
     // The oldest ready tasks, kind by kind: each lookup is a range of the
     // (kind, ready_at, id) index bounded by `free`, so a worker whose kinds
     // have no ready work costs nothing however many other tasks are ready.
@@ -86,25 +85,30 @@ async fn claim(
     }
     candidates.sort_unstable();
     candidates.truncate(free as usize);
+    // The lease lasts the task's heartbeat timeout, else its stage's, else
+    // the coordinator's; the attempt deadline likewise (0: none).
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
         "UPDATE tasks SET state = 'leased', attempt = attempt + 1, progress_done = 0, progress_total = 0, lease_worker = ",
     );
     q.push_bind(&r.worker_id)
         .push(", lease_expires_at = ")
-        .push_bind(expires)
-        .push(", attempt_deadline = (SELECT CASE WHEN s.attempt_timeout_ms > 0 THEN ")
+        .push_bind(now)
+        .push(" + coalesce(tasks.heartbeat_timeout_ms, nullif(s.heartbeat_timeout_ms, 0), ")
+        .push_bind(limits.lease_ms)
+        .push("), attempt_deadline = ")
         .push_bind(now)
         .push(
-            " + s.attempt_timeout_ms END FROM stages s
-               WHERE s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx)
-             WHERE state = 'ready' AND id IN (",
+            " + nullif(coalesce(tasks.attempt_timeout_ms, s.attempt_timeout_ms), 0)
+             FROM stages s
+             WHERE s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx
+               AND tasks.state = 'ready' AND tasks.id IN (",
         );
     let mut ids = q.separated(", ");
     for (_, id) in &candidates {
         ids.push_bind(*id);
     }
     q.push(
-        ") RETURNING id, attempt, migration_id, stage_idx, kind, payload, checkpoint, max_attempts",
+        ") RETURNING id, attempt, migration_id, stage_idx, kind, payload, checkpoint, max_attempts, lease_expires_at",
     );
     let mut rows = q.build().fetch_all(&mut *conn).await?;
     // RETURNING has no order: hand tasks out in the order they were created.
@@ -143,6 +147,7 @@ async fn claim(
             task_id,
             attempt,
             worker: r.worker_id.clone(),
+            message: String::new(),
         });
         let payload: String = row.get(5);
         out.push(Assignment {
@@ -158,7 +163,8 @@ async fn claim(
             payload: serde_json::from_str(&payload)
                 .map_err(|e| Error::Corrupt(format!("payload: {e}")))?,
             parameters: ctx.parameters,
-            lease_expires_at_ms: expires,
+            lease_expires_at_ms: row.get(8),
+            lease_ms: row.get::<i64, _>(8) - now,
             checkpoint: row.get(6),
             max_attempts: row.get::<i64, _>(7) as u32,
         });
@@ -199,24 +205,31 @@ pub(super) async fn heartbeat(
         return Ok(out);
     }
     let mut tx = db.begin().await?;
-    let expires = now_ms() + limits.lease_ms;
+    let now = now_ms();
     for l in leases {
-        let renewed = sqlx::query(
-            "UPDATE tasks SET lease_expires_at = ?, progress_done = ?, progress_total = ?,
+        // The task's heartbeat timeout, else its stage's, else the default.
+        let renewed: Option<i64> = sqlx::query_scalar(
+            "UPDATE tasks SET lease_expires_at = ? + coalesce(
+                                  heartbeat_timeout_ms,
+                                  (SELECT nullif(s.heartbeat_timeout_ms, 0) FROM stages s
+                                   WHERE s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx),
+                                  ?),
+                              progress_done = ?, progress_total = ?,
                               checkpoint = coalesce(?, checkpoint)
-             WHERE id = ? AND attempt = ? AND state = 'leased' AND lease_worker = ?",
+             WHERE id = ? AND attempt = ? AND state = 'leased' AND lease_worker = ?
+             RETURNING lease_expires_at",
         )
-        .bind(expires)
+        .bind(now)
+        .bind(limits.lease_ms)
         .bind(l.done as i64)
         .bind(l.total as i64)
         .bind(&l.checkpoint)
         .bind(l.lease.task_id)
         .bind(l.lease.attempt as i64)
         .bind(worker_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if renewed == 1 {
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(expires) = renewed {
             out.renewed.push((l.lease, expires));
         } else {
             out.cancel.push((

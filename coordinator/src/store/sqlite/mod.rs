@@ -25,7 +25,7 @@ use crate::clock::now_ms;
 use crate::domain::{
     Assignment, Completion, Event, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken,
     Migration, MigrationFilter, MigrationState, NewMigration, PlanSpec, Pool, ReportAck,
-    SweepReport,
+    SweepReport, TaskSpec,
 };
 use crate::error::{Error, Result};
 use crate::store::{ClaimRequest, Created, Effects, Limits, Report, Store, SubjectView};
@@ -227,8 +227,9 @@ impl Store for SqliteStore {
             let retry = stage.retry.resolved();
             sqlx::query(
                 "INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
-                                     initial_backoff_ms, max_backoff_ms, attempt_timeout_ms)
-                 VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                                     initial_backoff_ms, max_backoff_ms, attempt_timeout_ms,
+                                     heartbeat_timeout_ms)
+                 VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
             )
             .bind(id)
             .bind(idx as i64)
@@ -239,26 +240,11 @@ impl Store for SqliteStore {
             .bind(retry.initial_backoff_ms as i64)
             .bind(retry.max_backoff_ms as i64)
             .bind(retry.attempt_timeout_ms as i64)
+            .bind(retry.heartbeat_timeout_ms as i64)
             .execute(&mut *tx)
             .await?;
-            for task in &stage.tasks {
-                let attempts = if task.max_attempts == 0 {
-                    retry.max_attempts
-                } else {
-                    task.max_attempts
-                };
-                sqlx::query(
-                    "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts)
-                     VALUES (?, ?, ?, ?, 'pending', ?)",
-                )
-                .bind(id)
-                .bind(idx as i64)
-                .bind(&task.kind)
-                .bind(task.payload.to_string())
-                .bind(attempts as i64)
-                .execute(&mut *tx)
-                .await?;
-            }
+            let tasks: Vec<&TaskSpec> = stage.tasks.iter().collect();
+            bulk::insert_tasks(&mut tx, id, idx as i64, retry.max_attempts as i64, &tasks).await?;
         }
         event(
             &mut tx,
@@ -328,12 +314,12 @@ impl Store for SqliteStore {
 
     async fn complete(&self, worker_id: &str, c: &Completion) -> Result<(ReportAck, Effects)> {
         let report = [(worker_id.to_string(), Report::Complete(c.clone()))];
-        single(reports::report_many(&self.writer, &report).await?)
+        single(reports::report_many(&self.writer, &report, self.limits).await?)
     }
 
     async fn fail(&self, worker_id: &str, f: &Failure) -> Result<(ReportAck, Effects)> {
         let report = [(worker_id.to_string(), Report::Fail(f.clone()))];
-        single(reports::report_many(&self.writer, &report).await?)
+        single(reports::report_many(&self.writer, &report, self.limits).await?)
     }
 
     async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Effects> {
@@ -416,7 +402,7 @@ impl Store for SqliteStore {
         &self,
         reports: &[(String, Report)],
     ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
-        reports::report_many(&self.writer, reports).await
+        reports::report_many(&self.writer, reports, self.limits).await
     }
 
     async fn sweep(&self) -> Result<(SweepReport, Effects)> {

@@ -6,21 +6,20 @@
 
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
-use super::bulk;
+use super::bulk::{self, NewEvent};
 use super::machine::{self, EventAt, event};
 use crate::clock::now_ms;
-use crate::domain::{
-    Completion, EventKind, Failure, LeaseToken, MigrationState, ReportAck, validate_task,
-};
+use crate::domain::{Completion, EventKind, Failure, LeaseToken, MigrationState, ReportAck};
 use crate::error::{Error, Result};
-use crate::store::common::{backoff_ms, dead_reason};
-use crate::store::{Effects, Report};
+use crate::store::common::{StageRow, backoff_ms, dead_reason, plan_added_tasks};
+use crate::store::{Effects, Limits, Report};
 
 /// Records a batch of reports in one transaction. A database failure fails
 /// the whole batch (nothing is committed); every other outcome is per report.
 pub(super) async fn report_many(
     db: &SqlitePool,
     reports: &[(String, Report)],
+    limits: Limits,
 ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
     let mut tx = db.begin().await?;
     // Plain completions of live leases go set at a time; everything else
@@ -43,7 +42,7 @@ pub(super) async fn report_many(
         let mut fx = Effects::default();
         sqlx::query("SAVEPOINT report").execute(&mut *tx).await?;
         let outcome = match report {
-            Report::Complete(c) => complete(&mut tx, worker_id, c, &mut fx).await,
+            Report::Complete(c) => complete(&mut tx, worker_id, c, limits, &mut fx).await,
             Report::Fail(f) => fail(&mut tx, worker_id, f, &mut fx).await,
         };
         let keep = matches!(outcome, Ok(Outcome::Ack(_)));
@@ -174,11 +173,12 @@ async fn complete(
     conn: &mut SqliteConnection,
     worker_id: &str,
     c: &Completion,
+    limits: Limits,
     fx: &mut Effects,
 ) -> Result<Outcome> {
     let t = live_lease!(conn, worker_id, c.lease, "succeeded");
     if !c.add_tasks.is_empty() {
-        add_tasks(conn, &t, c, fx).await?;
+        add_tasks(conn, &t, c, limits, fx).await?;
     }
     let done = sqlx::query(
         "UPDATE tasks SET state = 'succeeded', output = ?, finished_at = ?, lease_worker = NULL, lease_expires_at = NULL
@@ -232,75 +232,42 @@ async fn add_tasks(
     conn: &mut SqliteConnection,
     t: &Reported,
     c: &Completion,
+    limits: Limits,
     fx: &mut Effects,
 ) -> Result<()> {
-    let stages: Vec<(i64, String, String, i64)> = sqlx::query_as(
+    let stages: Vec<StageRow> = sqlx::query_as(
         "SELECT idx, name, state, max_attempts FROM stages WHERE migration_id = ? ORDER BY idx",
     )
     .bind(t.migration_id)
     .fetch_all(&mut *conn)
     .await?;
-    let mut added: std::collections::BTreeMap<i64, i64> = Default::default();
-    for (j, task) in c.add_tasks.iter().enumerate() {
-        let field = format!("add_tasks[{j}]");
-        validate_task(&field, &task.kind, &task.payload, task.max_attempts)?;
-        let Some((idx, name, state, stage_attempts)) = stages.iter().find(|s| s.1 == task.stage)
-        else {
-            let names: Vec<&str> = stages.iter().map(|s| s.1.as_str()).collect();
-            return Err(Error::invalid(
-                format!("{field}.stage"),
-                format!(
-                    "the plan has no stage {:?}; its stages are {names:?}",
-                    task.stage
-                ),
-            ));
-        };
-        if *idx <= t.stage || state != "pending" {
-            return Err(Error::FailedPrecondition(format!(
-                "{field}.stage: stage {name:?} (index {idx}) has already started or is not after this task's stage (index {}); tasks can only be added to later stages that have not started",
-                t.stage
-            )));
-        }
-        let attempts = if task.max_attempts == 0 {
-            *stage_attempts
-        } else {
-            task.max_attempts as i64
-        };
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts)
-             VALUES (?, ?, ?, ?, 'pending', ?) RETURNING id",
-        )
-        .bind(t.migration_id)
-        .bind(idx)
-        .bind(&task.kind)
-        .bind(task.payload.to_string())
-        .bind(attempts)
-        .fetch_one(&mut *conn)
-        .await?;
-        *added.entry(*idx).or_insert(0) += 1;
-        let message = format!("{} added by task {}", task.kind, c.lease.task_id);
-        event(
-            conn,
-            t.migration_id,
-            EventKind::TaskAdded,
-            EventAt {
-                stage: Some(*idx),
-                task_id: id,
-                message: &message,
-                ..Default::default()
-            },
-        )
-        .await?;
-    }
-    // One counter update per stage, not per task: a fan-out of thousands.
-    for (idx, n) in added {
+    let per_stage = plan_added_tasks(
+        &stages,
+        t.stage,
+        &c.add_tasks,
+        limits.min_heartbeat_timeout_ms(),
+    )?;
+    let mut events = Vec::with_capacity(c.add_tasks.len());
+    for (idx, (stage_attempts, tasks)) in per_stage {
+        let ids = bulk::insert_tasks(conn, t.migration_id, idx, stage_attempts, &tasks).await?;
+        // One counter update per stage, not per task: a fan-out of thousands.
         sqlx::query("UPDATE stages SET total = total + ? WHERE migration_id = ? AND idx = ?")
-            .bind(n)
+            .bind(ids.len() as i64)
             .bind(t.migration_id)
             .bind(idx)
             .execute(&mut *conn)
             .await?;
+        events.extend(ids.into_iter().zip(tasks).map(|(id, task)| NewEvent {
+            migration_id: t.migration_id,
+            kind: EventKind::TaskAdded,
+            stage: Some(idx),
+            task_id: id,
+            attempt: 0,
+            worker: String::new(),
+            message: format!("{} added by task {}", task.kind, c.lease.task_id),
+        }));
     }
+    bulk::insert_events(conn, &events).await?;
     fx.touch(t.migration_id);
     Ok(())
 }
@@ -347,11 +314,14 @@ pub(super) async fn record_failure(
         };
         return kill_task(conn, t.migration_id, dead, at, fx).await;
     }
+    // The task's own backoff where it set one, else its stage's.
     let (initial, max): (i64, i64) = sqlx::query_as(
-        "SELECT initial_backoff_ms, max_backoff_ms FROM stages WHERE migration_id = ? AND idx = ?",
+        "SELECT coalesce(t.initial_backoff_ms, s.initial_backoff_ms),
+                coalesce(t.max_backoff_ms, s.max_backoff_ms)
+         FROM tasks t JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
+         WHERE t.id = ?",
     )
-    .bind(t.migration_id)
-    .bind(t.stage)
+    .bind(f.lease.task_id)
     .fetch_one(&mut *conn)
     .await?;
     let delay = backoff_ms(initial, max, failures);
