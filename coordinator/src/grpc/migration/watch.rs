@@ -4,11 +4,17 @@
 //! core's change notifications for this migration and sends what is new —
 //! no polling. It ends once the migration is terminal and every event was
 //! sent, or when the coordinator shuts down.
+//!
+//! A busy migration changes thousands of times a second; a watcher reads at
+//! most once per [`MIN_GAP`] and each read serves every change before it, so
+//! watching costs a few reads a second however fast tasks finish.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use stagecoach_proto::v1 as pb;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::time::Instant;
 use tonic::Status;
 
 use super::WatchStream;
@@ -16,6 +22,9 @@ use crate::engine::Coordinator;
 use crate::grpc::convert::{event_to_pb, migration_to_pb};
 
 const PAGE: u32 = 1000;
+
+/// Shortest time between two reads of one watcher.
+const MIN_GAP: Duration = Duration::from_millis(25);
 
 pub(super) async fn stream(
     core: Arc<Coordinator>,
@@ -28,6 +37,7 @@ pub(super) async fn stream(
     let s = async_stream(move |tx| async move {
         let mut cursor = after;
         loop {
+            let read_at = Instant::now();
             // Drain everything new, page by page.
             loop {
                 let events = match core.list_events(id, cursor, PAGE).await {
@@ -66,6 +76,19 @@ pub(super) async fn stream(
                     Ok(_) => continue,
                     Err(RecvError::Lagged(_)) => break,
                     Err(RecvError::Closed) => return Some(()),
+                }
+            }
+            // Let changes gather until MIN_GAP after the last read; the next
+            // read covers every notice queued meanwhile.
+            tokio::select! {
+                () = tokio::time::sleep_until(read_at + MIN_GAP) => {}
+                _ = core.shutting_down() => return Some(()),
+            }
+            loop {
+                match changes.try_recv() {
+                    Ok(_) | Err(TryRecvError::Lagged(_)) => continue,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Closed) => return Some(()),
                 }
             }
         }

@@ -1,9 +1,19 @@
 //! Claims, lease releases and heartbeats of the SQLite store.
 //!
-//! Claims for every worker of one dispatch pass run in one transaction, so a
-//! pass costs one commit however many workers it serves.
+//! A dispatch pass claims for every eligible worker in one transaction of a
+//! fixed handful of statements, however many workers and kinds there are:
+//! one count of live leases for all workers, one lookup of the oldest ready
+//! tasks of every kind asked for, one `UPDATE … RETURNING` per worker that
+//! gets tasks, one multi-row insert of their events. sqlx hands every
+//! statement to the connection's thread and back, so at tens of thousands of
+//! tasks per second the number of statements is what costs.
+//!
+//! `LIMIT (? + 0)`, not `LIMIT ?`: SQLite plans a bare bound LIMIT with its
+//! value and re-prepares the statement whenever the value changes, which it
+//! does on nearly every pass.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
@@ -13,78 +23,157 @@ use crate::domain::{Assignment, EventKind, HeartbeatOutcome, LeaseStatus, LeaseT
 use crate::error::{Error, Result};
 use crate::store::{ClaimRequest, Effects, Limits};
 
-/// Claims for several workers in one transaction (one dispatch pass).
-pub(super) async fn claim_many(
-    db: &SqlitePool,
-    requests: &[ClaimRequest],
-    limits: Limits,
-) -> Result<Vec<Vec<Assignment>>> {
-    let mut tx = db.begin().await?;
-    let mut context = HashMap::new();
-    let mut out = Vec::with_capacity(requests.len());
-    for r in requests {
-        out.push(claim(&mut tx, r, limits, &mut context).await?);
-    }
-    tx.commit().await?;
-    Ok(out)
-}
-
-/// What every assignment of one stage of one migration shares, decoded once
-/// per pass instead of once per task.
-#[derive(Clone)]
-struct StageContext {
+/// What every assignment of one stage of one migration shares, read once
+/// and kept: a migration's subject, parameters and stage names never change.
+pub(super) struct StageContext {
     subject: String,
     parameters: serde_json::Value,
     stage_name: String,
 }
 
-async fn claim(
-    conn: &mut SqliteConnection,
-    r: &ClaimRequest,
+/// Stage contexts by `(migration, stage)`; cleared when it grows past
+/// [`MAX_CONTEXTS`], so memory stays bounded however many migrations run.
+pub(super) type Contexts = Mutex<HashMap<(i64, i64), Arc<StageContext>>>;
+
+const MAX_CONTEXTS: usize = 4096;
+
+/// Claims for several workers in one transaction (one dispatch pass).
+pub(super) async fn claim_many(
+    db: &SqlitePool,
+    requests: &[ClaimRequest],
     limits: Limits,
-    context: &mut HashMap<(i64, i64), StageContext>,
-) -> Result<Vec<Assignment>> {
-    if r.kinds.is_empty() {
-        return Ok(Vec::new());
+    contexts: &Contexts,
+) -> Result<Vec<Vec<Assignment>>> {
+    let mut out: Vec<Vec<Assignment>> = requests.iter().map(|_| Vec::new()).collect();
+    if requests.iter().all(|r| r.kinds.is_empty() || r.slots == 0) {
+        return Ok(out);
     }
-    // I12: never more live leases than the worker declared slots.
-    let held: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_worker = ?",
-    )
-    .bind(&r.worker_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    let free = r.slots as i64 - held;
-    if free <= 0 {
-        return Ok(Vec::new());
-    }
+    let mut tx = db.begin().await?;
+    let mut free = free_slots(&mut tx, requests).await?;
     let now = now_ms();
-    // The oldest ready tasks, kind by kind: each lookup is a range of the
-    // (kind, ready_at, id) index bounded by `free`, so a worker whose kinds
-    // have no ready work costs nothing however many other tasks are ready.
-    let mut candidates: Vec<(i64, i64)> = Vec::new();
-    for kind in &r.kinds {
-        let rows: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT t.ready_at, t.id FROM tasks t
+    let candidates = oldest_ready(&mut tx, requests, &free, now).await?;
+    if candidates.is_empty() {
+        tx.commit().await?;
+        return Ok(out);
+    }
+    // Deal the candidates, oldest first, round-robin over the workers that
+    // run their kind and still have free slots.
+    let mut picked: Vec<Vec<i64>> = requests.iter().map(|_| Vec::new()).collect();
+    let mut next = 0;
+    for (kind, id) in candidates {
+        let n = requests.len();
+        if let Some(w) = (0..n)
+            .map(|k| (next + k) % n)
+            .find(|&w| free[w] > 0 && requests[w].kinds.contains(&kind))
+        {
+            free[w] -= 1;
+            picked[w].push(id);
+            next = (w + 1) % n;
+        }
+    }
+    let mut events = Vec::new();
+    for ((r, ids), assigned) in requests.iter().zip(&picked).zip(&mut out) {
+        if !ids.is_empty() {
+            *assigned = lease(&mut tx, r, ids, now, limits, contexts, &mut events).await?;
+        }
+    }
+    insert_events(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Free slots of each requesting worker: its declared slots less its live
+/// leases (I12), counted for all of them in one statement.
+async fn free_slots(conn: &mut SqliteConnection, requests: &[ClaimRequest]) -> Result<Vec<i64>> {
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+        "SELECT lease_worker, count(*) FROM tasks WHERE state = 'leased' AND lease_worker IN (",
+    );
+    let mut ids = q.separated(", ");
+    for r in requests {
+        ids.push_bind(&r.worker_id);
+    }
+    q.push(") GROUP BY lease_worker");
+    let held: HashMap<String, i64> = q
+        .build_query_as()
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(requests
+        .iter()
+        .map(|r| {
+            let slots = if r.kinds.is_empty() {
+                0
+            } else {
+                r.slots as i64
+            };
+            slots - held.get(&r.worker_id).copied().unwrap_or(0)
+        })
+        .collect())
+}
+
+/// The oldest claimable tasks of every kind some worker with free slots
+/// runs, at most as many per kind as those workers have free slots, oldest
+/// first. Each kind is a range of the `(kind, ready_at, id)` index, so kinds
+/// with no ready work cost nothing however many other tasks are ready.
+async fn oldest_ready(
+    conn: &mut SqliteConnection,
+    requests: &[ClaimRequest],
+    free: &[i64],
+    now: i64,
+) -> Result<Vec<(String, i64)>> {
+    let mut wanted: Vec<(&str, i64)> = Vec::new();
+    for (r, &f) in requests.iter().zip(free) {
+        if f <= 0 {
+            continue;
+        }
+        for kind in &r.kinds {
+            match wanted.iter_mut().find(|(k, _)| k == kind) {
+                Some((_, n)) => *n += f,
+                None => wanted.push((kind, f)),
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT kind, id FROM (");
+    for (i, (kind, n)) in wanted.iter().enumerate() {
+        if i > 0 {
+            q.push(" UNION ALL ");
+        }
+        q.push(
+            "SELECT * FROM (SELECT t.kind, t.id, t.ready_at FROM tasks t
              JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
              JOIN migrations m ON m.id = t.migration_id
-             WHERE t.state = 'ready' AND t.kind = ? AND t.ready_at <= ?
-               -- I1/I9: only tasks of a running stage of a running migration
-               AND s.state = 'running' AND m.state = 'running'
-             ORDER BY t.ready_at, t.id LIMIT ?",
+             WHERE t.state = 'ready' AND t.kind = ",
         )
-        .bind(kind)
-        .bind(now)
-        .bind(free)
-        .fetch_all(&mut *conn)
-        .await?;
-        candidates.extend(rows);
+        .push_bind(*kind)
+        .push(" AND t.ready_at <= ")
+        .push_bind(now)
+        // I1/I9: only tasks of a running stage of a running migration
+        .push(
+            " AND s.state = 'running' AND m.state = 'running'
+             ORDER BY t.ready_at, t.id LIMIT (",
+        )
+        .push_bind(*n)
+        .push(" + 0))");
     }
-    if candidates.is_empty() {
-        return Ok(Vec::new());
-    }
-    candidates.sort_unstable();
-    candidates.truncate(free as usize);
+    q.push(") ORDER BY ready_at, id");
+    Ok(q.build_query_as().fetch_all(&mut *conn).await?)
+}
+
+/// Leases the tasks `ids` (all ready, picked in this transaction) to one
+/// worker and returns its assignments in task order.
+async fn lease(
+    conn: &mut SqliteConnection,
+    r: &ClaimRequest,
+    ids: &[i64],
+    now: i64,
+    limits: Limits,
+    contexts: &Contexts,
+    events: &mut Vec<NewEvent>,
+) -> Result<Vec<Assignment>> {
     // The lease lasts the task's heartbeat timeout, else its stage's, else
     // the coordinator's; the attempt deadline likewise (0: none).
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -103,9 +192,9 @@ async fn claim(
              WHERE s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx
                AND tasks.state = 'ready' AND tasks.id IN (",
         );
-    let mut ids = q.separated(", ");
-    for (_, id) in &candidates {
-        ids.push_bind(*id);
+    let mut list = q.separated(", ");
+    for id in ids {
+        list.push_bind(*id);
     }
     q.push(
         ") RETURNING id, attempt, migration_id, stage_idx, kind, payload, checkpoint, max_attempts, lease_expires_at",
@@ -114,32 +203,10 @@ async fn claim(
     // RETURNING has no order: hand tasks out in the order they were created.
     rows.sort_by_key(|row| row.get::<i64, _>(0));
     let mut out = Vec::with_capacity(rows.len());
-    let mut events = Vec::with_capacity(rows.len());
     for row in rows {
         let (task_id, attempt, migration_id, stage): (i64, i64, i64, i64) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
-        let ctx = match context.get(&(migration_id, stage)) {
-            Some(c) => c.clone(),
-            None => {
-                let (subject, parameters, stage_name): (String, String, String) = sqlx::query_as(
-                    "SELECT m.subject, m.parameters, s.name FROM migrations m
-                     JOIN stages s ON s.migration_id = m.id AND s.idx = ? WHERE m.id = ?",
-                )
-                .bind(stage)
-                .bind(migration_id)
-                .fetch_one(&mut *conn)
-                .await?;
-                let parameters = serde_json::from_str(&parameters)
-                    .map_err(|e| Error::Corrupt(format!("parameters: {e}")))?;
-                let c = StageContext {
-                    subject,
-                    parameters,
-                    stage_name,
-                };
-                context.insert((migration_id, stage), c.clone());
-                c
-            }
-        };
+        let ctx = context(conn, contexts, migration_id, stage).await?;
         events.push(NewEvent {
             migration_id,
             kind: EventKind::TaskAssigned,
@@ -150,27 +217,64 @@ async fn claim(
             message: String::new(),
         });
         let payload: String = row.get(5);
+        let expires: i64 = row.get(8);
         out.push(Assignment {
             lease: LeaseToken {
                 task_id,
                 attempt: attempt as u32,
             },
             migration_id,
-            subject: ctx.subject,
+            subject: ctx.subject.clone(),
             stage_index: stage as u32,
-            stage_name: ctx.stage_name,
+            stage_name: ctx.stage_name.clone(),
             kind: row.get(4),
             payload: serde_json::from_str(&payload)
                 .map_err(|e| Error::Corrupt(format!("payload: {e}")))?,
-            parameters: ctx.parameters,
-            lease_expires_at_ms: row.get(8),
-            lease_ms: row.get::<i64, _>(8) - now,
+            parameters: ctx.parameters.clone(),
+            lease_expires_at_ms: expires,
+            lease_ms: expires - now,
             checkpoint: row.get(6),
             max_attempts: row.get::<i64, _>(7) as u32,
         });
     }
-    insert_events(conn, &events).await?;
     Ok(out)
+}
+
+/// The stage context of `(migration_id, stage)`, from the cache or read once.
+async fn context(
+    conn: &mut SqliteConnection,
+    contexts: &Contexts,
+    migration_id: i64,
+    stage: i64,
+) -> Result<Arc<StageContext>> {
+    let key = (migration_id, stage);
+    if let Some(c) = lock(contexts).get(&key) {
+        return Ok(c.clone());
+    }
+    let (subject, parameters, stage_name): (String, String, String) = sqlx::query_as(
+        "SELECT m.subject, m.parameters, s.name FROM migrations m
+         JOIN stages s ON s.migration_id = m.id AND s.idx = ? WHERE m.id = ?",
+    )
+    .bind(stage)
+    .bind(migration_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let c = Arc::new(StageContext {
+        subject,
+        parameters: serde_json::from_str(&parameters)
+            .map_err(|e| Error::Corrupt(format!("parameters: {e}")))?,
+        stage_name,
+    });
+    let mut cache = lock(contexts);
+    if cache.len() >= MAX_CONTEXTS {
+        cache.clear();
+    }
+    cache.insert(key, c.clone());
+    Ok(c)
+}
+
+fn lock(contexts: &Contexts) -> std::sync::MutexGuard<'_, HashMap<(i64, i64), Arc<StageContext>>> {
+    contexts.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub(super) async fn release(

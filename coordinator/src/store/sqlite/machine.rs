@@ -66,7 +66,7 @@ pub(super) async fn admit(conn: &mut SqliteConnection, pool: &str, fx: &mut Effe
         }
         let ids: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM migrations WHERE pool = ? AND state = 'queued'
-             ORDER BY queued_at, id LIMIT ?",
+             ORDER BY queued_at, id LIMIT (? + 0)",
         )
         .bind(pool)
         .bind(slots - running)

@@ -36,6 +36,7 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     limits: Limits,
+    contexts: claim::Contexts,
 }
 
 impl SqliteStore {
@@ -56,7 +57,9 @@ impl SqliteStore {
             .foreign_keys(true)
             // 64 MiB of page cache per connection (the default is 2 MiB): the hot
             // task and event pages stay in memory instead of being re-read.
-            .pragma("cache_size", "-65536");
+            .pragma("cache_size", "-65536")
+            // Sorts and statement journals in memory, not temp files.
+            .pragma("temp_store", "memory");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -70,6 +73,7 @@ impl SqliteStore {
             writer,
             reader,
             limits,
+            contexts: Default::default(),
         })
     }
 }
@@ -300,7 +304,8 @@ impl Store for SqliteStore {
             kinds: kinds.to_vec(),
             slots,
         };
-        let mut claimed = claim::claim_many(&self.writer, &[request], self.limits).await?;
+        let mut claimed =
+            claim::claim_many(&self.writer, &[request], self.limits, &self.contexts).await?;
         Ok(claimed.pop().unwrap_or_default())
     }
 
@@ -395,7 +400,7 @@ impl Store for SqliteStore {
     }
 
     async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Vec<Vec<Assignment>>> {
-        claim::claim_many(&self.writer, requests, self.limits).await
+        claim::claim_many(&self.writer, requests, self.limits, &self.contexts).await
     }
 
     async fn report_many(

@@ -143,7 +143,7 @@ pub(super) async fn list_migrations(
         "SELECT {MIGRATION_COLUMNS} FROM migrations
          WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR subject = ?2) AND (?3 IS NULL OR pool = ?3)
            AND (?4 IS NULL OR id < ?4)
-         ORDER BY id DESC LIMIT ?5"
+         ORDER BY id DESC LIMIT (?5 + 0)"
     ));
     let rows = sqlx::query(sql)
         .bind(f.state.map(|s| s.as_str()))
@@ -168,7 +168,7 @@ pub(super) async fn list_events(
 ) -> Result<Vec<Event>> {
     let rows = sqlx::query(
         "SELECT id, migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message
-         FROM events WHERE migration_id = ? AND id > ? ORDER BY id LIMIT ?",
+         FROM events WHERE migration_id = ? AND id > ? ORDER BY id LIMIT (? + 0)",
     )
     .bind(migration_id)
     .bind(after_id)
