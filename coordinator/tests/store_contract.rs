@@ -651,6 +651,65 @@ async fn task_and_stage_settings_override_the_defaults(b: Backend) {
     assert_eq!(m.state, MigrationState::Running);
 }
 
+/// A batch of reports (group commit) records each live completion once, set
+/// at a time, and answers repeats and stale tokens in the batch as single
+/// reports are answered.
+async fn a_batch_of_reports_records_each_once(b: Backend) {
+    use stagecoach_coordinator::store::Report;
+    let db = store(b).await;
+    let s = &*db.store;
+    let tasks: Vec<_> = (0..4)
+        .map(|i| json!({"kind": "noop", "payload": {"i": i}}))
+        .collect();
+    let p = plan(json!({"name": "p", "stages": [
+        {"name": "a", "tasks": tasks}, {"name": "b", "tasks": [{"kind": "noop"}]}]}));
+    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
+    let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
+    assert_eq!(a.len(), 4);
+    let stale = LeaseToken {
+        attempt: 7,
+        ..a[2].lease
+    };
+    let batch: Vec<(String, Report)> = [a[0].lease, a[1].lease, a[0].lease, stale]
+        .into_iter()
+        .map(|l| (W.to_string(), Report::Complete(done(l))))
+        .collect();
+    let results = s.report_many(&batch).await.unwrap();
+    let acks: Vec<_> = results
+        .iter()
+        .map(|r| r.as_ref().map(|(ack, _)| *ack))
+        .collect();
+    assert!(matches!(acks[0], Ok(ReportAck::Recorded)), "{acks:?}");
+    assert!(matches!(acks[1], Ok(ReportAck::Recorded)), "{acks:?}");
+    assert!(matches!(acks[2], Ok(ReportAck::Duplicate)), "{acks:?}");
+    assert!(matches!(acks[3], Err(Error::LeaseNotHeld(_))), "{acks:?}");
+    let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
+    assert_eq!(
+        (m.stages[0].succeeded, m.stages[1].state),
+        (2, StageState::Pending)
+    );
+
+    let rest: Vec<(String, Report)> = [a[2].lease, a[3].lease]
+        .into_iter()
+        .map(|l| (W.to_string(), Report::Complete(done(l))))
+        .collect();
+    assert!(
+        s.report_many(&rest)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.is_ok())
+    );
+    let next = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].stage_name, "b");
+    let events = kinds_of(s, c.migration_id).await;
+    let count = |k| events.iter().filter(|&&e| e == k).count();
+    assert_eq!(count(EventKind::TaskSucceeded), 4);
+    assert_eq!(count(EventKind::StageStarted), 2);
+    assert_eq!(count(EventKind::ReportRejected), 1);
+}
+
 /// Generates one `#[tokio::test]` per case and backend. A case left out of
 /// the list below is dead code, which clippy (`-D warnings`) refuses.
 macro_rules! on_both_backends {
@@ -685,6 +744,7 @@ on_both_backends!(
     a_migration_past_its_deadline_fails,
     an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told,
     task_and_stage_settings_override_the_defaults,
+    a_batch_of_reports_records_each_once,
 );
 
 /// Several coordinators on one PostgreSQL database: the same transitions

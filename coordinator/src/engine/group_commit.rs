@@ -7,14 +7,18 @@
 //! caller waits for the lock, finds its result already delivered by an
 //! earlier leader, or commits the next batch itself. Replies still leave only
 //! after the commit (I11).
+//!
+//! What a commit is, is the caller's: the core's also runs a dispatch pass
+//! in the same transaction (see `Coordinator::record`).
 
+use std::future::Future;
 use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
 use crate::domain::ReportAck;
 use crate::error::{Error, Result};
-use crate::store::{Effects, Report, Store};
+use crate::store::Report;
 
 /// Most reports committed in one transaction.
 const MAX_BATCH: usize = 2048;
@@ -30,15 +34,19 @@ pub(crate) struct GroupCommit {
 
 impl GroupCommit {
     /// Records `reports`, possibly together with other callers' reports, and
-    /// returns each one's result in order. The leader of a batch hands the
-    /// effects of every report in it to `apply` after the commit, so they are
-    /// acted on even when the caller that sent a report has gone away.
-    pub(crate) async fn record(
+    /// returns each one's result in order. The leader of a batch runs
+    /// `commit` on it: one call for the whole batch, which records every
+    /// report and acts on their effects itself, so they are acted on even
+    /// when the caller that sent a report has gone away.
+    pub(crate) async fn record<F, Fut>(
         &self,
-        store: &dyn Store,
-        apply: &(dyn Fn(Effects) + Sync),
         reports: Vec<(String, Report)>,
-    ) -> Vec<Result<ReportAck>> {
+        commit: F,
+    ) -> Vec<Result<ReportAck>>
+    where
+        F: Fn(Vec<(String, Report)>) -> Fut,
+        Fut: Future<Output = Result<Vec<Result<ReportAck>>>>,
+    {
         let mut waiting = Vec::with_capacity(reports.len());
         {
             let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -60,14 +68,18 @@ impl GroupCommit {
                 if let Ok(r) = rx.try_recv() {
                     break r;
                 }
-                self.commit_batch(store, apply).await;
+                self.commit_batch(&commit).await;
             };
             results.push(result);
         }
         results
     }
 
-    async fn commit_batch(&self, store: &dyn Store, apply: &(dyn Fn(Effects) + Sync)) {
+    async fn commit_batch<F, Fut>(&self, commit: &F)
+    where
+        F: Fn(Vec<(String, Report)>) -> Fut,
+        Fut: Future<Output = Result<Vec<Result<ReportAck>>>>,
+    {
         let batch: Vec<_> = {
             let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let n = queue.len().min(MAX_BATCH);
@@ -78,17 +90,15 @@ impl GroupCommit {
         }
         let (items, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|(w, r, tx)| ((w, r), tx)).unzip();
-        match store.report_many(&items).await {
+        let n = items.len();
+        match commit(items).await {
             Ok(results) => {
                 for (tx, r) in replies.into_iter().zip(results) {
-                    let _ = tx.send(r.map(|(ack, fx)| {
-                        apply(fx);
-                        ack
-                    }));
+                    let _ = tx.send(r);
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, reports = items.len(), "recording a batch of reports failed");
+                tracing::error!(error = %e, reports = n, "recording a batch of reports failed");
                 for tx in replies {
                     let _ = tx.send(Err(Error::NotRecorded(e.to_string())));
                 }

@@ -6,15 +6,15 @@
 //! sweeper's tick is the only timer that finds expired leases, due retries
 //! and deadlines.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use std::collections::BTreeSet;
-
+use super::registry::Eligible;
 use super::{Coordinator, WorkerEvent};
-use crate::domain::SweepReport;
+use crate::domain::{Assignment, SweepReport};
 use crate::store::ClaimRequest;
 
 /// Hands ready tasks to eligible workers until shutdown.
@@ -39,14 +39,21 @@ pub async fn run_dispatcher(core: Arc<Coordinator>, shutdown: CancellationToken)
 /// in one store call (one transaction on SQLite). Returns how many tasks
 /// were assigned.
 pub async fn dispatch_once(core: &Coordinator) -> crate::error::Result<usize> {
+    let (workers, requests) = claim_requests(core);
+    if workers.is_empty() {
+        return Ok(0);
+    }
+    let claimed = core.store.claim_many(&requests).await?;
+    deliver(core, &workers, claimed).await
+}
+
+/// The workers that may get work now, and their claims.
+pub(super) fn claim_requests(core: &Coordinator) -> (Vec<Eligible>, Vec<ClaimRequest>) {
     // A worker that missed three heartbeats gets no new work; its leases are
     // only reclaimed when they expire (a longer threshold).
     let recent = core.timing.heartbeat_interval * 3;
     let workers = core.registry.eligible(recent);
-    if workers.is_empty() {
-        return Ok(0);
-    }
-    let requests: Vec<ClaimRequest> = workers
+    let requests = workers
         .iter()
         .map(|w| ClaimRequest {
             worker_id: w.spec.worker_id.clone(),
@@ -54,7 +61,17 @@ pub async fn dispatch_once(core: &Coordinator) -> crate::error::Result<usize> {
             slots: w.spec.slots,
         })
         .collect();
-    let claimed = core.store.claim_many(&requests).await?;
+    (workers, requests)
+}
+
+/// Sends each worker its claimed assignments; a lease whose worker went
+/// away since the claim goes back to `ready` at once. Returns how many were
+/// sent.
+pub(super) async fn deliver(
+    core: &Coordinator,
+    workers: &[Eligible],
+    claimed: Vec<Vec<Assignment>>,
+) -> crate::error::Result<usize> {
     let mut assigned = 0;
     let mut touched = BTreeSet::new();
     for (worker, batch) in workers.iter().zip(claimed) {

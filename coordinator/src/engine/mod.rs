@@ -332,10 +332,37 @@ impl Coordinator {
     }
 
     async fn record(&self, items: Vec<(String, Report)>) -> Vec<Result<ReportAck>> {
-        let apply = |fx| self.apply(fx);
         self.reports
-            .record(self.store.as_ref(), &apply, items)
+            .record(items, |batch| self.commit_reports(batch))
             .await
+    }
+
+    /// One group commit: a batch of reports and a dispatch pass for every
+    /// eligible worker in one store call (one transaction on SQLite), so the
+    /// slots and stages the reports free are refilled by the same commit,
+    /// without waking the dispatcher for another.
+    async fn commit_reports(&self, batch: Vec<(String, Report)>) -> Result<Vec<Result<ReportAck>>> {
+        let (workers, requests) = loops::claim_requests(self);
+        let (results, claimed) = self.store.report_and_claim(&batch, &requests).await?;
+        // Tasks the pass could not place wait for a slot to free, which is
+        // another commit; without a pass the dispatcher is woken as usual.
+        let dispatched = !workers.is_empty() && claimed.is_some();
+        let acks = results
+            .into_iter()
+            .map(|r| {
+                r.map(|(ack, mut fx)| {
+                    fx.dispatch &= !dispatched;
+                    self.apply(fx);
+                    ack
+                })
+            })
+            .collect();
+        if let Some(claimed) = claimed
+            && let Err(e) = loops::deliver(self, &workers, claimed).await
+        {
+            tracing::error!(error = %e, "handing out claimed tasks failed; the leases expire and are reassigned");
+        }
+        Ok(acks)
     }
 
     pub fn workers(&self) -> &Registry {

@@ -189,6 +189,21 @@ pub trait Store: Send + Sync + 'static {
         }
         Ok(out)
     }
+    /// Records `reports` as `report_many` does and, where the backend does
+    /// both in one transaction, claims for `requests` as `claim_many` does
+    /// in the same one, seeing the slots and stages the reports freed: one
+    /// commit records a batch and refills the workers. `None` claims: the
+    /// backend left dispatching to the dispatcher (the default).
+    async fn report_and_claim(
+        &self,
+        reports: &[(String, Report)],
+        _requests: &[ClaimRequest],
+    ) -> Result<(
+        Vec<Result<(ReportAck, Effects)>>,
+        Option<Vec<Vec<Assignment>>>,
+    )> {
+        Ok((self.report_many(reports).await?, None))
+    }
     /// Cancels a queued or running migration (I9).
     async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Effects>;
     /// Queues a failed or canceled migration again from its first unfinished

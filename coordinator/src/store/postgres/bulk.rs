@@ -1,11 +1,16 @@
-//! Set-at-a-time inserts of the PostgreSQL store: a plan's or a fan-out's
-//! tasks and their events go in as arrays, one statement per chunk, instead
-//! of one round trip per row.
+//! Set-at-a-time SQL of the PostgreSQL store: a plan's or a fan-out's tasks
+//! and every batch of events go in as arrays, one statement per chunk, and a
+//! batch of plain completions is one transaction of a handful of statements,
+//! instead of one round trip (or one transaction) per row.
 
-use sqlx::PgConnection;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::domain::{EventKind, TaskSpec, task_override};
+use sqlx::{PgConnection, PgPool};
+
+use super::{machine, notify};
+use crate::domain::{Completion, EventKind, ReportAck, TaskSpec, task_override};
 use crate::error::Result;
+use crate::store::Effects;
 
 /// Rows per statement: big enough that round trips stop mattering, small
 /// enough that one statement's arrays stay a few megabytes.
@@ -67,31 +72,159 @@ pub(super) async fn insert_tasks(
     Ok(ids)
 }
 
-/// Appends one event of `kind` per `(task_id, message)` of one stage, in
-/// order. The caller holds the migration's row lock, as for every event.
-pub(super) async fn insert_task_events(
-    conn: &mut PgConnection,
-    migration_id: i64,
-    kind: EventKind,
-    stage: i64,
-    events: &[(i64, String)],
-) -> Result<()> {
+/// An event to append, owned so a batch can collect many.
+pub(super) struct NewEvent {
+    pub migration_id: i64,
+    pub kind: EventKind,
+    pub stage: Option<i64>,
+    pub task_id: i64,
+    pub attempt: i64,
+    pub worker: String,
+    pub message: String,
+}
+
+/// Appends events in order, one statement per chunk. The caller holds the
+/// row lock of every migration they belong to, as for every event.
+pub(super) async fn insert_events(conn: &mut PgConnection, events: &[NewEvent]) -> Result<()> {
     for chunk in events.chunks(ROWS_PER_STATEMENT) {
-        let ids: Vec<i64> = chunk.iter().map(|e| e.0).collect();
-        let messages: Vec<&str> = chunk.iter().map(|e| e.1.as_str()).collect();
+        let column = |f: fn(&NewEvent) -> i64| -> Vec<i64> { chunk.iter().map(f).collect() };
+        let kinds: Vec<&str> = chunk.iter().map(|e| e.kind.as_str()).collect();
+        let stages: Vec<Option<i64>> = chunk.iter().map(|e| e.stage).collect();
+        let workers: Vec<&str> = chunk.iter().map(|e| e.worker.as_str()).collect();
+        let messages: Vec<&str> = chunk.iter().map(|e| e.message.as_str()).collect();
         sqlx::query(
             "INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message)
-             SELECT $1, stagecoach_now_ms(), $2, $3, u.task_id, 0, '', u.message
-             FROM UNNEST($4::bigint[], $5::text[]) WITH ORDINALITY AS u(task_id, message, n)
+             SELECT u.migration_id, stagecoach_now_ms(), u.kind, u.stage, u.task_id, u.attempt,
+                    u.worker, u.message
+             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                         $6::text[], $7::text[])
+                  WITH ORDINALITY AS u(migration_id, kind, stage, task_id, attempt, worker, message, n)
              ORDER BY u.n",
         )
-        .bind(migration_id)
-        .bind(kind.as_str())
-        .bind(stage)
-        .bind(&ids)
+        .bind(column(|e| e.migration_id))
+        .bind(&kinds)
+        .bind(&stages)
+        .bind(column(|e| e.task_id))
+        .bind(column(|e| e.attempt))
+        .bind(&workers)
         .bind(&messages)
         .execute(&mut *conn)
         .await?;
     }
     Ok(())
+}
+
+/// Records the completions of `batch` (indexes into the caller's reports)
+/// whose lease is live, set at a time in one transaction, and returns their
+/// results by index. The rest — stale, repeated, or adding tasks — are left
+/// to the one-by-one path. Takes the row locks of the batch's migrations in
+/// id order first (the lock order), so the stage transitions it makes are
+/// the only ones of those migrations (I1, I2).
+pub(super) async fn complete_plain(
+    db: &PgPool,
+    origin: &str,
+    batch: &[(usize, &str, &Completion)],
+) -> Result<HashMap<usize, (ReportAck, Effects)>> {
+    let mut done = HashMap::new();
+    let ids: Vec<i64> = batch.iter().map(|(_, _, c)| c.lease.task_id).collect();
+    let mut tx = db.begin().await?;
+    sqlx::query(
+        "SELECT id FROM migrations
+         WHERE id IN (SELECT migration_id FROM tasks WHERE id = ANY($1))
+         ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await?;
+    // Read after the locks: what the previous holders committed.
+    let rows: Vec<(i64, i64, Option<String>, i64, i64)> = sqlx::query_as(
+        "SELECT id, attempt, lease_worker, migration_id, stage_idx FROM tasks
+         WHERE id = ANY($1) AND state = 'leased'",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let live: HashMap<i64, (i64, Option<String>, i64, i64)> = rows
+        .into_iter()
+        .map(|(id, attempt, worker, m, s)| (id, (attempt, worker, m, s)))
+        .collect();
+    let mut taken = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for &(i, worker, c) in batch {
+        let Some((attempt, holder, migration_id, stage)) = live.get(&c.lease.task_id) else {
+            continue;
+        };
+        if *attempt != c.lease.attempt as i64
+            || holder.as_deref() != Some(worker)
+            || !seen.insert(c.lease.task_id)
+        {
+            continue;
+        }
+        taken.push((i, worker, c, *migration_id, *stage));
+    }
+    if taken.is_empty() {
+        tx.rollback().await?;
+        return Ok(done);
+    }
+    let task_ids: Vec<i64> = taken.iter().map(|t| t.2.lease.task_id).collect();
+    let outputs: Vec<String> = taken.iter().map(|t| t.2.output.to_string()).collect();
+    sqlx::query(
+        "UPDATE tasks SET state = 'succeeded', output = u.output, finished_at = stagecoach_now_ms(),
+                          lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
+         FROM UNNEST($1::bigint[], $2::text[]) AS u(id, output)
+         WHERE tasks.id = u.id AND tasks.state = 'leased'",
+    )
+    .bind(&task_ids)
+    .bind(&outputs)
+    .execute(&mut *tx)
+    .await?;
+    let mut per_stage: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+    let mut events = Vec::with_capacity(taken.len());
+    for (_, worker, c, migration_id, stage) in &taken {
+        *per_stage.entry((*migration_id, *stage)).or_insert(0) += 1;
+        events.push(NewEvent {
+            migration_id: *migration_id,
+            kind: EventKind::TaskSucceeded,
+            stage: Some(*stage),
+            task_id: c.lease.task_id,
+            attempt: c.lease.attempt as i64,
+            worker: worker.to_string(),
+            message: String::new(),
+        });
+    }
+    insert_events(&mut tx, &events).await?;
+    // Stage counters and transitions once per stage; the effects ride on the
+    // first report of the batch (the committer applies them all anyway).
+    let mut fx = Effects {
+        dispatch: true,
+        ..Effects::default()
+    };
+    for (&(migration_id, stage), &n) in &per_stage {
+        sqlx::query(
+            "UPDATE stages SET succeeded = succeeded + $1 WHERE migration_id = $2 AND idx = $3",
+        )
+        .bind(n)
+        .bind(migration_id)
+        .bind(stage)
+        .execute(&mut *tx)
+        .await?;
+        fx.touch(migration_id);
+        if machine::after_task_success(&mut tx, migration_id, stage, &mut fx).await? {
+            let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = $1")
+                .bind(migration_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            machine::admit(&mut tx, &pool, &mut fx).await?;
+        }
+    }
+    notify::commit(tx, origin, &fx).await?;
+    for (n, (i, ..)) in taken.iter().enumerate() {
+        let effects = if n == 0 {
+            std::mem::take(&mut fx)
+        } else {
+            Effects::default()
+        };
+        done.insert(*i, (ReportAck::Recorded, effects));
+    }
+    Ok(done)
 }

@@ -6,7 +6,7 @@
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 
-use super::machine::{EventAt, event};
+use super::bulk::{self, NewEvent};
 use super::notify;
 use crate::domain::{Assignment, EventKind, LeaseToken};
 use crate::error::{Error, Result};
@@ -63,20 +63,20 @@ pub(super) async fn claim(
         let rows = lease_ready(&mut tx, worker_id, kinds, free, &ids, limits).await?;
         let mut leased = rows.iter().map(assignment).collect::<Result<Vec<_>>>()?;
         leased.sort_by_key(|a| a.lease.task_id);
+        let events: Vec<NewEvent> = leased
+            .iter()
+            .map(|a| NewEvent {
+                migration_id: a.migration_id,
+                kind: EventKind::TaskAssigned,
+                stage: Some(a.stage_index as i64),
+                task_id: a.lease.task_id,
+                attempt: a.lease.attempt as i64,
+                worker: worker_id.to_string(),
+                message: String::new(),
+            })
+            .collect();
+        bulk::insert_events(&mut tx, &events).await?;
         for a in &leased {
-            event(
-                &mut tx,
-                a.migration_id,
-                EventKind::TaskAssigned,
-                EventAt {
-                    stage: Some(a.stage_index as i64),
-                    task_id: a.lease.task_id,
-                    attempt: a.lease.attempt as i64,
-                    worker: worker_id,
-                    ..Default::default()
-                },
-            )
-            .await?;
             fx.touch(a.migration_id);
         }
         free -= leased.len() as i64;
@@ -89,6 +89,19 @@ pub(super) async fn claim(
     notify::commit(tx, origin, &fx).await?;
     Ok(out)
 }
+
+/// The oldest claimable tasks of each kind in `$1`, at most `$2` per kind:
+/// each kind is a range of
+/// the `(kind, ready_at, id)` index, so a claim never sorts every ready task
+/// of a big migration, and kinds with no ready work cost nothing.
+const READY_BY_KIND: &str = "
+    SELECT r.id, r.migration_id, r.ready_at FROM unnest($1::text[]) AS k(kind)
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.migration_id, t.ready_at FROM tasks t
+        JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
+        WHERE t.state = 'ready' AND t.kind = k.kind AND t.ready_at <= stagecoach_now_ms()
+          AND s.state = 'running'
+        ORDER BY t.ready_at, t.id LIMIT $2) r";
 
 /// Locks the running migrations that hold the first `free` claimable tasks
 /// (outside `locked`), in id order, and returns their ids. A claim appends
@@ -110,12 +123,9 @@ async fn lock_claimable(
     let sql = sqlx::AssertSqlSafe(format!(
         "SELECT m.id FROM migrations m
          WHERE m.state = 'running'
-           AND m.id IN (SELECT t.migration_id FROM tasks t
-                        JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
-                        WHERE t.state = 'ready' AND t.ready_at <= stagecoach_now_ms()
-                          AND t.kind = ANY($1) AND s.state = 'running'
-                          AND NOT (t.migration_id = ANY($3))
-                        ORDER BY t.ready_at, t.id LIMIT $2)
+           AND m.id IN (SELECT c.migration_id FROM ({READY_BY_KIND}) c
+                        WHERE NOT (c.migration_id = ANY($3))
+                        ORDER BY c.ready_at, c.id LIMIT $2)
          -- ORDER BY before the lock: rows are locked in this order
          ORDER BY m.id
          FOR NO KEY UPDATE OF m {skip}"
@@ -140,18 +150,23 @@ async fn lease_ready(
 ) -> Result<Vec<PgRow>> {
     Ok(sqlx::query(
         "WITH picked AS (
-             SELECT t.id FROM tasks t
-             JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
-             JOIN migrations m ON m.id = t.migration_id
-             WHERE t.migration_id = ANY($3) AND t.state = 'ready'
-               AND t.ready_at <= stagecoach_now_ms() AND t.kind = ANY($2)
-               -- I1/I9: only tasks of a running stage of a running migration
-               AND s.state = 'running' AND m.state = 'running'
-             ORDER BY t.ready_at, t.id
-             LIMIT $4
-             -- I4: a task row another transaction holds is being leased or
-             -- changed right now; never lease it twice, never wait for it
-             FOR UPDATE OF t SKIP LOCKED)
+             SELECT r.id FROM unnest($2::text[]) AS k(kind)
+             -- kind by kind along the (kind, ready_at, id) index
+             CROSS JOIN LATERAL (
+                 SELECT t.id, t.ready_at FROM tasks t
+                 JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
+                 JOIN migrations m ON m.id = t.migration_id
+                 WHERE t.state = 'ready' AND t.kind = k.kind AND t.migration_id = ANY($3)
+                   AND t.ready_at <= stagecoach_now_ms()
+                   -- I1/I9: only tasks of a running stage of a running migration
+                   AND s.state = 'running' AND m.state = 'running'
+                 ORDER BY t.ready_at, t.id
+                 LIMIT $4
+                 -- I4: a task row another transaction holds is being leased or
+                 -- changed right now; never lease it twice, never wait for it
+                 FOR UPDATE OF t SKIP LOCKED) r
+             ORDER BY r.ready_at, r.id
+             LIMIT $4)
          UPDATE tasks SET state = 'leased', attempt = tasks.attempt + 1, lease_worker = $1,
                           -- the task's heartbeat timeout and attempt timeout,
                           -- else its stage's, else the coordinator's lease

@@ -58,7 +58,7 @@ use crate::domain::{
     MigrationFilter, NewMigration, PlanSpec, Pool, ReportAck, SweepReport,
 };
 use crate::error::{Error, Result};
-use crate::store::{Created, Effects, Limits, Store, SubjectView};
+use crate::store::{Created, Effects, Limits, Report, Store, SubjectView};
 
 /// Advisory-lock namespace of plan names: versions of one plan are numbered
 /// one after another.
@@ -322,6 +322,40 @@ impl Store for PostgresStore {
             reports::fail(&self.db, &self.origin, worker_id, &f)
         })
         .await
+    }
+
+    async fn report_many(
+        &self,
+        reports: &[(String, Report)],
+    ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
+        // Plain completions of live leases go set at a time, in one
+        // transaction; the rest (failures, fan-out, stale or repeated
+        // reports) one by one, each in its own.
+        let plain: Vec<_> = reports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (w, r))| match r {
+                Report::Complete(c) if c.add_tasks.is_empty() => Some((i, w.as_str(), c)),
+                _ => None,
+            })
+            .collect();
+        let mut bulk = if plain.len() > 1 {
+            transact("complete_batch", || {
+                bulk::complete_plain(&self.db, &self.origin, &plain)
+            })
+            .await?
+        } else {
+            Default::default()
+        };
+        let mut out = Vec::with_capacity(reports.len());
+        for (i, (worker_id, report)) in reports.iter().enumerate() {
+            out.push(match (bulk.remove(&i), report) {
+                (Some(done), _) => Ok(done),
+                (None, Report::Complete(c)) => self.complete(worker_id, c).await,
+                (None, Report::Fail(f)) => self.fail(worker_id, f).await,
+            });
+        }
+        Ok(out)
     }
 
     async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Effects> {

@@ -7,8 +7,9 @@
 
 use sqlx::{PgConnection, PgPool, Row};
 
+use super::bulk::{self, NewEvent};
 use super::machine::{self, EventAt, event};
-use super::{bulk, notify};
+use super::notify;
 use crate::domain::{
     Completion, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken, MigrationState,
     ReportAck,
@@ -297,17 +298,20 @@ async fn add_tasks(
             .bind(idx)
             .execute(&mut *conn)
             .await?;
-        let events: Vec<(i64, String)> = ids
+        let events: Vec<NewEvent> = ids
             .into_iter()
             .zip(tasks)
-            .map(|(id, task)| {
-                (
-                    id,
-                    format!("{} added by task {}", task.kind, c.lease.task_id),
-                )
+            .map(|(id, task)| NewEvent {
+                migration_id: t.migration_id,
+                kind: EventKind::TaskAdded,
+                stage: Some(idx),
+                task_id: id,
+                attempt: 0,
+                worker: String::new(),
+                message: format!("{} added by task {}", task.kind, c.lease.task_id),
             })
             .collect();
-        bulk::insert_task_events(conn, t.migration_id, EventKind::TaskAdded, idx, &events).await?;
+        bulk::insert_events(conn, &events).await?;
     }
     fx.touch(t.migration_id);
     Ok(())

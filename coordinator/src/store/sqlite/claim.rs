@@ -44,16 +44,27 @@ pub(super) async fn claim_many(
     limits: Limits,
     contexts: &Contexts,
 ) -> Result<Vec<Vec<Assignment>>> {
+    let mut tx = db.begin().await?;
+    let out = claim_in(&mut tx, requests, limits, contexts).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// One dispatch pass inside the caller's transaction.
+pub(super) async fn claim_in(
+    tx: &mut SqliteConnection,
+    requests: &[ClaimRequest],
+    limits: Limits,
+    contexts: &Contexts,
+) -> Result<Vec<Vec<Assignment>>> {
     let mut out: Vec<Vec<Assignment>> = requests.iter().map(|_| Vec::new()).collect();
     if requests.iter().all(|r| r.kinds.is_empty() || r.slots == 0) {
         return Ok(out);
     }
-    let mut tx = db.begin().await?;
-    let mut free = free_slots(&mut tx, requests).await?;
+    let mut free = free_slots(&mut *tx, requests).await?;
     let now = now_ms();
-    let candidates = oldest_ready(&mut tx, requests, &free, now).await?;
+    let candidates = oldest_ready(&mut *tx, requests, &free, now).await?;
     if candidates.is_empty() {
-        tx.commit().await?;
         return Ok(out);
     }
     // Deal the candidates, oldest first, round-robin over the workers that
@@ -74,11 +85,10 @@ pub(super) async fn claim_many(
     let mut events = Vec::new();
     for ((r, ids), assigned) in requests.iter().zip(&picked).zip(&mut out) {
         if !ids.is_empty() {
-            *assigned = lease(&mut tx, r, ids, now, limits, contexts, &mut events).await?;
+            *assigned = lease(&mut *tx, r, ids, now, limits, contexts, &mut events).await?;
         }
     }
-    insert_events(&mut tx, &events).await?;
-    tx.commit().await?;
+    insert_events(&mut *tx, &events).await?;
     Ok(out)
 }
 

@@ -55,11 +55,15 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true)
-            // 64 MiB of page cache per connection (the default is 2 MiB): the hot
-            // task and event pages stay in memory instead of being re-read.
-            .pragma("cache_size", "-65536")
+            // 16 MiB of page cache per connection (the default is 2 MiB): the hot
+            // task and event pages stay in memory instead of being re-read. Not
+            // more: every commit walks the cache's hash table.
+            .pragma("cache_size", "-16384")
             // Sorts and statement journals in memory, not temp files.
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // Batches make statements of many shapes (an IN list per batch
+            // size); keep them all prepared.
+            .statement_cache_capacity(1024);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -401,6 +405,21 @@ impl Store for SqliteStore {
 
     async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Vec<Vec<Assignment>>> {
         claim::claim_many(&self.writer, requests, self.limits, &self.contexts).await
+    }
+
+    async fn report_and_claim(
+        &self,
+        reports: &[(String, Report)],
+        requests: &[ClaimRequest],
+    ) -> Result<(
+        Vec<Result<(ReportAck, Effects)>>,
+        Option<Vec<Vec<Assignment>>>,
+    )> {
+        let mut tx = self.writer.begin().await?;
+        let results = reports::record(&mut tx, reports, self.limits).await?;
+        let claimed = claim::claim_in(&mut tx, requests, self.limits, &self.contexts).await?;
+        tx.commit().await?;
+        Ok((results, Some(claimed)))
     }
 
     async fn report_many(

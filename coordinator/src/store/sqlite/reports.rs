@@ -22,6 +22,17 @@ pub(super) async fn report_many(
     limits: Limits,
 ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
     let mut tx = db.begin().await?;
+    let out = record(&mut tx, reports, limits).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Records a batch of reports inside the caller's transaction.
+pub(super) async fn record(
+    tx: &mut SqliteConnection,
+    reports: &[(String, Report)],
+    limits: Limits,
+) -> Result<Vec<Result<(ReportAck, Effects)>>> {
     // Plain completions of live leases go set at a time; everything else
     // (failures, fan-out, stale or repeated reports) one by one below.
     let plain: Vec<_> = reports
@@ -32,7 +43,7 @@ pub(super) async fn report_many(
             _ => None,
         })
         .collect();
-    let mut bulk = bulk::complete_plain(&mut tx, &plain).await?;
+    let mut bulk = bulk::complete_plain(&mut *tx, &plain).await?;
     let mut out = Vec::with_capacity(reports.len());
     for (i, (worker_id, report)) in reports.iter().enumerate() {
         if let Some(done) = bulk.remove(&i) {
@@ -42,8 +53,8 @@ pub(super) async fn report_many(
         let mut fx = Effects::default();
         sqlx::query("SAVEPOINT report").execute(&mut *tx).await?;
         let outcome = match report {
-            Report::Complete(c) => complete(&mut tx, worker_id, c, limits, &mut fx).await,
-            Report::Fail(f) => fail(&mut tx, worker_id, f, &mut fx).await,
+            Report::Complete(c) => complete(&mut *tx, worker_id, c, limits, &mut fx).await,
+            Report::Fail(f) => fail(&mut *tx, worker_id, f, &mut fx).await,
         };
         let keep = matches!(outcome, Ok(Outcome::Ack(_)));
         let undo = if keep {
@@ -58,14 +69,13 @@ pub(super) async fn report_many(
         out.push(match outcome {
             Ok(Outcome::Ack(ack)) => Ok((ack, fx)),
             Ok(Outcome::Stale { task, why }) => {
-                reject(&mut tx, worker_id, report.lease(), &task, &why).await?;
+                reject(&mut *tx, worker_id, report.lease(), &task, &why).await?;
                 Err(Error::LeaseNotHeld(why))
             }
             Err(e @ (Error::Database(_) | Error::Corrupt(_))) => return Err(e),
             Err(e) => Err(e),
         });
     }
-    tx.commit().await?;
     Ok(out)
 }
 
