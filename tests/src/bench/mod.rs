@@ -196,8 +196,7 @@ pub fn catalog(opts: &Options) -> Vec<Figure> {
                 &format!("stage transition {p}, {} stages", count(s.stages.into())),
                 Some(b),
                 "ms",
-            )
-            .may_be_zero();
+            );
             if let Some(t) = target {
                 f = f.target(Target::AtMost(t));
             }
@@ -268,19 +267,16 @@ pub fn catalog(opts: &Options) -> Vec<Figure> {
             )
             .target(Target::AtMost(256.0)),
         );
-        out.push(
-            Figure::new(
-                &k("queued_admission"),
-                &format!(
-                    "scale: admission on free, {} queued, median of {}",
-                    count(s.queued.into()),
-                    s.queued_frees
-                ),
-                Some(b),
-                "ms",
-            )
-            .may_be_zero(),
-        );
+        out.push(Figure::new(
+            &k("queued_admission"),
+            &format!(
+                "scale: admission on free, {} queued, median of {}",
+                count(s.queued.into()),
+                s.queued_frees
+            ),
+            Some(b),
+            "ms",
+        ));
         out.push(Figure::new(
             &k("queued_creates"),
             &format!(

@@ -61,8 +61,6 @@ pub struct Figure {
     pub errors: Vec<String>,
     pub target: Option<Target>,
     pub baselines: Vec<BaselineLink>,
-    /// True where 0 is a legitimate value (clamped latencies).
-    pub may_be_zero: bool,
     /// Why it was not measured (its backend is not available).
     pub unavailable: Option<String>,
 }
@@ -78,7 +76,6 @@ impl Figure {
             errors: Vec::new(),
             target: None,
             baselines: Vec::new(),
-            may_be_zero: false,
             unavailable: None,
         }
     }
@@ -93,11 +90,6 @@ impl Figure {
             key: key.to_string(),
             min_ratio,
         });
-        self
-    }
-
-    pub fn may_be_zero(mut self) -> Figure {
-        self.may_be_zero = true;
         self
     }
 

@@ -9,9 +9,10 @@
 //!   over C HTTP/2 connections: time until every stream got its Welcome,
 //!   and the coordinator's RSS while they are open.
 //! - **queued**: Q migrations of one raw task each queued in a one-slot
-//!   pool; the admission delay when the slot frees: the raw worker
-//!   completes the running migration's task (reply received) → the next
-//!   migration's assignment arrives. Median over several frees.
+//!   pool; the admission delay when the slot frees: the raw worker sends
+//!   Complete for the running migration's task → the next migration's
+//!   assignment arrives (it usually overtakes the Complete reply, as in the
+//!   stage transition figure). Median over several frees.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -258,12 +259,14 @@ async fn measure_queued(env: &Env, channel: &Channel) -> anyhow::Result<Queued> 
     // The first migration was admitted while the others were queued; its
     // assignment may be waiting already. Every free after it is timed.
     let first = raw.next(Duration::from_secs(60)).await?;
-    let mut acked = raw.complete(first.lease()?, Vec::new()).await?;
+    let mut sent = tokio::time::Instant::now();
+    raw.complete(first.lease()?, Vec::new()).await?;
     let mut delays = Vec::with_capacity(frees as usize);
     for _ in 0..frees {
         let a = raw.next(Duration::from_secs(60)).await?;
-        delays.push(ms(a.at.saturating_duration_since(acked)));
-        acked = raw.complete(a.lease()?, Vec::new()).await?;
+        delays.push(ms(a.at.saturating_duration_since(sent)));
+        sent = tokio::time::Instant::now();
+        raw.complete(a.lease()?, Vec::new()).await?;
     }
     Ok(Queued {
         admission_ms: median(&delays).context("no frees timed")?,
