@@ -4,7 +4,10 @@
 //! Work is pushed, not polled: a commit that makes tasks ready wakes the
 //! dispatcher at once; the dispatcher's tick is only a safety net, and the
 //! sweeper's tick is the only timer that finds expired leases, due retries
-//! and deadlines.
+//! and deadlines. On SQLite, a batch of reports runs its own dispatch pass
+//! in its transaction (`Coordinator::commit_reports`), so the hot path of
+//! finish-one-start-the-next needs no wake-up at all; `claim_requests` and
+//! `deliver` are shared by both.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
