@@ -111,9 +111,9 @@ impl Fake {
         (url, self.serve(listener))
     }
 
-    /// Polls until `cond` holds (5 s at most).
+    /// Polls until `cond` holds ([`WAIT`] at most).
     pub async fn wait_for(&self, what: &str, cond: impl Fn(&State) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + WAIT;
         while !cond(&self.state()) {
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -173,9 +173,14 @@ impl Fake {
     }
 }
 
-/// Polls until `cond` holds (5 s at most); for conditions over several fakes.
+/// Longest a test waits for the worker to do something. Generous: on a
+/// loaded CI machine a handler's panic with `RUST_BACKTRACE` set spends
+/// seconds symbolizing its backtrace, and a 5 s wait once ran out.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls until `cond` holds ([`WAIT`] at most); for conditions over several fakes.
 pub async fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
         assert!(
             tokio::time::Instant::now() < deadline,
