@@ -2,12 +2,90 @@
 //! subject's status is derived, what a dead task's reason says, how long a
 //! retry waits, and which tasks a completion may add where.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rand::Rng;
 
-use crate::domain::{Migration, MigrationState, NewTask, SubjectStatus, TaskSpec, validate_task};
+use crate::domain::{
+    Completion, Migration, MigrationState, NewTask, ReportAck, SubjectStatus, TaskSpec,
+    validate_task,
+};
 use crate::error::{Error, Result};
+use crate::store::{Effects, Report};
+
+/// A completion of a batch: its index in the batch, the reporting worker.
+pub(crate) type Plain<'a> = (usize, &'a str, &'a Completion);
+
+/// The completions of a batch of reports that add no tasks: the ones the
+/// set-at-a-time path records.
+pub(crate) fn plain_completions(reports: &[(String, Report)]) -> Vec<Plain<'_>> {
+    reports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (w, r))| match r {
+            Report::Complete(c) if c.add_tasks.is_empty() => Some((i, w.as_str(), c)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A live lease as read for a batch: attempt, holder, migration, stage.
+pub(crate) type LiveLease = (i64, Option<String>, i64, i64);
+
+/// A completion whose lease is live, with its task's migration and stage.
+pub(crate) struct Taken<'a> {
+    pub index: usize,
+    pub worker: &'a str,
+    pub completion: &'a Completion,
+    pub migration_id: i64,
+    pub stage: i64,
+}
+
+/// The completions of `batch` whose token is the live lease (by task id in
+/// `live`) of the worker reporting it, each task once (I4). The rest go the
+/// one-by-one way, which answers repeats and stale tokens.
+pub(crate) fn live_completions<'a>(
+    batch: &[Plain<'a>],
+    live: &HashMap<i64, LiveLease>,
+) -> Vec<Taken<'a>> {
+    let mut seen = HashSet::new();
+    batch
+        .iter()
+        .filter_map(|&(index, worker, c)| {
+            let (attempt, holder, migration_id, stage) = live.get(&c.lease.task_id)?;
+            (*attempt == c.lease.attempt as i64
+                && holder.as_deref() == Some(worker)
+                && seen.insert(c.lease.task_id))
+            .then_some(Taken {
+                index,
+                worker,
+                completion: c,
+                migration_id: *migration_id,
+                stage: *stage,
+            })
+        })
+        .collect()
+}
+
+/// Every taken report recorded, the batch's effects riding on the first
+/// (the committer applies them all anyway).
+pub(crate) fn recorded(
+    taken: &[Taken<'_>],
+    mut fx: Effects,
+) -> HashMap<usize, (ReportAck, Effects)> {
+    taken
+        .iter()
+        .enumerate()
+        .map(|(n, t)| {
+            let effects = if n == 0 {
+                std::mem::take(&mut fx)
+            } else {
+                Effects::default()
+            };
+            (t.index, (ReportAck::Recorded, effects))
+        })
+        .collect()
+}
 
 /// A stage as fan-out sees it: index, name, state, and its `max_attempts`.
 pub(crate) type StageRow = (i64, String, String, i64);

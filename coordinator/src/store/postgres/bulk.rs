@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use sqlx::{PgConnection, PgPool};
 
 use super::{machine, notify};
-use crate::domain::{Completion, EventKind, ReportAck, TaskSpec, task_override};
+use crate::domain::{EventKind, ReportAck, TaskSpec, task_override};
 use crate::error::Result;
 use crate::store::Effects;
+use crate::store::common::{LiveLease, Plain, live_completions, recorded};
 
 /// Rows per statement: big enough that round trips stop mattering, small
 /// enough that one statement's arrays stay a few megabytes.
@@ -123,9 +124,8 @@ pub(super) async fn insert_events(conn: &mut PgConnection, events: &[NewEvent]) 
 pub(super) async fn complete_plain(
     db: &PgPool,
     origin: &str,
-    batch: &[(usize, &str, &Completion)],
+    batch: &[Plain<'_>],
 ) -> Result<HashMap<usize, (ReportAck, Effects)>> {
-    let mut done = HashMap::new();
     let ids: Vec<i64> = batch.iter().map(|(_, _, c)| c.lease.task_id).collect();
     let mut tx = db.begin().await?;
     sqlx::query(
@@ -144,30 +144,20 @@ pub(super) async fn complete_plain(
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
-    let live: HashMap<i64, (i64, Option<String>, i64, i64)> = rows
+    let live: HashMap<i64, LiveLease> = rows
         .into_iter()
         .map(|(id, attempt, worker, m, s)| (id, (attempt, worker, m, s)))
         .collect();
-    let mut taken = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for &(i, worker, c) in batch {
-        let Some((attempt, holder, migration_id, stage)) = live.get(&c.lease.task_id) else {
-            continue;
-        };
-        if *attempt != c.lease.attempt as i64
-            || holder.as_deref() != Some(worker)
-            || !seen.insert(c.lease.task_id)
-        {
-            continue;
-        }
-        taken.push((i, worker, c, *migration_id, *stage));
-    }
+    let taken = live_completions(batch, &live);
     if taken.is_empty() {
         tx.rollback().await?;
-        return Ok(done);
+        return Ok(HashMap::new());
     }
-    let task_ids: Vec<i64> = taken.iter().map(|t| t.2.lease.task_id).collect();
-    let outputs: Vec<String> = taken.iter().map(|t| t.2.output.to_string()).collect();
+    let task_ids: Vec<i64> = taken.iter().map(|t| t.completion.lease.task_id).collect();
+    let outputs: Vec<String> = taken
+        .iter()
+        .map(|t| t.completion.output.to_string())
+        .collect();
     sqlx::query(
         "UPDATE tasks SET state = 'succeeded', output = u.output, finished_at = stagecoach_now_ms(),
                           lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
@@ -180,21 +170,20 @@ pub(super) async fn complete_plain(
     .await?;
     let mut per_stage: BTreeMap<(i64, i64), i64> = BTreeMap::new();
     let mut events = Vec::with_capacity(taken.len());
-    for (_, worker, c, migration_id, stage) in &taken {
-        *per_stage.entry((*migration_id, *stage)).or_insert(0) += 1;
+    for t in &taken {
+        *per_stage.entry((t.migration_id, t.stage)).or_insert(0) += 1;
         events.push(NewEvent {
-            migration_id: *migration_id,
+            migration_id: t.migration_id,
             kind: EventKind::TaskSucceeded,
-            stage: Some(*stage),
-            task_id: c.lease.task_id,
-            attempt: c.lease.attempt as i64,
-            worker: worker.to_string(),
+            stage: Some(t.stage),
+            task_id: t.completion.lease.task_id,
+            attempt: t.completion.lease.attempt as i64,
+            worker: t.worker.to_string(),
             message: String::new(),
         });
     }
     insert_events(&mut tx, &events).await?;
-    // Stage counters and transitions once per stage; the effects ride on the
-    // first report of the batch (the committer applies them all anyway).
+    // Stage counters and transitions once per stage.
     let mut fx = Effects {
         dispatch: true,
         ..Effects::default()
@@ -218,13 +207,5 @@ pub(super) async fn complete_plain(
         }
     }
     notify::commit(tx, origin, &fx).await?;
-    for (n, (i, ..)) in taken.iter().enumerate() {
-        let effects = if n == 0 {
-            std::mem::take(&mut fx)
-        } else {
-            Effects::default()
-        };
-        done.insert(*i, (ReportAck::Recorded, effects));
-    }
-    Ok(done)
+    Ok(recorded(&taken, fx))
 }

@@ -58,6 +58,7 @@ use crate::domain::{
     MigrationFilter, NewMigration, PlanSpec, Pool, ReportAck, SweepReport,
 };
 use crate::error::{Error, Result};
+use crate::store::common::plain_completions;
 use crate::store::{Created, Effects, Limits, Report, Store, SubjectView};
 
 /// Advisory-lock namespace of plan names: versions of one plan are numbered
@@ -331,14 +332,7 @@ impl Store for PostgresStore {
         // Plain completions of live leases go set at a time, in one
         // transaction; the rest (failures, fan-out, stale or repeated
         // reports) one by one, each in its own.
-        let plain: Vec<_> = reports
-            .iter()
-            .enumerate()
-            .filter_map(|(i, (w, r))| match r {
-                Report::Complete(c) if c.add_tasks.is_empty() => Some((i, w.as_str(), c)),
-                _ => None,
-            })
-            .collect();
+        let plain = plain_completions(reports);
         let mut bulk = if plain.len() > 1 {
             transact("complete_batch", || {
                 bulk::complete_plain(&self.db, &self.origin, &plain)

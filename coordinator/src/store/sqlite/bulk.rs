@@ -12,9 +12,10 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::machine;
 use crate::clock::now_ms;
-use crate::domain::{Completion, EventKind, ReportAck, TaskSpec, task_override};
+use crate::domain::{EventKind, ReportAck, TaskSpec, task_override};
 use crate::error::Result;
 use crate::store::Effects;
+use crate::store::common::{LiveLease, Plain, live_completions, recorded};
 
 /// Rows per multi-row `INSERT` (8 parameters each, far below SQLite's limit).
 const ROWS_PER_INSERT: usize = 500;
@@ -97,11 +98,10 @@ pub(super) async fn insert_tasks(
 /// stale, repeated, or with tasks to add — are left to the one-by-one path.
 pub(super) async fn complete_plain(
     conn: &mut SqliteConnection,
-    batch: &[(usize, &str, &Completion)],
+    batch: &[Plain<'_>],
 ) -> Result<HashMap<usize, (ReportAck, Effects)>> {
-    let mut done = HashMap::new();
     if batch.is_empty() {
-        return Ok(done);
+        return Ok(HashMap::new());
     }
     // Which leases are live right now, in this transaction.
     let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -114,33 +114,26 @@ pub(super) async fn complete_plain(
     q.push(")");
     let rows: Vec<(i64, i64, Option<String>, i64, i64)> =
         q.build_query_as().fetch_all(&mut *conn).await?;
-    let live: HashMap<i64, (i64, Option<String>, i64, i64)> = rows
+    let live: HashMap<i64, LiveLease> = rows
         .into_iter()
         .map(|(id, attempt, worker, m, s)| (id, (attempt, worker, m, s)))
         .collect();
-
-    let mut taken = Vec::new();
-    let mut outputs = serde_json::Map::new();
-    for &(i, worker, c) in batch {
-        let Some((attempt, holder, migration_id, stage)) = live.get(&c.lease.task_id) else {
-            continue;
-        };
-        let key = c.lease.task_id.to_string();
-        if *attempt != c.lease.attempt as i64
-            || holder.as_deref() != Some(worker)
-            || outputs.contains_key(&key)
-        {
-            continue;
-        }
-        outputs.insert(key, c.output.clone());
-        taken.push((i, worker, c, *migration_id, *stage));
-    }
+    let taken = live_completions(batch, &live);
     if taken.is_empty() {
-        return Ok(done);
+        return Ok(HashMap::new());
     }
 
     // One UPDATE for every task; each output is picked out of one JSON
     // object keyed by task id.
+    let outputs: serde_json::Map<String, serde_json::Value> = taken
+        .iter()
+        .map(|t| {
+            (
+                t.completion.lease.task_id.to_string(),
+                t.completion.output.clone(),
+            )
+        })
+        .collect();
     let mut q: QueryBuilder<Sqlite> =
         QueryBuilder::new("UPDATE tasks SET state = 'succeeded', output = json_extract(");
     q.push_bind(serde_json::Value::Object(outputs).to_string())
@@ -148,30 +141,29 @@ pub(super) async fn complete_plain(
         .push_bind(now_ms())
         .push(", lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL WHERE state = 'leased' AND id IN (");
     let mut ids = q.separated(", ");
-    for (_, _, c, _, _) in &taken {
-        ids.push_bind(c.lease.task_id);
+    for t in &taken {
+        ids.push_bind(t.completion.lease.task_id);
     }
     q.push(")");
     q.build().execute(&mut *conn).await?;
 
     let mut per_stage: BTreeMap<(i64, i64), i64> = BTreeMap::new();
     let mut events = Vec::with_capacity(taken.len());
-    for (_, worker, c, migration_id, stage) in &taken {
-        *per_stage.entry((*migration_id, *stage)).or_insert(0) += 1;
+    for t in &taken {
+        *per_stage.entry((t.migration_id, t.stage)).or_insert(0) += 1;
         events.push(NewEvent {
-            migration_id: *migration_id,
+            migration_id: t.migration_id,
             kind: EventKind::TaskSucceeded,
-            stage: Some(*stage),
-            task_id: c.lease.task_id,
-            attempt: c.lease.attempt as i64,
-            worker: worker.to_string(),
+            stage: Some(t.stage),
+            task_id: t.completion.lease.task_id,
+            attempt: t.completion.lease.attempt as i64,
+            worker: t.worker.to_string(),
             message: String::new(),
         });
     }
     insert_events(conn, &events).await?;
 
-    // Stage counters and transitions once per stage; the effects ride on the
-    // first report of the batch (the committer applies them all anyway).
+    // Stage counters and transitions once per stage.
     let mut fx = Effects {
         dispatch: true,
         ..Effects::default()
@@ -194,13 +186,5 @@ pub(super) async fn complete_plain(
             machine::admit(conn, &pool, &mut fx).await?;
         }
     }
-    for (n, (i, ..)) in taken.iter().enumerate() {
-        let effects = if n == 0 {
-            std::mem::take(&mut fx)
-        } else {
-            Effects::default()
-        };
-        done.insert(*i, (ReportAck::Recorded, effects));
-    }
-    Ok(done)
+    Ok(recorded(&taken, fx))
 }

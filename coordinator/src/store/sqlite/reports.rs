@@ -11,7 +11,9 @@ use super::machine::{self, EventAt, event};
 use crate::clock::now_ms;
 use crate::domain::{Completion, EventKind, Failure, LeaseToken, MigrationState, ReportAck};
 use crate::error::{Error, Result};
-use crate::store::common::{StageRow, backoff_ms, dead_reason, plan_added_tasks};
+use crate::store::common::{
+    StageRow, backoff_ms, dead_reason, plain_completions, plan_added_tasks,
+};
 use crate::store::{Effects, Limits, Report};
 
 /// Records a batch of reports in one transaction. A database failure fails
@@ -35,14 +37,7 @@ pub(super) async fn record(
 ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
     // Plain completions of live leases go set at a time; everything else
     // (failures, fan-out, stale or repeated reports) one by one below.
-    let plain: Vec<_> = reports
-        .iter()
-        .enumerate()
-        .filter_map(|(i, (w, r))| match r {
-            Report::Complete(c) if c.add_tasks.is_empty() => Some((i, w.as_str(), c)),
-            _ => None,
-        })
-        .collect();
+    let plain = plain_completions(reports);
     let mut bulk = bulk::complete_plain(&mut *tx, &plain).await?;
     let mut out = Vec::with_capacity(reports.len());
     for (i, (worker_id, report)) in reports.iter().enumerate() {
