@@ -69,6 +69,12 @@ fn start(builder: WorkerBuilder) -> Running {
 #[tokio::test]
 async fn subscribes_runs_tasks_and_reports_outcomes() {
     let fake = Fake::default();
+    // A handler's panic prints its backtrace on the test's only runtime
+    // thread; with `RUST_BACKTRACE` set and the freshly built binary's debug
+    // info not yet cached, that took over 2 s in CI, no heartbeat went out,
+    // the 2 s lease ended locally and the failure report was dropped. This
+    // test is about outcomes, not expiry: give it leases that outlast that.
+    fake.state().lease_duration_ms = 60_000;
     let (url, _server) = fake.start().await;
     let worker = start(builder(&url));
 

@@ -173,9 +173,8 @@ impl Fake {
     }
 }
 
-/// Longest a test waits for the worker to do something. Generous: on a
-/// loaded CI machine a handler's panic with `RUST_BACKTRACE` set spends
-/// seconds symbolizing its backtrace, and a 5 s wait once ran out.
+/// Longest a test waits for the worker to do something; generous for a
+/// loaded CI machine.
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// Polls until `cond` holds ([`WAIT`] at most); for conditions over several fakes.
