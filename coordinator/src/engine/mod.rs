@@ -343,10 +343,11 @@ impl Coordinator {
     /// without waking the dispatcher for another.
     async fn commit_reports(&self, batch: Vec<(String, Report)>) -> Result<Vec<Result<ReportAck>>> {
         let (workers, requests) = loops::claim_requests(self);
-        let (results, claimed) = self.store.report_and_claim(&batch, &requests).await?;
+        let (results, pass) = self.store.report_and_claim(&batch, &requests).await?;
         // Tasks the pass could not place wait for a slot to free, which is
-        // another commit; without a pass the dispatcher is woken as usual.
-        let dispatched = !workers.is_empty() && claimed.is_some();
+        // another commit; without a pass, or after one that had to leave
+        // work behind, the dispatcher is woken as usual.
+        let dispatched = !workers.is_empty() && pass.as_ref().is_some_and(|p| !p.partial);
         let acks = results
             .into_iter()
             .map(|r| {
@@ -357,8 +358,8 @@ impl Coordinator {
                 })
             })
             .collect();
-        if let Some(claimed) = claimed
-            && let Err(e) = loops::deliver(self, &workers, claimed).await
+        if let Some(pass) = pass
+            && let Err(e) = loops::deliver(self, &workers, pass.claimed).await
         {
             tracing::error!(error = %e, "handing out claimed tasks failed; the leases expire and are reassigned");
         }

@@ -11,7 +11,7 @@ use crate::domain::{
     validate_task,
 };
 use crate::error::{Error, Result};
-use crate::store::{Effects, Report};
+use crate::store::{ClaimRequest, Effects, Report};
 
 /// A completion of a batch: its index in the batch, the reporting worker.
 pub(crate) type Plain<'a> = (usize, &'a str, &'a Completion);
@@ -85,6 +85,68 @@ pub(crate) fn recorded(
             (t.index, (ReportAck::Recorded, effects))
         })
         .collect()
+}
+
+/// Free slots of each request: its slots (none without kinds) less the
+/// live leases its worker holds (I12), given by worker id.
+pub(crate) fn free_slots(requests: &[ClaimRequest], held: &HashMap<String, i64>) -> Vec<i64> {
+    requests
+        .iter()
+        .map(|r| {
+            let slots = if r.kinds.is_empty() {
+                0
+            } else {
+                r.slots as i64
+            };
+            slots - held.get(&r.worker_id).copied().unwrap_or(0)
+        })
+        .collect()
+}
+
+/// How many ready tasks of each kind a dispatch pass looks at: for every
+/// kind some worker with free slots runs, the free slots of all such
+/// workers (`free` is per request, in order).
+pub(crate) fn wanted_per_kind<'a>(
+    requests: &'a [ClaimRequest],
+    free: &[i64],
+) -> Vec<(&'a str, i64)> {
+    let mut wanted: Vec<(&str, i64)> = Vec::new();
+    for (r, &f) in requests.iter().zip(free) {
+        if f <= 0 {
+            continue;
+        }
+        for kind in &r.kinds {
+            match wanted.iter_mut().find(|(k, _)| k == kind) {
+                Some((_, n)) => *n += f,
+                None => wanted.push((kind, f)),
+            }
+        }
+    }
+    wanted
+}
+
+/// Deals ready tasks `(kind, id)`, oldest first, round-robin over the
+/// workers that run their kind and still have free slots; returns each
+/// request's task ids and takes what it deals from `free`.
+pub(crate) fn deal(
+    requests: &[ClaimRequest],
+    free: &mut [i64],
+    candidates: impl IntoIterator<Item = (String, i64)>,
+) -> Vec<Vec<i64>> {
+    let n = requests.len();
+    let mut picked: Vec<Vec<i64>> = vec![Vec::new(); n];
+    let mut next = 0;
+    for (kind, id) in candidates {
+        if let Some(w) = (0..n)
+            .map(|k| (next + k) % n)
+            .find(|&w| free[w] > 0 && requests[w].kinds.contains(&kind))
+        {
+            free[w] -= 1;
+            picked[w].push(id);
+            next = (w + 1) % n;
+        }
+    }
+    picked
 }
 
 /// A stage as fan-out sees it: index, name, state, and its `max_attempts`.
@@ -169,6 +231,32 @@ pub(crate) fn backoff_ms(initial: i64, max: i64, failures: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(worker: &str, kinds: &[&str], slots: u32) -> ClaimRequest {
+        ClaimRequest {
+            worker_id: worker.into(),
+            kinds: kinds.iter().map(|k| k.to_string()).collect(),
+            slots,
+        }
+    }
+
+    #[test]
+    fn a_pass_deals_oldest_first_round_robin_within_free_slots() {
+        let requests = [request("a", &["x", "y"], 2), request("b", &["x"], 5)];
+        let mut free = vec![2, 1];
+        assert_eq!(wanted_per_kind(&requests, &free), vec![("x", 3), ("y", 2)]);
+        let ready = [("x", 1), ("y", 2), ("x", 3), ("x", 4), ("y", 5)];
+        let picked = deal(
+            &requests,
+            &mut free,
+            ready.iter().map(|(k, id)| (k.to_string(), *id)),
+        );
+        // b runs only x, so the y task after a's x1 goes to a as well.
+        assert_eq!(picked, vec![vec![1, 2], vec![3]]);
+        assert_eq!(free, vec![0, 0]);
+        // A worker with no free slots asks for nothing.
+        assert_eq!(wanted_per_kind(&requests, &[0, 4]), vec![("x", 4)]);
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap_with_jitter() {

@@ -105,6 +105,16 @@ pub struct ClaimRequest {
     pub slots: u32,
 }
 
+/// What a dispatch pass run in a report commit handed out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pass {
+    /// Each request's assignments, in request order.
+    pub claimed: Vec<Vec<Assignment>>,
+    /// The pass left ready work it could not reach (rows another
+    /// transaction held at that moment): the dispatcher must run again.
+    pub partial: bool,
+}
+
 /// Subject status with the latest and the latest successful migration.
 #[derive(Debug, Clone)]
 pub struct SubjectView {
@@ -192,16 +202,13 @@ pub trait Store: Send + Sync + 'static {
     /// Records `reports` as `report_many` does and, where the backend does
     /// both in one transaction, claims for `requests` as `claim_many` does
     /// in the same one, seeing the slots and stages the reports freed: one
-    /// commit records a batch and refills the workers. `None` claims: the
+    /// commit records a batch and refills the workers. No pass: the
     /// backend left dispatching to the dispatcher (the default).
     async fn report_and_claim(
         &self,
         reports: &[(String, Report)],
         _requests: &[ClaimRequest],
-    ) -> Result<(
-        Vec<Result<(ReportAck, Effects)>>,
-        Option<Vec<Vec<Assignment>>>,
-    )> {
+    ) -> Result<(Vec<Result<(ReportAck, Effects)>>, Option<Pass>)> {
         Ok((self.report_many(reports).await?, None))
     }
     /// Cancels a queued or running migration (I9).

@@ -1,13 +1,13 @@
 //! Set-at-a-time SQL of the PostgreSQL store: a plan's or a fan-out's tasks
 //! and every batch of events go in as arrays, one statement per chunk, and a
-//! batch of plain completions is one transaction of a handful of statements,
-//! instead of one round trip (or one transaction) per row.
+//! batch of plain completions is a handful of statements, instead of one
+//! round trip (or one transaction) per row.
 
 use std::collections::{BTreeMap, HashMap};
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
-use super::{machine, notify};
+use super::machine;
 use crate::domain::{EventKind, ReportAck, TaskSpec, task_override};
 use crate::error::Result;
 use crate::store::Effects;
@@ -116,25 +116,27 @@ pub(super) async fn insert_events(conn: &mut PgConnection, events: &[NewEvent]) 
 }
 
 /// Records the completions of `batch` (indexes into the caller's reports)
-/// whose lease is live, set at a time in one transaction, and returns their
-/// results by index. The rest — stale, repeated, or adding tasks — are left
-/// to the one-by-one path. Takes the row locks of the batch's migrations in
-/// id order first (the lock order), so the stage transitions it makes are
-/// the only ones of those migrations (I1, I2).
-pub(super) async fn complete_plain(
-    db: &PgPool,
-    origin: &str,
+/// whose lease is live, set at a time in the caller's transaction, and
+/// returns their results by index. The rest — stale, repeated, or adding
+/// tasks — are left to the one-by-one path. Takes the row locks of the
+/// batch's migrations in id order first (the lock order; the transaction
+/// holds no migration lock yet), so the stage transitions it makes are the
+/// only ones of those migrations (I1, I2).
+pub(super) async fn complete_live(
+    conn: &mut PgConnection,
     batch: &[Plain<'_>],
 ) -> Result<HashMap<usize, (ReportAck, Effects)>> {
+    if batch.is_empty() {
+        return Ok(HashMap::new());
+    }
     let ids: Vec<i64> = batch.iter().map(|(_, _, c)| c.lease.task_id).collect();
-    let mut tx = db.begin().await?;
     sqlx::query(
         "SELECT id FROM migrations
          WHERE id IN (SELECT migration_id FROM tasks WHERE id = ANY($1))
          ORDER BY id FOR NO KEY UPDATE",
     )
     .bind(&ids)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
     // Read after the locks: what the previous holders committed.
     let rows: Vec<(i64, i64, Option<String>, i64, i64)> = sqlx::query_as(
@@ -142,7 +144,7 @@ pub(super) async fn complete_plain(
          WHERE id = ANY($1) AND state = 'leased'",
     )
     .bind(&ids)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await?;
     let live: HashMap<i64, LiveLease> = rows
         .into_iter()
@@ -150,7 +152,6 @@ pub(super) async fn complete_plain(
         .collect();
     let taken = live_completions(batch, &live);
     if taken.is_empty() {
-        tx.rollback().await?;
         return Ok(HashMap::new());
     }
     let task_ids: Vec<i64> = taken.iter().map(|t| t.completion.lease.task_id).collect();
@@ -166,7 +167,7 @@ pub(super) async fn complete_plain(
     )
     .bind(&task_ids)
     .bind(&outputs)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
     let mut per_stage: BTreeMap<(i64, i64), i64> = BTreeMap::new();
     let mut events = Vec::with_capacity(taken.len());
@@ -182,7 +183,7 @@ pub(super) async fn complete_plain(
             message: String::new(),
         });
     }
-    insert_events(&mut tx, &events).await?;
+    insert_events(&mut *conn, &events).await?;
     // Stage counters and transitions once per stage.
     let mut fx = Effects {
         dispatch: true,
@@ -195,17 +196,16 @@ pub(super) async fn complete_plain(
         .bind(n)
         .bind(migration_id)
         .bind(stage)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
         fx.touch(migration_id);
-        if machine::after_task_success(&mut tx, migration_id, stage, &mut fx).await? {
+        if machine::after_task_success(&mut *conn, migration_id, stage, &mut fx).await? {
             let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = $1")
                 .bind(migration_id)
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut *conn)
                 .await?;
-            machine::admit(&mut tx, &pool, &mut fx).await?;
+            machine::admit(&mut *conn, &pool, &mut fx).await?;
         }
     }
-    notify::commit(tx, origin, &fx).await?;
     Ok(recorded(&taken, fx))
 }

@@ -1,7 +1,36 @@
-//! Claims: leasing ready tasks to a worker, several coordinators at once.
-//! A claim takes the worker's advisory lock (I12), then the row locks of the
-//! migrations whose tasks it leases, in id order, then the task rows with
-//! `FOR UPDATE SKIP LOCKED` (I4): the lock order of the module doc.
+//! Claims: leasing ready tasks to workers, several coordinators at once.
+//!
+//! A dispatch pass claims for every eligible worker in one transaction of a
+//! handful of statements, however many workers and kinds there are:
+//!
+//! 1. the workers' advisory locks, in key order (I12 across coordinators:
+//!    one worker id's claims queue behind each other, so two never count the
+//!    same free slots; hashtext collisions only make two workers wait);
+//! 2. one count of live leases for all of them;
+//! 3. the oldest ready tasks of every kind asked for, unlocked: a guess;
+//! 4. the row locks of those tasks' migrations, in id order. A claim appends
+//!    TaskAssigned events, so it holds the migration lock like every other
+//!    writer of a migration's events;
+//! 5. one `UPDATE … RETURNING` for every task dealt, whose `WHERE` checks
+//!    again that each is ready, in a running stage of a running migration
+//!    (I1, I4, I9): a task the previous lock holder leased or ended fails
+//!    the check, and the next round looks again;
+//! 6. one insert of their events.
+//!
+//! Only the first round waits for migration locks, and only when the
+//! transaction holds none yet: waiting while holding some could close a
+//! cycle with another coordinator. Later rounds skip migrations others
+//! hold, and say so ([`Claimed::partial`]), so their tasks are dispatched
+//! again once those others commit.
+//!
+//! Step 3 reads nothing but the `(kind, ready_at, id)` index. Joins, or a
+//! condition on `migration_id`, let the planner walk the `tasks_stage`
+//! index instead and sort every ready task of a migration on every pass —
+//! it did, at 100,000 tasks, planning with statistics from before the
+//! tasks were inserted — so stage and migration states are checked in step
+//! 5, on the few rows picked.
+
+use std::collections::HashMap;
 
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
@@ -10,184 +39,269 @@ use super::bulk::{self, NewEvent};
 use super::notify;
 use crate::domain::{Assignment, EventKind, LeaseToken};
 use crate::error::{Error, Result};
-use crate::store::{Effects, Limits};
+use crate::store::common::{self, deal, wanted_per_kind};
+use crate::store::{ClaimRequest, Effects, Limits};
 
 /// Advisory-lock namespace of worker ids (`pg_advisory_xact_lock(ns, key)`).
 const WORKER_LOCK: i32 = 0x5C_01;
 
-/// Rounds of a claim: the first waits for the migrations it needs, later
-/// ones take only migrations nobody holds (see [`lock_claimable`]).
+/// Rounds of a pass: a round finds fewer tasks than it dealt only when
+/// another transaction changed them meanwhile.
 const CLAIM_ROUNDS: usize = 3;
 
-pub(super) async fn claim(
+/// A pass's assignments, per request in request order.
+#[derive(Default)]
+pub(super) struct Claimed {
+    pub assignments: Vec<Vec<Assignment>>,
+    /// Ready tasks of migrations another transaction held were left behind
+    /// while slots stayed free.
+    pub partial: bool,
+}
+
+/// One dispatch pass in a transaction of its own.
+pub(super) async fn claim_many(
     db: &PgPool,
     origin: &str,
-    worker_id: &str,
-    kinds: &[String],
-    slots: u32,
+    requests: &[ClaimRequest],
     limits: Limits,
-) -> Result<Vec<Assignment>> {
-    if kinds.is_empty() {
-        return Ok(Vec::new());
+) -> Result<Vec<Vec<Assignment>>> {
+    if !wants_work(requests) {
+        return Ok(requests.iter().map(|_| Vec::new()).collect());
     }
     let mut tx = db.begin().await?;
-    // I12 across coordinators: one worker id's claims queue behind each
-    // other, even from two coordinators, so both never count the same free
-    // slots. hashtext collisions only make two workers wait for each other.
-    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-        .bind(WORKER_LOCK)
-        .bind(worker_id)
-        .execute(&mut *tx)
-        .await?;
-    // A statement of its own, after the lock: sees the previous claim's leases.
-    let held: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_worker = $1",
-    )
-    .bind(worker_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    let mut free = slots as i64 - held;
-    if free <= 0 {
-        tx.rollback().await?;
-        return Ok(Vec::new());
-    }
+    lock_workers(&mut tx, requests).await?;
     let mut fx = Effects::default();
-    let mut out = Vec::new();
-    let mut locked: Vec<i64> = Vec::new();
-    for round in 0..CLAIM_ROUNDS {
-        let ids = lock_claimable(&mut tx, kinds, free, &locked, round == 0).await?;
-        if ids.is_empty() {
+    let claimed = claim_in(&mut tx, requests, limits, true, &mut fx).await?;
+    if claimed.partial {
+        // Tell the dispatchers (this one included, via the caller) to look
+        // again once the holders commit.
+        fx.dispatch = true;
+    }
+    notify::commit(tx, origin, &fx).await?;
+    Ok(claimed.assignments)
+}
+
+/// Whether any request could take a task at all.
+pub(super) fn wants_work(requests: &[ClaimRequest]) -> bool {
+    requests.iter().any(|r| !r.kinds.is_empty() && r.slots > 0)
+}
+
+/// Takes the advisory locks of the requests' worker ids, in key order: the
+/// first locks of the lock order (module doc of the store).
+pub(super) async fn lock_workers(conn: &mut PgConnection, requests: &[ClaimRequest]) -> Result<()> {
+    let ids: Vec<&str> = requests.iter().map(|r| r.worker_id.as_str()).collect();
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock($1, k.key))
+         FROM (SELECT DISTINCT hashtext(w) AS key FROM unnest($2::text[]) AS w ORDER BY 1) AS k",
+    )
+    .bind(WORKER_LOCK)
+    .bind(&ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A dispatch pass inside the caller's transaction, which holds the
+/// requests' worker locks. `wait`: the transaction holds no migration lock
+/// yet, so the first round may wait for the ones it needs.
+pub(super) async fn claim_in(
+    conn: &mut PgConnection,
+    requests: &[ClaimRequest],
+    limits: Limits,
+    mut wait: bool,
+    fx: &mut Effects,
+) -> Result<Claimed> {
+    let mut claimed = Claimed {
+        assignments: requests.iter().map(|_| Vec::new()).collect(),
+        partial: false,
+    };
+    if !wants_work(requests) {
+        return Ok(claimed);
+    }
+    let slot_of: HashMap<&str, usize> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.worker_id.as_str(), i))
+        .collect();
+    let mut free = free_slots(conn, requests).await?;
+    // Migrations whose tasks this pass no longer looks at: held by others,
+    // or not running.
+    let mut passed: Vec<i64> = Vec::new();
+    let mut events = Vec::new();
+    for _ in 0..CLAIM_ROUNDS {
+        let wanted = wanted_per_kind(requests, &free);
+        if wanted.is_empty() {
             break;
         }
-        locked.extend(&ids);
-        let rows = lease_ready(&mut tx, worker_id, kinds, free, &ids, limits).await?;
-        let mut leased = rows.iter().map(assignment).collect::<Result<Vec<_>>>()?;
-        leased.sort_by_key(|a| a.lease.task_id);
-        let events: Vec<NewEvent> = leased
+        let candidates = oldest_ready(conn, &wanted, &passed).await?;
+        if candidates.is_empty() {
+            break;
+        }
+        let mut migrations: Vec<i64> = candidates.iter().map(|c| c.2).collect();
+        migrations.sort_unstable();
+        migrations.dedup();
+        let locked = lock_migrations(conn, &migrations, wait).await?;
+        wait = false;
+        let running: Vec<i64> = locked
             .iter()
-            .map(|a| NewEvent {
+            .filter(|(_, state)| state == "running")
+            .map(|(id, _)| *id)
+            .collect();
+        for &m in migrations.iter().filter(|m| !running.contains(m)) {
+            passed.push(m);
+            // Skipped, not ended: another transaction holds it right now.
+            claimed.partial |= !locked.iter().any(|(id, _)| *id == m);
+        }
+        let usable = candidates
+            .into_iter()
+            .filter(|c| running.contains(&c.2))
+            .map(|(kind, id, _)| (kind, id));
+        let picked = deal(requests, &mut free.clone(), usable);
+        let rows = lease(conn, requests, &picked, limits).await?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in &rows {
+            let a = assignment(row)?;
+            let worker: String = row.try_get(13)?;
+            let Some(&i) = slot_of.get(worker.as_str()) else {
+                return Err(Error::Corrupt(format!(
+                    "leased to unknown worker {worker:?}"
+                )));
+            };
+            events.push(NewEvent {
                 migration_id: a.migration_id,
                 kind: EventKind::TaskAssigned,
                 stage: Some(a.stage_index as i64),
                 task_id: a.lease.task_id,
                 attempt: a.lease.attempt as i64,
-                worker: worker_id.to_string(),
+                worker,
                 message: String::new(),
-            })
-            .collect();
-        bulk::insert_events(&mut tx, &events).await?;
-        for a in &leased {
+            });
             fx.touch(a.migration_id);
-        }
-        free -= leased.len() as i64;
-        out.extend(leased);
-        if free <= 0 {
-            break;
+            free[i] -= 1;
+            claimed.assignments[i].push(a);
         }
     }
-    // Other coordinators' watchers see the assignments at once.
-    notify::commit(tx, origin, &fx).await?;
-    Ok(out)
+    // RETURNING has no order: hand tasks out and log them in creation order.
+    events.sort_by_key(|e| e.task_id);
+    bulk::insert_events(conn, &events).await?;
+    for batch in &mut claimed.assignments {
+        batch.sort_by_key(|a| a.lease.task_id);
+    }
+    claimed.partial &= free.iter().any(|&f| f > 0);
+    Ok(claimed)
 }
 
-/// The oldest claimable tasks of each kind in `$1`, at most `$2` per kind:
-/// each kind is a range of
-/// the `(kind, ready_at, id)` index, so a claim never sorts every ready task
-/// of a big migration, and kinds with no ready work cost nothing.
-const READY_BY_KIND: &str = "
-    SELECT r.id, r.migration_id, r.ready_at FROM unnest($1::text[]) AS k(kind)
-    CROSS JOIN LATERAL (
-        SELECT t.id, t.migration_id, t.ready_at FROM tasks t
-        JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
-        WHERE t.state = 'ready' AND t.kind = k.kind AND t.ready_at <= stagecoach_now_ms()
-          AND s.state = 'running'
-        ORDER BY t.ready_at, t.id LIMIT $2) r";
+/// Free slots of each request: its slots less its worker's live leases
+/// (I12), counted for all workers in one statement after their locks.
+async fn free_slots(conn: &mut PgConnection, requests: &[ClaimRequest]) -> Result<Vec<i64>> {
+    let ids: Vec<&str> = requests.iter().map(|r| r.worker_id.as_str()).collect();
+    let held: HashMap<String, i64> = sqlx::query_as(
+        "SELECT lease_worker, count(*) FROM tasks
+         WHERE state = 'leased' AND lease_worker = ANY($1) GROUP BY lease_worker",
+    )
+    .bind(&ids)
+    .fetch_all(conn)
+    .await?
+    .into_iter()
+    .collect();
+    Ok(common::free_slots(requests, &held))
+}
 
-/// Locks the running migrations that hold the first `free` claimable tasks
-/// (outside `locked`), in id order, and returns their ids. A claim appends
-/// TaskAssigned events, so it holds the migration lock like every other
-/// writer of a migration's events; claims of tasks of one migration queue
-/// behind each other, and the task rows they lease are theirs alone.
-async fn lock_claimable(
+/// The oldest ready tasks `(kind, id, migration)` of each wanted kind, at
+/// most its count, outside the `passed` migrations, oldest first. The
+/// clock is read once (an InitPlan), so it bounds the index range instead
+/// of filtering every row after it.
+async fn oldest_ready(
     conn: &mut PgConnection,
-    kinds: &[String],
-    free: i64,
-    locked: &[i64],
+    wanted: &[(&str, i64)],
+    passed: &[i64],
+) -> Result<Vec<(String, i64, i64)>> {
+    let kinds: Vec<&str> = wanted.iter().map(|w| w.0).collect();
+    let counts: Vec<i64> = wanted.iter().map(|w| w.1).collect();
+    Ok(sqlx::query_as(
+        "SELECT r.kind, r.id, r.migration_id FROM unnest($1::text[], $2::bigint[]) AS k(kind, n)
+         CROSS JOIN LATERAL (
+             SELECT t.kind, t.id, t.migration_id, t.ready_at FROM tasks t
+             WHERE t.state = 'ready' AND t.kind = k.kind
+               AND t.ready_at <= (SELECT stagecoach_now_ms())
+               AND NOT (t.migration_id = ANY($3))
+             ORDER BY t.ready_at, t.id
+             LIMIT k.n) r
+         ORDER BY r.ready_at, r.id",
+    )
+    .bind(&kinds)
+    .bind(&counts)
+    .bind(passed)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Locks the migrations `ids` in id order and returns the locked ones with
+/// their states: waiting for each, or skipping those another transaction
+/// holds.
+async fn lock_migrations(
+    conn: &mut PgConnection,
+    ids: &[i64],
     wait: bool,
-) -> Result<Vec<i64>> {
-    // The first round waits (in id order, like every transaction that locks
-    // several migrations). Later rounds run while this claim already holds
-    // migrations, so waiting could close a cycle; they skip what others hold,
-    // and those others hand those tasks out.
-    let skip = if wait { "" } else { "SKIP LOCKED" };
-    let sql = sqlx::AssertSqlSafe(format!(
-        "SELECT m.id FROM migrations m
-         WHERE m.state = 'running'
-           AND m.id IN (SELECT c.migration_id FROM ({READY_BY_KIND}) c
-                        WHERE NOT (c.migration_id = ANY($3))
-                        ORDER BY c.ready_at, c.id LIMIT $2)
-         -- ORDER BY before the lock: rows are locked in this order
-         ORDER BY m.id
-         FOR NO KEY UPDATE OF m {skip}"
-    ));
-    Ok(sqlx::query_scalar(sql)
-        .bind(kinds)
-        .bind(free)
-        .bind(locked)
-        .fetch_all(conn)
-        .await?)
+) -> Result<Vec<(i64, String)>> {
+    let sql = if wait {
+        "SELECT id, state FROM migrations WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
+    } else {
+        "SELECT id, state FROM migrations WHERE id = ANY($1) ORDER BY id
+         FOR NO KEY UPDATE SKIP LOCKED"
+    };
+    Ok(sqlx::query_as(sql).bind(ids).fetch_all(conn).await?)
 }
 
-/// Leases up to `free` ready tasks of the locked migrations, oldest ready
-/// first, in one statement.
-async fn lease_ready(
+/// Leases the dealt tasks (`picked`, per request) in one statement; each
+/// must still be ready in a running stage of a running migration.
+async fn lease(
     conn: &mut PgConnection,
-    worker_id: &str,
-    kinds: &[String],
-    free: i64,
-    migrations: &[i64],
+    requests: &[ClaimRequest],
+    picked: &[Vec<i64>],
     limits: Limits,
 ) -> Result<Vec<PgRow>> {
+    let mut ids = Vec::new();
+    let mut workers = Vec::new();
+    for (r, tasks) in requests.iter().zip(picked) {
+        ids.extend_from_slice(tasks);
+        workers.extend(tasks.iter().map(|_| r.worker_id.as_str()));
+    }
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     Ok(sqlx::query(
         "WITH picked AS (
-             SELECT r.id FROM unnest($2::text[]) AS k(kind)
-             -- kind by kind along the (kind, ready_at, id) index
+             SELECT t.id, u.worker, m.subject, m.parameters, s.name,
+                    -- the task's heartbeat timeout and attempt timeout,
+                    -- else its stage's, else the coordinator's lease
+                    coalesce(t.heartbeat_timeout_ms, nullif(s.heartbeat_timeout_ms, 0), $3) AS lease_ms,
+                    nullif(coalesce(t.attempt_timeout_ms, s.attempt_timeout_ms), 0) AS attempt_ms
+             FROM unnest($1::bigint[], $2::text[]) AS u(id, worker)
+             -- one primary-key probe per task (LIMIT keeps the subquery
+             -- apart), whatever the statistics say; I4: only a ready task
              CROSS JOIN LATERAL (
-                 SELECT t.id, t.ready_at FROM tasks t
-                 JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
-                 JOIN migrations m ON m.id = t.migration_id
-                 WHERE t.state = 'ready' AND t.kind = k.kind AND t.migration_id = ANY($3)
-                   AND t.ready_at <= stagecoach_now_ms()
-                   -- I1/I9: only tasks of a running stage of a running migration
-                   AND s.state = 'running' AND m.state = 'running'
-                 ORDER BY t.ready_at, t.id
-                 LIMIT $4
-                 -- I4: a task row another transaction holds is being leased or
-                 -- changed right now; never lease it twice, never wait for it
-                 FOR UPDATE OF t SKIP LOCKED) r
-             ORDER BY r.ready_at, r.id
-             LIMIT $4)
-         UPDATE tasks SET state = 'leased', attempt = tasks.attempt + 1, lease_worker = $1,
-                          -- the task's heartbeat timeout and attempt timeout,
-                          -- else its stage's, else the coordinator's lease
-                          lease_expires_at = stagecoach_now_ms() + coalesce(
-                              tasks.heartbeat_timeout_ms, nullif(s.heartbeat_timeout_ms, 0), $5),
-                          progress_done = 0, progress_total = 0,
-                          attempt_deadline = stagecoach_now_ms()
-                              + nullif(coalesce(tasks.attempt_timeout_ms, s.attempt_timeout_ms), 0)
-         FROM picked, stages s, migrations m
-         WHERE tasks.id = picked.id AND tasks.state = 'ready'
-           AND s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx
-           AND m.id = tasks.migration_id
+                 SELECT * FROM tasks WHERE tasks.id = u.id
+                   AND tasks.state = 'ready' AND tasks.ready_at <= stagecoach_now_ms()
+                 LIMIT 1 FOR UPDATE) t
+             -- I1/I9: of a running stage of a running migration
+             JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
+                          AND s.state = 'running'
+             JOIN migrations m ON m.id = t.migration_id AND m.state = 'running')
+         UPDATE tasks SET state = 'leased', attempt = tasks.attempt + 1, lease_worker = p.worker,
+                          lease_expires_at = stagecoach_now_ms() + p.lease_ms,
+                          attempt_deadline = stagecoach_now_ms() + p.attempt_ms,
+                          progress_done = 0, progress_total = 0
+         FROM picked p
+         WHERE tasks.id = p.id
          RETURNING tasks.id, tasks.attempt, tasks.migration_id, tasks.stage_idx, tasks.kind,
                    tasks.payload, tasks.checkpoint, tasks.max_attempts, tasks.lease_expires_at,
-                   m.subject, m.parameters, s.name,
-                   coalesce(tasks.heartbeat_timeout_ms, nullif(s.heartbeat_timeout_ms, 0), $5)",
+                   p.subject, p.parameters, p.name, p.lease_ms, tasks.lease_worker",
     )
-    .bind(worker_id)
-    .bind(kinds)
-    .bind(migrations)
-    .bind(free)
+    .bind(&ids)
+    .bind(&workers)
     .bind(limits.lease_ms)
     .fetch_all(conn)
     .await?)

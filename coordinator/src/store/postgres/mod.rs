@@ -39,13 +39,17 @@ mod claim;
 mod lifecycle;
 mod machine;
 mod notify;
+mod pass;
 mod reads;
 mod reports;
 mod sweep;
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -59,7 +63,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::plain_completions;
-use crate::store::{Created, Effects, Limits, Report, Store, SubjectView};
+use crate::store::{ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView};
 
 /// Advisory-lock namespace of plan names: versions of one plan are numbered
 /// one after another.
@@ -68,6 +72,10 @@ const PLAN_LOCK: i32 = 0x5C_02;
 /// How often [`transact`] runs a transition PostgreSQL aborted for a conflict.
 const ATTEMPTS: u32 = 5;
 
+/// Tasks one transition inserts that make the store refresh the planner's
+/// statistics of `tasks` at once (see [`PostgresStore::refresh_statistics`]).
+const ANALYZE_AFTER: usize = 10_000;
+
 /// The PostgreSQL store.
 pub struct PostgresStore {
     db: PgPool,
@@ -75,6 +83,8 @@ pub struct PostgresStore {
     limits: Limits,
     /// Tags this store's notifications, so it skips its own.
     origin: String,
+    /// An `ANALYZE tasks` of this store is running.
+    analyzing: Arc<AtomicBool>,
 }
 
 impl PostgresStore {
@@ -104,7 +114,27 @@ impl PostgresStore {
             options,
             limits,
             origin: format!("{:016x}", rand::random::<u64>()),
+            analyzing: Arc::default(),
         })
+    }
+
+    /// After a transition inserted `inserted` tasks: when they are many,
+    /// `ANALYZE tasks` in the background. Autovacuum would, within a minute
+    /// or so; until then the planner believes the table holds what it held
+    /// before — often nothing — and plans claims and completions to walk
+    /// every task of the new migration. ANALYZE samples a fixed number of
+    /// rows and blocks no reader or writer.
+    fn refresh_statistics(&self, inserted: usize) {
+        if inserted < ANALYZE_AFTER || self.analyzing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (db, analyzing) = (self.db.clone(), self.analyzing.clone());
+        tokio::spawn(async move {
+            if let Err(e) = sqlx::query("ANALYZE tasks").execute(&db).await {
+                tracing::warn!(error = %e, "refreshing the statistics of tasks failed; autovacuum will");
+            }
+            analyzing.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -257,7 +287,11 @@ impl Store for PostgresStore {
     }
 
     async fn create_migration(&self, m: &NewMigration) -> Result<(Created, Effects)> {
-        transact("create_migration", || self.create_once(m)).await
+        let (created, fx) = transact("create_migration", || self.create_once(m)).await?;
+        if created.created {
+            self.refresh_statistics(m.plan.stages.iter().map(|s| s.tasks.len()).sum());
+        }
+        Ok((created, fx))
     }
 
     async fn get_migration(&self, id: i64) -> Result<Option<Migration>> {
@@ -287,8 +321,18 @@ impl Store for PostgresStore {
         kinds: &[String],
         slots: u32,
     ) -> Result<Vec<Assignment>> {
+        let request = ClaimRequest {
+            worker_id: worker_id.to_string(),
+            kinds: kinds.to_vec(),
+            slots,
+        };
+        let mut claimed = self.claim_many(std::slice::from_ref(&request)).await?;
+        Ok(claimed.pop().unwrap_or_default())
+    }
+
+    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Vec<Vec<Assignment>>> {
         transact("claim", || {
-            claim::claim(&self.db, &self.origin, worker_id, kinds, slots, self.limits)
+            claim::claim_many(&self.db, &self.origin, requests, self.limits)
         })
         .await
     }
@@ -308,10 +352,14 @@ impl Store for PostgresStore {
     }
 
     async fn complete(&self, worker_id: &str, c: &Completion) -> Result<(ReportAck, Effects)> {
-        transact("complete", || {
+        let done = transact("complete", || {
             reports::complete(&self.db, &self.origin, worker_id, c, self.limits)
         })
-        .await
+        .await?;
+        if done.0 == ReportAck::Recorded {
+            self.refresh_statistics(c.add_tasks.len());
+        }
+        Ok(done)
     }
 
     async fn fail(&self, worker_id: &str, f: &Failure) -> Result<(ReportAck, Effects)> {
@@ -329,27 +377,57 @@ impl Store for PostgresStore {
         &self,
         reports: &[(String, Report)],
     ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
-        // Plain completions of live leases go set at a time, in one
-        // transaction; the rest (failures, fan-out, stale or repeated
-        // reports) one by one, each in its own.
+        Ok(self.report_and_claim(reports, &[]).await?.0)
+    }
+
+    async fn report_and_claim(
+        &self,
+        reports: &[(String, Report)],
+        requests: &[ClaimRequest],
+    ) -> Result<(Vec<Result<(ReportAck, Effects)>>, Option<Pass>)> {
+        // Failures and fan-out first, one by one, each in its own
+        // transaction, so the pass below sees the slots they free.
         let plain = plain_completions(reports);
-        let mut bulk = if plain.len() > 1 {
-            transact("complete_batch", || {
-                bulk::complete_plain(&self.db, &self.origin, &plain)
-            })
-            .await?
-        } else {
-            Default::default()
+        let is_plain: HashSet<usize> = plain.iter().map(|p| p.0).collect();
+        let mut early: HashMap<usize, Result<(ReportAck, Effects)>> = HashMap::new();
+        for (i, (worker_id, report)) in reports.iter().enumerate() {
+            if !is_plain.contains(&i) {
+                early.insert(i, self.report_one(worker_id, report).await);
+            }
+        }
+        // Then the plain completions of live leases set at a time, and the
+        // pass, in one transaction.
+        let committed = transact("report_and_claim", || {
+            pass::report_and_claim(&self.db, &self.origin, &plain, requests, self.limits)
+        })
+        .await;
+        let (mut done, pass) = match committed {
+            Ok((done, claimed)) => (
+                done,
+                Some(Pass {
+                    claimed: claimed.assignments,
+                    partial: claimed.partial,
+                }),
+            ),
+            Err(e) if early.is_empty() => return Err(e),
+            Err(e) => {
+                // The one-by-one reports are recorded; these are not.
+                for &(i, _, _) in &plain {
+                    early.insert(i, Err(Error::NotRecorded(e.to_string())));
+                }
+                (HashMap::new(), None)
+            }
         };
+        // Stale or repeated completions: the one-by-one path answers them.
         let mut out = Vec::with_capacity(reports.len());
         for (i, (worker_id, report)) in reports.iter().enumerate() {
-            out.push(match (bulk.remove(&i), report) {
-                (Some(done), _) => Ok(done),
-                (None, Report::Complete(c)) => self.complete(worker_id, c).await,
-                (None, Report::Fail(f)) => self.fail(worker_id, f).await,
+            out.push(match (early.remove(&i), done.remove(&i)) {
+                (Some(result), _) => result,
+                (None, Some(recorded)) => Ok(recorded),
+                (None, None) => self.report_one(worker_id, report).await,
             });
         }
-        Ok(out)
+        Ok((out, pass))
     }
 
     async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Effects> {
@@ -375,6 +453,16 @@ impl Store for PostgresStore {
         Ok(Some(
             notify::listen(self.options.clone(), self.origin.clone()).await?,
         ))
+    }
+}
+
+impl PostgresStore {
+    /// One report in transactions of its own.
+    async fn report_one(&self, worker_id: &str, report: &Report) -> Result<(ReportAck, Effects)> {
+        match report {
+            Report::Complete(c) => self.complete(worker_id, c).await,
+            Report::Fail(f) => self.fail(worker_id, f).await,
+        }
     }
 }
 

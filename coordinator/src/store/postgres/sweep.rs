@@ -52,7 +52,8 @@ pub(super) async fn sweep(
     // An existence check, not a count: a stage that just made a million
     // tasks ready must not cost a million-row scan per sweep.
     let retries: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM tasks WHERE state = 'ready' AND ready_at <= $1 AND ready_at > $2 LIMIT 1",
+        "SELECT 1 FROM tasks WHERE state = 'ready' AND (failures > 0 OR expiries > 0)
+           AND ready_at <= $1 AND ready_at > $2 LIMIT 1",
     )
     .bind(now)
     .bind(now - 2 * limits.lease_ms.max(1000))

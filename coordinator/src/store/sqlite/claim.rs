@@ -21,6 +21,7 @@ use super::bulk::{NewEvent, insert_events};
 use crate::clock::now_ms;
 use crate::domain::{Assignment, EventKind, HeartbeatOutcome, LeaseStatus, LeaseToken};
 use crate::error::{Error, Result};
+use crate::store::common::{self, deal, wanted_per_kind};
 use crate::store::{ClaimRequest, Effects, Limits};
 
 /// What every assignment of one stage of one migration shares, read once
@@ -67,21 +68,7 @@ pub(super) async fn claim_in(
     if candidates.is_empty() {
         return Ok(out);
     }
-    // Deal the candidates, oldest first, round-robin over the workers that
-    // run their kind and still have free slots.
-    let mut picked: Vec<Vec<i64>> = requests.iter().map(|_| Vec::new()).collect();
-    let mut next = 0;
-    for (kind, id) in candidates {
-        let n = requests.len();
-        if let Some(w) = (0..n)
-            .map(|k| (next + k) % n)
-            .find(|&w| free[w] > 0 && requests[w].kinds.contains(&kind))
-        {
-            free[w] -= 1;
-            picked[w].push(id);
-            next = (w + 1) % n;
-        }
-    }
+    let picked = deal(requests, &mut free, candidates);
     let mut events = Vec::new();
     for ((r, ids), assigned) in requests.iter().zip(&picked).zip(&mut out) {
         if !ids.is_empty() {
@@ -109,17 +96,7 @@ async fn free_slots(conn: &mut SqliteConnection, requests: &[ClaimRequest]) -> R
         .await?
         .into_iter()
         .collect();
-    Ok(requests
-        .iter()
-        .map(|r| {
-            let slots = if r.kinds.is_empty() {
-                0
-            } else {
-                r.slots as i64
-            };
-            slots - held.get(&r.worker_id).copied().unwrap_or(0)
-        })
-        .collect())
+    Ok(common::free_slots(requests, &held))
 }
 
 /// The oldest claimable tasks of every kind some worker with free slots
@@ -132,18 +109,7 @@ async fn oldest_ready(
     free: &[i64],
     now: i64,
 ) -> Result<Vec<(String, i64)>> {
-    let mut wanted: Vec<(&str, i64)> = Vec::new();
-    for (r, &f) in requests.iter().zip(free) {
-        if f <= 0 {
-            continue;
-        }
-        for kind in &r.kinds {
-            match wanted.iter_mut().find(|(k, _)| k == kind) {
-                Some((_, n)) => *n += f,
-                None => wanted.push((kind, f)),
-            }
-        }
-    }
+    let wanted = wanted_per_kind(requests, free);
     if wanted.is_empty() {
         return Ok(Vec::new());
     }

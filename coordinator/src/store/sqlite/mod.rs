@@ -28,7 +28,7 @@ use crate::domain::{
     SweepReport, TaskSpec,
 };
 use crate::error::{Error, Result};
-use crate::store::{ClaimRequest, Created, Effects, Limits, Report, Store, SubjectView};
+use crate::store::{ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView};
 use machine::{EventAt, event};
 
 /// The SQLite store.
@@ -411,15 +411,14 @@ impl Store for SqliteStore {
         &self,
         reports: &[(String, Report)],
         requests: &[ClaimRequest],
-    ) -> Result<(
-        Vec<Result<(ReportAck, Effects)>>,
-        Option<Vec<Vec<Assignment>>>,
-    )> {
+    ) -> Result<(Vec<Result<(ReportAck, Effects)>>, Option<Pass>)> {
         let mut tx = self.writer.begin().await?;
         let results = reports::record(&mut tx, reports, self.limits).await?;
         let claimed = claim::claim_in(&mut tx, requests, self.limits, &self.contexts).await?;
         tx.commit().await?;
-        Ok((results, Some(claimed)))
+        // One writer: nothing can hold what the pass wanted.
+        let partial = false;
+        Ok((results, Some(Pass { claimed, partial })))
     }
 
     async fn report_many(

@@ -42,7 +42,8 @@ pub(super) async fn sweep(db: &SqlitePool, limits: Limits) -> Result<(SweepRepor
     // An existence check, not a count: a stage that just made a million
     // tasks ready must not cost a million-row scan per sweep.
     let due: Option<i64> = sqlx::query_scalar(
-        "SELECT 1 FROM tasks WHERE state = 'ready' AND ready_at <= ? AND ready_at > ? LIMIT 1",
+        "SELECT 1 FROM tasks WHERE state = 'ready' AND (failures > 0 OR expiries > 0)
+           AND ready_at <= ? AND ready_at > ? LIMIT 1",
     )
     .bind(now)
     .bind(now - 2 * limits.lease_ms.max(1000))
