@@ -5,6 +5,8 @@
 //! of the module doc (worker, migrations by id, pool, tasks), so coordinators
 //! running the same transitions at once never deadlock.
 
+use std::collections::HashMap;
+
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::bulk::{self, NewEvent};
@@ -42,10 +44,13 @@ pub(super) async fn release(
     Ok(fx)
 }
 
-/// Renews each lease in a statement of its own (each commits before the
-/// reply, I11). One transaction for all would hold some task rows while
-/// waiting for another, and could deadlock with a transition of that task's
-/// migration, which takes its tasks after the migration's lock.
+/// Renews the worker's leases in one statement. A task row another
+/// transaction holds is skipped, not waited for: that transaction (a report
+/// or a sweep ending the lease, which took the task's migration first) could
+/// in turn wait for a row this statement already renewed. A skipped lease
+/// is neither renewed nor canceled — the next heartbeat settles it — unless
+/// by then it is no longer this worker's. Each renewal commits before the
+/// reply (I11).
 pub(super) async fn heartbeat(
     db: &PgPool,
     worker_id: &str,
@@ -53,34 +58,68 @@ pub(super) async fn heartbeat(
     limits: Limits,
 ) -> Result<HeartbeatOutcome> {
     let mut out = HeartbeatOutcome::default();
-    for l in leases {
-        let renewed: Option<i64> = sqlx::query_scalar(
-            // The task's heartbeat timeout, else its stage's, else the default.
-            "UPDATE tasks SET lease_expires_at = stagecoach_now_ms() + coalesce(
-                                  heartbeat_timeout_ms,
-                                  (SELECT nullif(s.heartbeat_timeout_ms, 0) FROM stages s
-                                   WHERE s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx),
-                                  $1),
-                              progress_done = $2,
-                              progress_total = $3, checkpoint = coalesce($4, checkpoint)
-             WHERE id = $5 AND attempt = $6 AND state = 'leased' AND lease_worker = $7
-             RETURNING lease_expires_at",
+    if leases.is_empty() {
+        return Ok(out);
+    }
+    let column = |f: fn(&LeaseStatus) -> i64| -> Vec<i64> { leases.iter().map(f).collect() };
+    let ids = column(|l| l.lease.task_id);
+    let checkpoints: Vec<Option<&[u8]>> = leases.iter().map(|l| l.checkpoint.as_deref()).collect();
+    let renewed: HashMap<i64, i64> = sqlx::query_as(
+        "WITH held AS (
+             SELECT id FROM tasks WHERE id = ANY($1) AND state = 'leased' AND lease_worker = $2
+             FOR UPDATE SKIP LOCKED)
+         UPDATE tasks SET
+             -- the task's heartbeat timeout, else its stage's, else the default
+             lease_expires_at = stagecoach_now_ms() + coalesce(
+                 tasks.heartbeat_timeout_ms,
+                 (SELECT nullif(s.heartbeat_timeout_ms, 0) FROM stages s
+                  WHERE s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx),
+                 $3),
+             progress_done = u.done, progress_total = u.total,
+             checkpoint = coalesce(u.checkpoint, tasks.checkpoint)
+         FROM held, unnest($1::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bytea[])
+                    AS u(id, attempt, done, total, checkpoint)
+         WHERE tasks.id = held.id AND u.id = tasks.id AND tasks.attempt = u.attempt
+         RETURNING tasks.id, tasks.lease_expires_at",
+    )
+    .bind(&ids)
+    .bind(worker_id)
+    .bind(limits.lease_ms)
+    .bind(column(|l| l.lease.attempt as i64))
+    .bind(column(|l| l.done as i64))
+    .bind(column(|l| l.total as i64))
+    .bind(&checkpoints)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .collect();
+    let rest: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !renewed.contains_key(id))
+        .collect();
+    // Of the rest, the ones still this worker's were skipped; not waiting.
+    let still: Vec<(i64, i64)> = if rest.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_as(
+            "SELECT id, attempt FROM tasks
+             WHERE id = ANY($1) AND state = 'leased' AND lease_worker = $2",
         )
-        .bind(limits.lease_ms)
-        .bind(l.done as i64)
-        .bind(l.total as i64)
-        .bind(&l.checkpoint)
-        .bind(l.lease.task_id)
-        .bind(l.lease.attempt as i64)
+        .bind(&rest)
         .bind(worker_id)
-        .fetch_optional(db)
-        .await?;
-        match renewed {
-            Some(expires) => out.renewed.push((l.lease, expires)),
-            None => out.cancel.push((
+        .fetch_all(db)
+        .await?
+    };
+    for l in leases {
+        let token = (l.lease.task_id, l.lease.attempt as i64);
+        if let Some(&expires) = renewed.get(&l.lease.task_id) {
+            out.renewed.push((l.lease, expires));
+        } else if !still.contains(&token) {
+            out.cancel.push((
                 l.lease,
                 format!("lease {} is no longer held by this worker", l.lease),
-            )),
+            ));
         }
     }
     Ok(out)
