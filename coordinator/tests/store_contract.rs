@@ -1111,4 +1111,58 @@ mod shared_database {
         );
         assert!(fx.touched.contains(&y) && fx.dispatch);
     }
+
+    /// A report commit's dispatch pass skips a migration another
+    /// transaction holds (it already holds the reported tasks' migrations,
+    /// so waiting could deadlock), says the pass was partial so the
+    /// dispatcher runs again, and a later pass hands those tasks out.
+    #[tokio::test]
+    async fn a_report_commit_passes_over_a_held_migration_and_says_so() {
+        use stagecoach_coordinator::store::{ClaimRequest, Report};
+        let (a, _, url) = two_stores_at().await;
+        let two = |subject| {
+            let p = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": wide(2)}]}));
+            new(p, subject)
+        };
+        let x = a.create_migration(&two("x")).await.unwrap().0.migration_id;
+        let first = a.claim("w1", &kinds(&["noop"]), 1).await.unwrap();
+        assert_eq!(first[0].migration_id, x);
+        let y = a.create_migration(&two("y")).await.unwrap().0.migration_id;
+        let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let mut held = sqlx::Connection::begin(&mut other).await.unwrap();
+        sqlx::query("SELECT 1 FROM migrations WHERE id = $1 FOR UPDATE")
+            .bind(y)
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        let request = ClaimRequest {
+            worker_id: "w2".into(),
+            kinds: kinds(&["noop"]),
+            slots: 10,
+        };
+        let report = ("w1".to_string(), Report::Complete(done(first[0].lease)));
+        let (results, pass) = tokio::time::timeout(
+            Duration::from_secs(10),
+            a.report_and_claim(&[report], std::slice::from_ref(&request)),
+        )
+        .await
+        .expect("skipped, not waited for")
+        .unwrap();
+        assert!(results[0].is_ok(), "{results:?}");
+        let pass = pass.expect("PostgreSQL runs the pass in the commit");
+        let got: Vec<i64> = pass.claimed[0].iter().map(|t| t.migration_id).collect();
+        assert_eq!(got, vec![x], "only the free migration's task");
+        assert!(pass.partial, "y's tasks were left behind with slots free");
+
+        held.rollback().await.unwrap();
+        let later = a.claim_many(&[request]).await.unwrap();
+        let got: Vec<i64> = later[0].iter().map(|t| t.migration_id).collect();
+        assert_eq!(got, vec![y, y]);
+        // Nothing held, nothing left: a pass that is not partial.
+        let report = ("w2".to_string(), Report::Complete(done(later[0][0].lease)));
+        let (_, pass) = a.report_and_claim(&[report], &[]).await.unwrap();
+        assert!(!pass.unwrap().partial);
+    }
 }
