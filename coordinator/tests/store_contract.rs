@@ -710,6 +710,42 @@ async fn a_batch_of_reports_records_each_once(b: Backend) {
     assert_eq!(count(EventKind::ReportRejected), 1);
 }
 
+/// A create whose migration is admitted at once hands out its first tasks
+/// in its own commit, within the workers' slots; a queued one runs no pass.
+async fn an_admitted_create_claims_in_its_commit(b: Backend) {
+    use stagecoach_coordinator::store::ClaimRequest;
+    let db = store(b).await;
+    let s = &*db.store;
+    s.create_pool("one", 1).await.unwrap();
+    let request = [ClaimRequest {
+        worker_id: W.into(),
+        kinds: kinds(&["noop"]),
+        slots: 1,
+    }];
+    let mut x = new(two_stage(), "x");
+    x.pool = "one".into();
+    let (c, fx, pass) = s.create_and_claim(&x, &request).await.unwrap();
+    assert!(c.created && fx.touched.contains(&c.migration_id));
+    let pass = pass.expect("admitted at once: a pass in the commit");
+    assert!(!pass.partial);
+    assert_eq!(pass.claimed[0].len(), 1, "one slot, one task");
+    let first = &pass.claimed[0][0];
+    assert_eq!(
+        (first.migration_id, first.stage_name.as_str()),
+        (c.migration_id, "a")
+    );
+    assert!(
+        kinds_of(s, c.migration_id)
+            .await
+            .contains(&EventKind::TaskAssigned)
+    );
+
+    let mut y = new(two_stage(), "y");
+    y.pool = "one".into();
+    let (_, _, pass) = s.create_and_claim(&y, &request).await.unwrap();
+    assert!(pass.is_none(), "queued: nothing to hand out");
+}
+
 /// Generates one `#[tokio::test]` per case and backend. A case left out of
 /// the list below is dead code, which clippy (`-D warnings`) refuses.
 macro_rules! on_both_backends {
@@ -745,6 +781,7 @@ on_both_backends!(
     an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told,
     task_and_stage_settings_override_the_defaults,
     a_batch_of_reports_records_each_once,
+    an_admitted_create_claims_in_its_commit,
 );
 
 /// Several coordinators on one PostgreSQL database: the same transitions

@@ -4,10 +4,11 @@
 //! Work is pushed, not polled: a commit that makes tasks ready wakes the
 //! dispatcher at once; the dispatcher's tick is only a safety net, and the
 //! sweeper's tick is the only timer that finds expired leases, due retries
-//! and deadlines. On SQLite, a batch of reports runs its own dispatch pass
-//! in its transaction (`Coordinator::commit_reports`), so the hot path of
-//! finish-one-start-the-next needs no wake-up at all; `claim_requests` and
-//! `deliver` are shared by both.
+//! and deadlines. A batch of reports runs its own dispatch pass in its
+//! transaction (`Coordinator::commit_reports`), so the hot path of
+//! finish-one-start-the-next needs no wake-up at all, and so does a create
+//! whose migration is admitted at once; `claim_requests` and `deliver` are
+//! shared by all three.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -39,7 +40,7 @@ pub async fn run_dispatcher(core: Arc<Coordinator>, shutdown: CancellationToken)
 }
 
 /// One dispatch pass: every eligible worker claims up to its free slots, all
-/// in one store call (one transaction on SQLite). Returns how many tasks
+/// in one store call (one transaction). Returns how many tasks
 /// were assigned.
 pub async fn dispatch_once(core: &Coordinator) -> crate::error::Result<usize> {
     let (workers, requests) = claim_requests(core);
@@ -95,6 +96,19 @@ pub(super) async fn deliver(
         let _ = core.changes.send(id);
     }
     Ok(assigned)
+}
+
+/// Delivers a pass another commit ran (a report batch's, a create's): its
+/// caller has answered already, so a failure is only logged — the leases
+/// expire and are reassigned.
+pub(super) async fn deliver_pass(
+    core: &Coordinator,
+    workers: &[Eligible],
+    claimed: Vec<Vec<Assignment>>,
+) {
+    if let Err(e) = deliver(core, workers, claimed).await {
+        tracing::error!(error = %e, "handing out claimed tasks failed; the leases expire and are reassigned");
+    }
 }
 
 /// Sweeps expired leases, due retries and deadlines until shutdown.

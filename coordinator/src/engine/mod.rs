@@ -196,8 +196,14 @@ impl Coordinator {
             deadline_ms: req.deadline_ms,
             idempotency_key: req.idempotency_key.filter(|k| !k.is_empty()),
         };
-        let (created, fx) = self.store.create_migration(&new).await?;
+        // Admitted at once, its first tasks go out with the create's commit.
+        let (workers, requests) = loops::claim_requests(self);
+        let (created, mut fx, pass) = self.store.create_and_claim(&new, &requests).await?;
+        fx.dispatch &= pass.as_ref().is_none_or(|p| p.partial);
         self.apply(fx);
+        if let Some(pass) = pass {
+            loops::deliver_pass(self, &workers, pass.claimed).await;
+        }
         let migration = self.get_migration(created.migration_id).await?;
         Ok((migration, created.created))
     }
@@ -338,7 +344,7 @@ impl Coordinator {
     }
 
     /// One group commit: a batch of reports and a dispatch pass for every
-    /// eligible worker in one store call (one transaction on SQLite), so the
+    /// eligible worker in one store call (one transaction), so the
     /// slots and stages the reports free are refilled by the same commit,
     /// without waking the dispatcher for another.
     async fn commit_reports(&self, batch: Vec<(String, Report)>) -> Result<Vec<Result<ReportAck>>> {
@@ -358,10 +364,8 @@ impl Coordinator {
                 })
             })
             .collect();
-        if let Some(pass) = pass
-            && let Err(e) = loops::deliver(self, &workers, pass.claimed).await
-        {
-            tracing::error!(error = %e, "handing out claimed tasks failed; the leases expire and are reassigned");
+        if let Some(pass) = pass {
+            loops::deliver_pass(self, &workers, pass.claimed).await;
         }
         Ok(acks)
     }

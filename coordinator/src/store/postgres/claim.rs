@@ -101,6 +101,25 @@ pub(super) async fn lock_workers(conn: &mut PgConnection, requests: &[ClaimReque
     Ok(())
 }
 
+/// The requests whose worker locks were free, taken without waiting: for a
+/// transaction that already holds migration or pool locks, where waiting
+/// for a worker lock would break the lock order.
+pub(super) async fn try_lock_workers(
+    conn: &mut PgConnection,
+    requests: &[ClaimRequest],
+) -> Result<Vec<usize>> {
+    let ids: Vec<&str> = requests.iter().map(|r| r.worker_id.as_str()).collect();
+    let locked: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_try_advisory_xact_lock($1, hashtext(w.id))
+         FROM unnest($2::text[]) WITH ORDINALITY AS w(id, n) ORDER BY w.n",
+    )
+    .bind(WORKER_LOCK)
+    .bind(&ids)
+    .fetch_all(conn)
+    .await?;
+    Ok((0..requests.len()).filter(|&i| locked[i]).collect())
+}
+
 /// A dispatch pass inside the caller's transaction, which holds the
 /// requests' worker locks. `wait`: the transaction holds no migration lock
 /// yet, so the first round may wait for the ones it needs.

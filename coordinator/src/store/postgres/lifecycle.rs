@@ -2,15 +2,21 @@
 //! retry. Each is one transaction; `transact` runs it again when it lost a
 //! race on a unique index (I8) or a deadlock.
 
-use super::bulk;
 use super::machine::{self, EventAt, event};
 use super::{PostgresStore, notify, pool_not_found, reads};
+use super::{bulk, claim};
 use crate::domain::{EventKind, MigrationState, NewMigration, TaskSpec};
 use crate::error::{Error, Result};
-use crate::store::{Created, Effects};
+use crate::store::{ClaimRequest, Created, Effects, Pass};
 
 impl PostgresStore {
-    pub(super) async fn create_once(&self, m: &NewMigration) -> Result<(Created, Effects)> {
+    /// Creates a migration and, when it was admitted, claims in the same
+    /// transaction for the `requests` whose worker locks are free.
+    pub(super) async fn create_once(
+        &self,
+        m: &NewMigration,
+        requests: &[ClaimRequest],
+    ) -> Result<(Created, Effects, Option<Pass>)> {
         let mut fx = Effects::default();
         let mut tx = self.db.begin().await?;
         // One statement, one snapshot: checked one by one, a create that
@@ -39,7 +45,7 @@ impl PostgresStore {
                 migration_id: id,
                 created: false,
             };
-            return Ok((created, fx));
+            return Ok((created, fx, None));
         }
         if !pool_exists {
             return Err(pool_not_found(&m.pool));
@@ -105,12 +111,40 @@ impl PostgresStore {
         .await?;
         fx.touch(id);
         machine::admit(&mut tx, &m.pool, &mut fx).await?;
+        let pass = if fx.dispatch && claim::wants_work(requests) {
+            Some(self.pass_in(&mut tx, requests, &mut fx).await?)
+        } else {
+            None
+        };
         notify::commit(tx, &self.origin, &fx).await?;
         let created = Created {
             migration_id: id,
             created: true,
         };
-        Ok((created, fx))
+        Ok((created, fx, pass))
+    }
+
+    /// A dispatch pass at the end of a transaction that holds migration and
+    /// pool locks: for the workers whose locks are free (the rest, and
+    /// migrations others hold, make the pass partial).
+    async fn pass_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        requests: &[ClaimRequest],
+        fx: &mut Effects,
+    ) -> Result<Pass> {
+        let free = claim::try_lock_workers(conn, requests).await?;
+        let mine: Vec<ClaimRequest> = free.iter().map(|&i| requests[i].clone()).collect();
+        let claimed = claim::claim_in(conn, &mine, self.limits, false, fx).await?;
+        let mut pass = Pass {
+            claimed: requests.iter().map(|_| Vec::new()).collect(),
+            partial: claimed.partial || free.len() < requests.len(),
+        };
+        for (i, batch) in free.into_iter().zip(claimed.assignments) {
+            pass.claimed[i] = batch;
+        }
+        fx.dispatch |= pass.partial;
+        Ok(pass)
     }
 
     /// Locks a migration and returns its state; `NotFound` if it does not exist.

@@ -287,11 +287,20 @@ impl Store for PostgresStore {
     }
 
     async fn create_migration(&self, m: &NewMigration) -> Result<(Created, Effects)> {
-        let (created, fx) = transact("create_migration", || self.create_once(m)).await?;
-        if created.created {
+        let (created, fx, _) = self.create_and_claim(m, &[]).await?;
+        Ok((created, fx))
+    }
+
+    async fn create_and_claim(
+        &self,
+        m: &NewMigration,
+        requests: &[ClaimRequest],
+    ) -> Result<(Created, Effects, Option<Pass>)> {
+        let done = transact("create_migration", || self.create_once(m, requests)).await?;
+        if done.0.created {
             self.refresh_statistics(m.plan.stages.iter().map(|s| s.tasks.len()).sum());
         }
-        Ok((created, fx))
+        Ok(done)
     }
 
     async fn get_migration(&self, id: i64) -> Result<Option<Migration>> {

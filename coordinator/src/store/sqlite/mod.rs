@@ -177,103 +177,16 @@ impl Store for SqliteStore {
     }
 
     async fn create_migration(&self, m: &NewMigration) -> Result<(Created, Effects)> {
-        let mut fx = Effects::default();
-        let mut tx = self.writer.begin().await?;
-        if let Some(key) = &m.idempotency_key {
-            let existing: Option<i64> =
-                sqlx::query_scalar("SELECT id FROM migrations WHERE idempotency_key = ?")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some(id) = existing {
-                return Ok((
-                    Created {
-                        migration_id: id,
-                        created: false,
-                    },
-                    fx,
-                ));
-            }
-        }
-        let pool_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM pools WHERE name = ?")
-            .bind(&m.pool)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if pool_exists.is_none() {
-            return Err(pool_not_found(&m.pool));
-        }
-        let busy: Option<(i64, String)> = sqlx::query_as(
-            "SELECT id, state FROM migrations WHERE subject = ? AND state IN ('queued', 'running')",
-        )
-        .bind(&m.subject)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((id, state)) = busy {
-            return Err(Error::AlreadyExists(format!(
-                "subject {:?} already has an unfinished migration: {id} is {state}; wait for it, or cancel it first",
-                m.subject
-            )));
-        }
-        let now = now_ms();
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO migrations (plan_name, plan_version, subject, parameters, pool, state,
-                                     idempotency_key, deadline, created_at, queued_at)
-             VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(&m.plan.name)
-        .bind(m.plan.version as i64)
-        .bind(&m.subject)
-        .bind(m.parameters.to_string())
-        .bind(&m.pool)
-        .bind(&m.idempotency_key)
-        .bind(m.deadline_ms)
-        .bind(now)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        for (idx, stage) in m.plan.stages.iter().enumerate() {
-            let retry = stage.retry.resolved();
-            sqlx::query(
-                "INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
-                                     initial_backoff_ms, max_backoff_ms, attempt_timeout_ms,
-                                     heartbeat_timeout_ms)
-                 VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(id)
-            .bind(idx as i64)
-            .bind(&stage.name)
-            .bind(stage.serial)
-            .bind(stage.tasks.len() as i64)
-            .bind(retry.max_attempts as i64)
-            .bind(retry.initial_backoff_ms as i64)
-            .bind(retry.max_backoff_ms as i64)
-            .bind(retry.attempt_timeout_ms as i64)
-            .bind(retry.heartbeat_timeout_ms as i64)
-            .execute(&mut *tx)
-            .await?;
-            let tasks: Vec<&TaskSpec> = stage.tasks.iter().collect();
-            bulk::insert_tasks(&mut tx, id, idx as i64, retry.max_attempts as i64, &tasks).await?;
-        }
-        event(
-            &mut tx,
-            id,
-            EventKind::MigrationCreated,
-            EventAt {
-                message: &m.subject,
-                ..Default::default()
-            },
-        )
-        .await?;
-        fx.touch(id);
-        machine::admit(&mut tx, &m.pool, &mut fx).await?;
-        tx.commit().await?;
-        Ok((
-            Created {
-                migration_id: id,
-                created: true,
-            },
-            fx,
-        ))
+        let (created, fx, _) = self.create(m, &[]).await?;
+        Ok((created, fx))
+    }
+
+    async fn create_and_claim(
+        &self,
+        m: &NewMigration,
+        requests: &[ClaimRequest],
+    ) -> Result<(Created, Effects, Option<Pass>)> {
+        self.create(m, requests).await
     }
 
     async fn get_migration(&self, id: i64) -> Result<Option<Migration>> {
@@ -438,6 +351,120 @@ impl Store for SqliteStore {
 }
 
 impl SqliteStore {
+    /// Creates a migration and, when it was admitted, claims for `requests`
+    /// in the same transaction.
+    async fn create(
+        &self,
+        m: &NewMigration,
+        requests: &[ClaimRequest],
+    ) -> Result<(Created, Effects, Option<Pass>)> {
+        let mut fx = Effects::default();
+        let mut tx = self.writer.begin().await?;
+        if let Some(key) = &m.idempotency_key {
+            let existing: Option<i64> =
+                sqlx::query_scalar("SELECT id FROM migrations WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(id) = existing {
+                return Ok((
+                    Created {
+                        migration_id: id,
+                        created: false,
+                    },
+                    fx,
+                    None,
+                ));
+            }
+        }
+        let pool_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM pools WHERE name = ?")
+            .bind(&m.pool)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if pool_exists.is_none() {
+            return Err(pool_not_found(&m.pool));
+        }
+        let busy: Option<(i64, String)> = sqlx::query_as(
+            "SELECT id, state FROM migrations WHERE subject = ? AND state IN ('queued', 'running')",
+        )
+        .bind(&m.subject)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((id, state)) = busy {
+            return Err(Error::AlreadyExists(format!(
+                "subject {:?} already has an unfinished migration: {id} is {state}; wait for it, or cancel it first",
+                m.subject
+            )));
+        }
+        let now = now_ms();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO migrations (plan_name, plan_version, subject, parameters, pool, state,
+                                     idempotency_key, deadline, created_at, queued_at)
+             VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(&m.plan.name)
+        .bind(m.plan.version as i64)
+        .bind(&m.subject)
+        .bind(m.parameters.to_string())
+        .bind(&m.pool)
+        .bind(&m.idempotency_key)
+        .bind(m.deadline_ms)
+        .bind(now)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        for (idx, stage) in m.plan.stages.iter().enumerate() {
+            let retry = stage.retry.resolved();
+            sqlx::query(
+                "INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
+                                     initial_backoff_ms, max_backoff_ms, attempt_timeout_ms,
+                                     heartbeat_timeout_ms)
+                 VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(idx as i64)
+            .bind(&stage.name)
+            .bind(stage.serial)
+            .bind(stage.tasks.len() as i64)
+            .bind(retry.max_attempts as i64)
+            .bind(retry.initial_backoff_ms as i64)
+            .bind(retry.max_backoff_ms as i64)
+            .bind(retry.attempt_timeout_ms as i64)
+            .bind(retry.heartbeat_timeout_ms as i64)
+            .execute(&mut *tx)
+            .await?;
+            let tasks: Vec<&TaskSpec> = stage.tasks.iter().collect();
+            bulk::insert_tasks(&mut tx, id, idx as i64, retry.max_attempts as i64, &tasks).await?;
+        }
+        event(
+            &mut tx,
+            id,
+            EventKind::MigrationCreated,
+            EventAt {
+                message: &m.subject,
+                ..Default::default()
+            },
+        )
+        .await?;
+        fx.touch(id);
+        machine::admit(&mut tx, &m.pool, &mut fx).await?;
+        let pass = if fx.dispatch && !requests.is_empty() {
+            let claimed = claim::claim_in(&mut tx, requests, self.limits, &self.contexts).await?;
+            Some(Pass {
+                claimed,
+                partial: false,
+            })
+        } else {
+            None
+        };
+        tx.commit().await?;
+        let created = Created {
+            migration_id: id,
+            created: true,
+        };
+        Ok((created, fx, pass))
+    }
+
     async fn update_pool(
         &self,
         name: &str,
