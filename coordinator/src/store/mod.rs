@@ -146,20 +146,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates a migration and admits it if its pool has a free slot.
     /// Keeps I8 (one unfinished run per subject, idempotency keys) and I3.
-    async fn create_migration(&self, m: &NewMigration) -> Result<(Created, Effects)>;
+    async fn create_migration(&self, m: &NewMigration) -> Result<(Created, Effects)> {
+        let (created, fx, _) = self.create_and_claim(m, &[]).await?;
+        Ok((created, fx))
+    }
     /// Creates a migration as `create_migration` does and, when it was
-    /// admitted and the backend can, runs a dispatch pass for `requests` in
-    /// the same transaction, so its first tasks leave with the commit
-    /// instead of after another. No pass: left to the dispatcher (the
-    /// default).
+    /// admitted, runs a dispatch pass for `requests` in the same
+    /// transaction, so its first tasks leave with the commit instead of
+    /// after another. No pass: nothing was admitted, or nobody asked.
     async fn create_and_claim(
         &self,
         m: &NewMigration,
-        _requests: &[ClaimRequest],
-    ) -> Result<(Created, Effects, Option<Pass>)> {
-        let (created, fx) = self.create_migration(m).await?;
-        Ok((created, fx, None))
-    }
+        requests: &[ClaimRequest],
+    ) -> Result<(Created, Effects, Option<Pass>)>;
     /// One migration with its per-stage progress.
     async fn get_migration(&self, id: i64) -> Result<Option<Migration>>;
     /// Migrations, newest first.

@@ -286,11 +286,6 @@ impl Store for PostgresStore {
         reads::list_pools(&self.db).await
     }
 
-    async fn create_migration(&self, m: &NewMigration) -> Result<(Created, Effects)> {
-        let (created, fx, _) = self.create_and_claim(m, &[]).await?;
-        Ok((created, fx))
-    }
-
     async fn create_and_claim(
         &self,
         m: &NewMigration,

@@ -176,11 +176,6 @@ impl Store for SqliteStore {
         reads::list_pools(&self.reader).await
     }
 
-    async fn create_migration(&self, m: &NewMigration) -> Result<(Created, Effects)> {
-        let (created, fx, _) = self.create(m, &[]).await?;
-        Ok((created, fx))
-    }
-
     async fn create_and_claim(
         &self,
         m: &NewMigration,
