@@ -1195,10 +1195,14 @@ mod shared_database {
 
         held.rollback().await.unwrap();
         let later = a.claim_many(&[request]).await.unwrap();
-        let got: Vec<i64> = later[0].iter().map(|t| t.migration_id).collect();
+        let got: Vec<i64> = later.claimed[0].iter().map(|t| t.migration_id).collect();
         assert_eq!(got, vec![y, y]);
+        assert!(!later.partial);
         // Nothing held, nothing left: a pass that is not partial.
-        let report = ("w2".to_string(), Report::Complete(done(later[0][0].lease)));
+        let report = (
+            "w2".to_string(),
+            Report::Complete(done(later.claimed[0][0].lease)),
+        );
         let (_, pass) = a.report_and_claim(&[report], &[]).await.unwrap();
         assert!(!pass.unwrap().partial);
     }

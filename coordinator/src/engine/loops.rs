@@ -47,8 +47,13 @@ pub async fn dispatch_once(core: &Coordinator) -> crate::error::Result<usize> {
     if workers.is_empty() {
         return Ok(0);
     }
-    let claimed = core.store.claim_many(&requests).await?;
-    deliver(core, &workers, claimed).await
+    let pass = core.store.claim_many(&requests).await?;
+    if pass.partial {
+        // Ready tasks were held by another transaction: look again (the
+        // next pass waits for it).
+        core.wake.notify_one();
+    }
+    deliver(core, &workers, pass.claimed).await
 }
 
 /// The workers that may get work now, and their claims.

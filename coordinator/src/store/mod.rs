@@ -105,7 +105,7 @@ pub struct ClaimRequest {
     pub slots: u32,
 }
 
-/// What a dispatch pass run in a report commit handed out.
+/// What a dispatch pass handed out.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Pass {
     /// Each request's assignments, in request order.
@@ -175,12 +175,15 @@ pub trait Store: Send + Sync + 'static {
     async fn claim(&self, worker_id: &str, kinds: &[String], slots: u32)
     -> Result<Vec<Assignment>>;
     /// Claims for several workers, in one transaction where the backend can.
-    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Vec<Vec<Assignment>>> {
-        let mut out = Vec::with_capacity(requests.len());
+    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Pass> {
+        let mut claimed = Vec::with_capacity(requests.len());
         for r in requests {
-            out.push(self.claim(&r.worker_id, &r.kinds, r.slots).await?);
+            claimed.push(self.claim(&r.worker_id, &r.kinds, r.slots).await?);
         }
-        Ok(out)
+        Ok(Pass {
+            claimed,
+            partial: false,
+        })
     }
     /// Puts a lease that could not be delivered back to `ready` without
     /// counting an attempt against the task.

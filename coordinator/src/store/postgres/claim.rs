@@ -20,7 +20,7 @@
 //! Only the first round waits for migration locks, and only when the
 //! transaction holds none yet: waiting while holding some could close a
 //! cycle with another coordinator. Later rounds skip migrations others
-//! hold, and say so ([`Claimed::partial`]), so their tasks are dispatched
+//! hold, and say so ([`Pass::partial`]), so their tasks are dispatched
 //! again once those others commit.
 //!
 //! Step 3 reads nothing but the `(kind, ready_at, id)` index. Joins, or a
@@ -40,7 +40,7 @@ use super::notify;
 use crate::domain::{Assignment, EventKind, LeaseToken};
 use crate::error::{Error, Result};
 use crate::store::common::{self, deal, wanted_per_kind};
-use crate::store::{ClaimRequest, Effects, Limits};
+use crate::store::{ClaimRequest, Effects, Limits, Pass};
 
 /// Advisory-lock namespace of worker ids (`pg_advisory_xact_lock(ns, key)`).
 const WORKER_LOCK: i32 = 0x5C_01;
@@ -49,36 +49,33 @@ const WORKER_LOCK: i32 = 0x5C_01;
 /// another transaction changed them meanwhile.
 const CLAIM_ROUNDS: usize = 3;
 
-/// A pass's assignments, per request in request order.
-#[derive(Default)]
-pub(super) struct Claimed {
-    pub assignments: Vec<Vec<Assignment>>,
-    /// Ready tasks of migrations another transaction held were left behind
-    /// while slots stayed free.
-    pub partial: bool,
-}
-
 /// One dispatch pass in a transaction of its own.
 pub(super) async fn claim_many(
     db: &PgPool,
     origin: &str,
     requests: &[ClaimRequest],
     limits: Limits,
-) -> Result<Vec<Vec<Assignment>>> {
+) -> Result<Pass> {
     if !wants_work(requests) {
-        return Ok(requests.iter().map(|_| Vec::new()).collect());
+        return Ok(nothing(requests));
     }
     let mut tx = db.begin().await?;
     lock_workers(&mut tx, requests).await?;
     let mut fx = Effects::default();
-    let claimed = claim_in(&mut tx, requests, limits, true, &mut fx).await?;
-    if claimed.partial {
-        // Tell the dispatchers (this one included, via the caller) to look
-        // again once the holders commit.
-        fx.dispatch = true;
-    }
+    let pass = claim_in(&mut tx, requests, limits, true, &mut fx).await?;
+    // Other coordinators' dispatchers look again once the holders commit
+    // (this one's caller does, from the pass).
+    fx.dispatch |= pass.partial;
     notify::commit(tx, origin, &fx).await?;
-    Ok(claimed.assignments)
+    Ok(pass)
+}
+
+/// A pass that handed out nothing and left nothing behind.
+pub(super) fn nothing(requests: &[ClaimRequest]) -> Pass {
+    Pass {
+        claimed: requests.iter().map(|_| Vec::new()).collect(),
+        partial: false,
+    }
 }
 
 /// Whether any request could take a task at all.
@@ -129,13 +126,10 @@ pub(super) async fn claim_in(
     limits: Limits,
     mut wait: bool,
     fx: &mut Effects,
-) -> Result<Claimed> {
-    let mut claimed = Claimed {
-        assignments: requests.iter().map(|_| Vec::new()).collect(),
-        partial: false,
-    };
+) -> Result<Pass> {
+    let mut pass = nothing(requests);
     if !wants_work(requests) {
-        return Ok(claimed);
+        return Ok(pass);
     }
     let slot_of: HashMap<&str, usize> = requests
         .iter()
@@ -169,7 +163,7 @@ pub(super) async fn claim_in(
         for &m in migrations.iter().filter(|m| !running.contains(m)) {
             passed.push(m);
             // Skipped, not ended: another transaction holds it right now.
-            claimed.partial |= !locked.iter().any(|(id, _)| *id == m);
+            pass.partial |= !locked.iter().any(|(id, _)| *id == m);
         }
         let usable = candidates
             .into_iter()
@@ -199,17 +193,17 @@ pub(super) async fn claim_in(
             });
             fx.touch(a.migration_id);
             free[i] -= 1;
-            claimed.assignments[i].push(a);
+            pass.claimed[i].push(a);
         }
     }
     // RETURNING has no order: hand tasks out and log them in creation order.
     events.sort_by_key(|e| e.task_id);
     bulk::insert_events(conn, &events).await?;
-    for batch in &mut claimed.assignments {
+    for batch in &mut pass.claimed {
         batch.sort_by_key(|a| a.lease.task_id);
     }
-    claimed.partial &= free.iter().any(|&f| f > 0);
-    Ok(claimed)
+    pass.partial &= free.iter().any(|&f| f > 0);
+    Ok(pass)
 }
 
 /// Free slots of each request: its slots less its worker's live leases

@@ -135,12 +135,10 @@ impl PostgresStore {
     ) -> Result<Pass> {
         let free = claim::try_lock_workers(conn, requests).await?;
         let mine: Vec<ClaimRequest> = free.iter().map(|&i| requests[i].clone()).collect();
-        let claimed = claim::claim_in(conn, &mine, self.limits, false, fx).await?;
-        let mut pass = Pass {
-            claimed: requests.iter().map(|_| Vec::new()).collect(),
-            partial: claimed.partial || free.len() < requests.len(),
-        };
-        for (i, batch) in free.into_iter().zip(claimed.assignments) {
+        let theirs = claim::claim_in(conn, &mine, self.limits, false, fx).await?;
+        let mut pass = claim::nothing(requests);
+        pass.partial = theirs.partial || free.len() < requests.len();
+        for (i, batch) in free.into_iter().zip(theirs.claimed) {
             pass.claimed[i] = batch;
         }
         fx.dispatch |= pass.partial;

@@ -330,11 +330,11 @@ impl Store for PostgresStore {
             kinds: kinds.to_vec(),
             slots,
         };
-        let mut claimed = self.claim_many(std::slice::from_ref(&request)).await?;
-        Ok(claimed.pop().unwrap_or_default())
+        let mut pass = self.claim_many(std::slice::from_ref(&request)).await?;
+        Ok(pass.claimed.pop().unwrap_or_default())
     }
 
-    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Vec<Vec<Assignment>>> {
+    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Pass> {
         transact("claim", || {
             claim::claim_many(&self.db, &self.origin, requests, self.limits)
         })
@@ -406,13 +406,7 @@ impl Store for PostgresStore {
         })
         .await;
         let (mut done, pass) = match committed {
-            Ok((done, claimed)) => (
-                done,
-                Some(Pass {
-                    claimed: claimed.assignments,
-                    partial: claimed.partial,
-                }),
-            ),
+            Ok((done, pass)) => (done, Some(pass)),
             Err(e) if early.is_empty() => return Err(e),
             Err(e) => {
                 // The one-by-one reports are recorded; these are not.

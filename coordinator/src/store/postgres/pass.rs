@@ -13,12 +13,12 @@ use std::collections::HashMap;
 
 use sqlx::PgPool;
 
-use super::claim::{self, Claimed};
+use super::claim;
 use super::{bulk, merge, notify};
 use crate::domain::ReportAck;
 use crate::error::Result;
 use crate::store::common::Plain;
-use crate::store::{ClaimRequest, Effects, Limits};
+use crate::store::{ClaimRequest, Effects, Limits, Pass};
 
 /// Records the live ones of `plain` and claims for `requests`, in one
 /// transaction. Returns the recorded completions by batch index (the rest
@@ -29,7 +29,7 @@ pub(super) async fn report_and_claim(
     plain: &[Plain<'_>],
     requests: &[ClaimRequest],
     limits: Limits,
-) -> Result<(HashMap<usize, (ReportAck, Effects)>, Claimed)> {
+) -> Result<(HashMap<usize, (ReportAck, Effects)>, Pass)> {
     let mut tx = db.begin().await?;
     let claiming = claim::wants_work(requests);
     if claiming {
@@ -40,17 +40,14 @@ pub(super) async fn report_and_claim(
     for (_, effects) in done.values() {
         merge(&mut fx, effects.clone());
     }
-    let claimed = if claiming {
+    let pass = if claiming {
         // Waiting for a migration lock is safe only while holding none.
         let wait = plain.is_empty();
         claim::claim_in(&mut tx, requests, limits, wait, &mut fx).await?
     } else {
-        Claimed {
-            assignments: requests.iter().map(|_| Vec::new()).collect(),
-            partial: false,
-        }
+        claim::nothing(requests)
     };
-    fx.dispatch |= claimed.partial;
+    fx.dispatch |= pass.partial;
     notify::commit(tx, origin, &fx).await?;
-    Ok((done, claimed))
+    Ok((done, pass))
 }

@@ -311,8 +311,12 @@ impl Store for SqliteStore {
         Ok(fx)
     }
 
-    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Vec<Vec<Assignment>>> {
-        claim::claim_many(&self.writer, requests, self.limits, &self.contexts).await
+    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Pass> {
+        let claimed =
+            claim::claim_many(&self.writer, requests, self.limits, &self.contexts).await?;
+        // One writer: nothing can hold what the pass wanted.
+        let partial = false;
+        Ok(Pass { claimed, partial })
     }
 
     async fn report_and_claim(
