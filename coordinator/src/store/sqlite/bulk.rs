@@ -13,7 +13,7 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use super::machine;
 use crate::clock::now_ms;
 use crate::domain::{EventKind, ReportAck, TaskSpec, task_override};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::Effects;
 use crate::store::common::{LiveLease, Plain, live_completions, recorded};
 
@@ -104,16 +104,19 @@ pub(super) async fn complete_plain(
         return Ok(HashMap::new());
     }
     // Which leases are live right now, in this transaction.
-    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-        "SELECT id, attempt, lease_worker, migration_id, stage_idx FROM tasks WHERE state = 'leased' AND id IN (",
-    );
-    let mut ids = q.separated(", ");
-    for (_, _, c) in batch {
-        ids.push_bind(c.lease.task_id);
-    }
-    q.push(")");
+    // Ids in and rows out as one JSON value each: one statement text for
+    // every batch size (prepared once), and one row to hand over from
+    // sqlx's SQLite thread instead of one per task.
+    let ids: Vec<i64> = batch.iter().map(|(_, _, c)| c.lease.task_id).collect();
+    let packed: String = sqlx::query_scalar(
+        "SELECT json_group_array(json_array(id, attempt, lease_worker, migration_id, stage_idx))
+         FROM tasks WHERE state = 'leased' AND id IN (SELECT value FROM json_each(?))",
+    )
+    .bind(serde_json::Value::from(ids).to_string())
+    .fetch_one(&mut *conn)
+    .await?;
     let rows: Vec<(i64, i64, Option<String>, i64, i64)> =
-        q.build_query_as().fetch_all(&mut *conn).await?;
+        serde_json::from_str(&packed).map_err(|e| Error::Corrupt(format!("live leases: {e}")))?;
     let live: HashMap<i64, LiveLease> = rows
         .into_iter()
         .map(|(id, attempt, worker, m, s)| (id, (attempt, worker, m, s)))

@@ -113,7 +113,11 @@ async fn oldest_ready(
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
-    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT kind, id FROM (");
+    // One row holding every candidate as JSON: sqlx hands each result row
+    // from its SQLite thread to ours separately, and a pass reads hundreds.
+    // An aggregate's order is not the subquery's: sorted here.
+    let mut q: QueryBuilder<Sqlite> =
+        QueryBuilder::new("SELECT json_group_array(json_array(kind, id, ready_at)) FROM (");
     for (i, (kind, n)) in wanted.iter().enumerate() {
         if i > 0 {
             q.push(" UNION ALL ");
@@ -135,8 +139,12 @@ async fn oldest_ready(
         .push_bind(*n)
         .push(" + 0))");
     }
-    q.push(") ORDER BY ready_at, id");
-    Ok(q.build_query_as().fetch_all(&mut *conn).await?)
+    q.push(")");
+    let packed: String = q.build_query_scalar().fetch_one(&mut *conn).await?;
+    let mut ready: Vec<(String, i64, i64)> =
+        serde_json::from_str(&packed).map_err(|e| Error::Corrupt(format!("ready tasks: {e}")))?;
+    ready.sort_unstable_by_key(|&(_, id, ready_at)| (ready_at, id));
+    Ok(ready.into_iter().map(|(kind, id, _)| (kind, id)).collect())
 }
 
 /// Leases the tasks `ids` (all ready, picked in this transaction) to one
