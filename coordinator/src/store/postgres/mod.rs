@@ -20,10 +20,10 @@
 //! - **`FOR UPDATE SKIP LOCKED`** on task rows in claims (I4: a task is
 //!   leased once) and in the sweeper, which also skips migrations another
 //!   coordinator is sweeping.
-//! - **Lock order**: worker → migrations (ascending id) → pool → tasks. A
+//! - **Lock order**: workers → migrations (ascending id) → pool → tasks. A
 //!   transaction that would have to wait against that order skips the row
-//!   instead (admission of a held queued migration, later claim rounds, the
-//!   sweeper), and heartbeats renew each lease in a statement of its own, so
+//!   instead (admission of a held queued migration, claim rounds after the
+//!   first, a create's worker locks, the sweeper, heartbeats' task rows), so
 //!   coordinators never deadlock one another. Should PostgreSQL still abort a
 //!   transaction as a deadlock or serialisation failure, [`transact`] runs it
 //!   again from the start.

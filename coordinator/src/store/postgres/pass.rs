@@ -30,8 +30,11 @@ pub(super) async fn report_and_claim(
     requests: &[ClaimRequest],
     limits: Limits,
 ) -> Result<(HashMap<usize, (ReportAck, Effects)>, Pass)> {
-    let mut tx = db.begin().await?;
     let claiming = claim::wants_work(requests);
+    if plain.is_empty() && !claiming {
+        return Ok((HashMap::new(), claim::nothing(requests)));
+    }
+    let mut tx = db.begin().await?;
     if claiming {
         claim::lock_workers(&mut tx, requests).await?;
     }
