@@ -32,6 +32,19 @@ on_both_backends!(
 );
 
 const WAIT: Duration = Duration::from_secs(90);
+
+/// Fast heartbeats and sweeps, but leases far longer than any attempt here:
+/// these tests are about handlers failing, not workers getting lost, and a
+/// busy machine's disk can stall a commit for seconds — long enough to end
+/// a 1.5 s lease and add an attempt the bounds below do not expect.
+const TIMINGS: [&str; 6] = [
+    "--heartbeat-interval-ms",
+    "200",
+    "--lease-duration-ms",
+    "20000",
+    "--sweep-interval-ms",
+    "100",
+];
 const INITIAL_BACKOFF_MS: u64 = 300;
 
 fn log(events: &[Event]) -> String {
@@ -59,7 +72,7 @@ fn announced_delay(e: &Event) -> u64 {
 }
 
 async fn a_panicking_handler_is_retried_with_backoff_then_fails_the_migration(backend: Backend) {
-    let cluster = Cluster::start_fast(backend, &[], 2, 2).await;
+    let cluster = Cluster::start_with(backend, &TIMINGS, 2, 2).await;
     let client = cluster.client().await;
     let policy = retry(3, INITIAL_BACKOFF_MS as u32, 60_000, 0);
     let p = plan(
@@ -106,7 +119,7 @@ async fn a_panicking_handler_is_retried_with_backoff_then_fails_the_migration(ba
 }
 
 async fn a_hanging_handler_times_out_on_every_attempt_then_fails(backend: Backend) {
-    let cluster = Cluster::start_fast(backend, &[], 2, 2).await;
+    let cluster = Cluster::start_with(backend, &TIMINGS, 2, 2).await;
     let client = cluster.client().await;
     let timeout_ms = 1_000;
     let p = plan(
@@ -164,7 +177,7 @@ async fn a_hanging_handler_times_out_on_every_attempt_then_fails(backend: Backen
 
 async fn two_attempts_timing_out_together_fail_the_migration_once(backend: Backend) {
     // One worker claims both tasks at once, so they share their deadline.
-    let cluster = Cluster::start_fast(backend, &[], 1, 2).await;
+    let cluster = Cluster::start_with(backend, &TIMINGS, 1, 2).await;
     let client = cluster.client().await;
     let p = plan(
         "hang-twice",
