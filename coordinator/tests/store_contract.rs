@@ -813,6 +813,19 @@ mod shared_database {
         (Arc::new(a), Arc::new(b), url)
     }
 
+    /// Another session holding migration `id`'s row lock until the
+    /// returned transaction ends.
+    async fn hold_migration(url: &str, id: i64) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let other = sqlx::PgPool::connect(url).await.unwrap();
+        let mut held = other.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM migrations WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        held
+    }
+
     fn wide(tasks: usize) -> serde_json::Value {
         json!(
             (0..tasks)
@@ -1123,15 +1136,7 @@ mod shared_database {
         y.subject = "y".into();
         let x = a.create_migration(&x).await.unwrap().0.migration_id;
         let y = a.create_migration(&y).await.unwrap().0.migration_id;
-        let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-            .await
-            .unwrap();
-        let mut held = sqlx::Connection::begin(&mut other).await.unwrap();
-        sqlx::query("SELECT 1 FROM migrations WHERE id = $1 FOR UPDATE")
-            .bind(y)
-            .execute(&mut *held)
-            .await
-            .unwrap();
+        let held = hold_migration(&url, y).await;
         a.cancel_migration(x, "").await.unwrap();
         let state = async |id| a.get_migration(id).await.unwrap().unwrap().state;
         assert_eq!(
@@ -1165,15 +1170,7 @@ mod shared_database {
         let first = a.claim("w1", &kinds(&["noop"]), 1).await.unwrap();
         assert_eq!(first[0].migration_id, x);
         let y = a.create_migration(&two("y")).await.unwrap().0.migration_id;
-        let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-            .await
-            .unwrap();
-        let mut held = sqlx::Connection::begin(&mut other).await.unwrap();
-        sqlx::query("SELECT 1 FROM migrations WHERE id = $1 FOR UPDATE")
-            .bind(y)
-            .execute(&mut *held)
-            .await
-            .unwrap();
+        let held = hold_migration(&url, y).await;
         let request = ClaimRequest {
             worker_id: "w2".into(),
             kinds: kinds(&["noop"]),

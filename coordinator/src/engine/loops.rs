@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::registry::Eligible;
 use super::{Coordinator, WorkerEvent};
 use crate::domain::{Assignment, SweepReport};
-use crate::store::ClaimRequest;
+use crate::store::{ClaimRequest, Pass};
 
 /// Hands ready tasks to eligible workers until shutdown.
 pub async fn run_dispatcher(core: Arc<Coordinator>, shutdown: CancellationToken) {
@@ -101,6 +101,13 @@ pub(super) async fn deliver(
         let _ = core.changes.send(id);
     }
     Ok(assigned)
+}
+
+/// Whether a pass run inside another commit did the dispatcher's job: it ran
+/// for every eligible worker and left nothing behind. Tasks it could not
+/// place wait for a slot to free, which is another commit.
+pub(super) fn pass_settles(workers: &[Eligible], pass: Option<&Pass>) -> bool {
+    !workers.is_empty() && pass.is_some_and(|p| !p.partial)
 }
 
 /// Delivers a pass another commit ran (a report batch's, a create's): its

@@ -199,7 +199,7 @@ impl Coordinator {
         // Admitted at once, its first tasks go out with the create's commit.
         let (workers, requests) = loops::claim_requests(self);
         let (created, mut fx, pass) = self.store.create_and_claim(&new, &requests).await?;
-        fx.dispatch &= pass.as_ref().is_none_or(|p| p.partial);
+        fx.dispatch &= !loops::pass_settles(&workers, pass.as_ref());
         self.apply(fx);
         if let Some(pass) = pass {
             loops::deliver_pass(self, &workers, pass.claimed).await;
@@ -350,10 +350,9 @@ impl Coordinator {
     async fn commit_reports(&self, batch: Vec<(String, Report)>) -> Result<Vec<Result<ReportAck>>> {
         let (workers, requests) = loops::claim_requests(self);
         let (results, pass) = self.store.report_and_claim(&batch, &requests).await?;
-        // Tasks the pass could not place wait for a slot to free, which is
-        // another commit; without a pass, or after one that had to leave
-        // work behind, the dispatcher is woken as usual.
-        let dispatched = !workers.is_empty() && pass.as_ref().is_some_and(|p| !p.partial);
+        // Without a pass, or after one that left work behind, the
+        // dispatcher is woken as usual.
+        let dispatched = loops::pass_settles(&workers, pass.as_ref());
         let acks = results
             .into_iter()
             .map(|r| {

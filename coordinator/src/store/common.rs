@@ -7,11 +7,70 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use rand::Rng;
 
 use crate::domain::{
-    Completion, Migration, MigrationState, NewTask, ReportAck, SubjectStatus, TaskSpec,
+    Completion, EventKind, Migration, MigrationState, NewTask, ReportAck, SubjectStatus, TaskSpec,
     validate_task,
 };
 use crate::error::{Error, Result};
 use crate::store::{ClaimRequest, Effects, Report};
+
+/// An event to append, owned so a batch can collect many; each backend
+/// inserts them set at a time.
+pub(crate) struct NewEvent {
+    pub migration_id: i64,
+    pub kind: EventKind,
+    pub stage: Option<i64>,
+    pub task_id: i64,
+    pub attempt: i64,
+    pub worker: String,
+    pub message: String,
+}
+
+impl NewEvent {
+    /// TASK_ASSIGNED: `worker` leased attempt `attempt` of the task.
+    pub fn assigned(
+        migration_id: i64,
+        stage: i64,
+        task_id: i64,
+        attempt: i64,
+        worker: &str,
+    ) -> Self {
+        NewEvent {
+            migration_id,
+            kind: EventKind::TaskAssigned,
+            stage: Some(stage),
+            task_id,
+            attempt,
+            worker: worker.to_string(),
+            message: String::new(),
+        }
+    }
+
+    /// TASK_SUCCEEDED of a completion taken from a batch.
+    pub fn succeeded(t: &Taken<'_>) -> Self {
+        NewEvent {
+            migration_id: t.migration_id,
+            kind: EventKind::TaskSucceeded,
+            stage: Some(t.stage),
+            task_id: t.completion.lease.task_id,
+            attempt: t.completion.lease.attempt as i64,
+            worker: t.worker.to_string(),
+            message: String::new(),
+        }
+    }
+
+    /// TASK_ADDED: task `task_id` of `kind` added to `stage` by task `by`.
+    pub fn added(migration_id: i64, stage: i64, task_id: i64, kind: &str, by: i64) -> Self {
+        NewEvent {
+            migration_id,
+            kind: EventKind::TaskAdded,
+            stage: Some(stage),
+            task_id,
+            attempt: 0,
+            worker: String::new(),
+            message: format!("{kind} added by task {by}"),
+        }
+    }
+}
 
 /// A completion of a batch: its index in the batch, the reporting worker.
 pub(crate) type Plain<'a> = (usize, &'a str, &'a Completion);

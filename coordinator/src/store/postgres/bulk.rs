@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use sqlx::PgConnection;
 
 use super::machine;
-use crate::domain::{EventKind, ReportAck, TaskSpec, task_override};
+use crate::domain::{ReportAck, TaskSpec, task_override};
 use crate::error::Result;
 use crate::store::Effects;
-use crate::store::common::{LiveLease, Plain, live_completions, recorded};
+use crate::store::common::{LiveLease, NewEvent, Plain, live_completions, recorded};
 
 /// Rows per statement: big enough that round trips stop mattering, small
 /// enough that one statement's arrays stay a few megabytes.
@@ -71,17 +71,6 @@ pub(super) async fn insert_tasks(
         ids.extend(chunk_ids);
     }
     Ok(ids)
-}
-
-/// An event to append, owned so a batch can collect many.
-pub(super) struct NewEvent {
-    pub migration_id: i64,
-    pub kind: EventKind,
-    pub stage: Option<i64>,
-    pub task_id: i64,
-    pub attempt: i64,
-    pub worker: String,
-    pub message: String,
 }
 
 /// Appends events in order, one statement per chunk. The caller holds the
@@ -173,15 +162,7 @@ pub(super) async fn complete_live(
     let mut events = Vec::with_capacity(taken.len());
     for t in &taken {
         *per_stage.entry((t.migration_id, t.stage)).or_insert(0) += 1;
-        events.push(NewEvent {
-            migration_id: t.migration_id,
-            kind: EventKind::TaskSucceeded,
-            stage: Some(t.stage),
-            task_id: t.completion.lease.task_id,
-            attempt: t.completion.lease.attempt as i64,
-            worker: t.worker.to_string(),
-            message: String::new(),
-        });
+        events.push(NewEvent::succeeded(t));
     }
     insert_events(&mut *conn, &events).await?;
     // Stage counters and transitions once per stage.

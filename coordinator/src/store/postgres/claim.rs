@@ -35,11 +35,11 @@ use std::collections::HashMap;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 
-use super::bulk::{self, NewEvent};
+use super::bulk;
 use super::notify;
-use crate::domain::{Assignment, EventKind, LeaseToken};
+use crate::domain::{Assignment, LeaseToken};
 use crate::error::{Error, Result};
-use crate::store::common::{self, deal, wanted_per_kind};
+use crate::store::common::{self, NewEvent, deal, wanted_per_kind};
 use crate::store::{ClaimRequest, Effects, Limits, Pass};
 
 /// Advisory-lock namespace of worker ids (`pg_advisory_xact_lock(ns, key)`).
@@ -182,15 +182,13 @@ pub(super) async fn claim_in(
                     "leased to unknown worker {worker:?}"
                 )));
             };
-            events.push(NewEvent {
-                migration_id: a.migration_id,
-                kind: EventKind::TaskAssigned,
-                stage: Some(a.stage_index as i64),
-                task_id: a.lease.task_id,
-                attempt: a.lease.attempt as i64,
-                worker,
-                message: String::new(),
-            });
+            events.push(NewEvent::assigned(
+                a.migration_id,
+                a.stage_index as i64,
+                a.lease.task_id,
+                a.lease.attempt as i64,
+                &worker,
+            ));
             fx.touch(a.migration_id);
             free[i] -= 1;
             pass.claimed[i].push(a);

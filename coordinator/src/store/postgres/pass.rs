@@ -13,8 +13,7 @@ use std::collections::HashMap;
 
 use sqlx::PgPool;
 
-use super::claim;
-use super::{bulk, merge, notify};
+use super::{bulk, claim, merge, notify};
 use crate::domain::ReportAck;
 use crate::error::Result;
 use crate::store::common::Plain;

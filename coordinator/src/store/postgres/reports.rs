@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use sqlx::{PgConnection, PgPool, Row};
 
-use super::bulk::{self, NewEvent};
+use super::bulk;
 use super::machine::{self, EventAt, event};
 use super::notify;
 use crate::domain::{
@@ -17,7 +17,7 @@ use crate::domain::{
     ReportAck,
 };
 use crate::error::{Error, Result};
-use crate::store::common::{StageRow, backoff_ms, dead_reason, plan_added_tasks};
+use crate::store::common::{NewEvent, StageRow, backoff_ms, dead_reason, plan_added_tasks};
 use crate::store::{Effects, Limits};
 
 pub(super) async fn release(
@@ -340,15 +340,7 @@ async fn add_tasks(
         let events: Vec<NewEvent> = ids
             .into_iter()
             .zip(tasks)
-            .map(|(id, task)| NewEvent {
-                migration_id: t.migration_id,
-                kind: EventKind::TaskAdded,
-                stage: Some(idx),
-                task_id: id,
-                attempt: 0,
-                worker: String::new(),
-                message: format!("{} added by task {}", task.kind, c.lease.task_id),
-            })
+            .map(|(id, task)| NewEvent::added(t.migration_id, idx, id, &task.kind, c.lease.task_id))
             .collect();
         bulk::insert_events(conn, &events).await?;
     }

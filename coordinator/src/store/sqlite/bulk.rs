@@ -12,24 +12,13 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::machine;
 use crate::clock::now_ms;
-use crate::domain::{EventKind, ReportAck, TaskSpec, task_override};
+use crate::domain::{ReportAck, TaskSpec, task_override};
 use crate::error::{Error, Result};
 use crate::store::Effects;
-use crate::store::common::{LiveLease, Plain, live_completions, recorded};
+use crate::store::common::{LiveLease, NewEvent, Plain, live_completions, recorded};
 
 /// Rows per multi-row `INSERT` (8 parameters each, far below SQLite's limit).
 const ROWS_PER_INSERT: usize = 500;
-
-/// An event to append, owned so a batch can collect many.
-pub(super) struct NewEvent {
-    pub migration_id: i64,
-    pub kind: EventKind,
-    pub stage: Option<i64>,
-    pub task_id: i64,
-    pub attempt: i64,
-    pub worker: String,
-    pub message: String,
-}
 
 /// Appends events in order, many rows per statement.
 pub(super) async fn insert_events(conn: &mut SqliteConnection, events: &[NewEvent]) -> Result<()> {
@@ -154,15 +143,7 @@ pub(super) async fn complete_plain(
     let mut events = Vec::with_capacity(taken.len());
     for t in &taken {
         *per_stage.entry((t.migration_id, t.stage)).or_insert(0) += 1;
-        events.push(NewEvent {
-            migration_id: t.migration_id,
-            kind: EventKind::TaskSucceeded,
-            stage: Some(t.stage),
-            task_id: t.completion.lease.task_id,
-            attempt: t.completion.lease.attempt as i64,
-            worker: t.worker.to_string(),
-            message: String::new(),
-        });
+        events.push(NewEvent::succeeded(t));
     }
     insert_events(conn, &events).await?;
 

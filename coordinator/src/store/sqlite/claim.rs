@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex};
 
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
-use super::bulk::{NewEvent, insert_events};
+use super::bulk::insert_events;
 use crate::clock::now_ms;
-use crate::domain::{Assignment, EventKind, HeartbeatOutcome, LeaseStatus, LeaseToken};
+use crate::domain::{Assignment, HeartbeatOutcome, LeaseStatus, LeaseToken};
 use crate::error::{Error, Result};
-use crate::store::common::{self, deal, wanted_per_kind};
+use crate::store::common::{self, NewEvent, deal, wanted_per_kind};
 use crate::store::{ClaimRequest, Effects, Limits};
 
 /// What every assignment of one stage of one migration shares, read once
@@ -191,15 +191,13 @@ async fn lease(
         let (task_id, attempt, migration_id, stage): (i64, i64, i64, i64) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
         let ctx = context(conn, contexts, migration_id, stage).await?;
-        events.push(NewEvent {
+        events.push(NewEvent::assigned(
             migration_id,
-            kind: EventKind::TaskAssigned,
-            stage: Some(stage),
+            stage,
             task_id,
             attempt,
-            worker: r.worker_id.clone(),
-            message: String::new(),
-        });
+            &r.worker_id,
+        ));
         let payload: String = row.get(5);
         let expires: i64 = row.get(8);
         out.push(Assignment {

@@ -6,13 +6,13 @@
 
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
-use super::bulk::{self, NewEvent};
+use super::bulk;
 use super::machine::{self, EventAt, event};
 use crate::clock::now_ms;
 use crate::domain::{Completion, EventKind, Failure, LeaseToken, MigrationState, ReportAck};
 use crate::error::{Error, Result};
 use crate::store::common::{
-    StageRow, backoff_ms, dead_reason, plain_completions, plan_added_tasks,
+    NewEvent, StageRow, backoff_ms, dead_reason, plain_completions, plan_added_tasks,
 };
 use crate::store::{Effects, Limits, Report};
 
@@ -262,14 +262,8 @@ async fn add_tasks(
             .bind(idx)
             .execute(&mut *conn)
             .await?;
-        events.extend(ids.into_iter().zip(tasks).map(|(id, task)| NewEvent {
-            migration_id: t.migration_id,
-            kind: EventKind::TaskAdded,
-            stage: Some(idx),
-            task_id: id,
-            attempt: 0,
-            worker: String::new(),
-            message: format!("{} added by task {}", task.kind, c.lease.task_id),
+        events.extend(ids.into_iter().zip(tasks).map(|(id, task)| {
+            NewEvent::added(t.migration_id, idx, id, &task.kind, c.lease.task_id)
         }));
     }
     bulk::insert_events(conn, &events).await?;
