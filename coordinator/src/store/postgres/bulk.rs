@@ -171,22 +171,7 @@ pub(super) async fn complete_live(
         ..Effects::default()
     };
     for (&(migration_id, stage), &n) in &per_stage {
-        sqlx::query(
-            "UPDATE stages SET succeeded = succeeded + $1 WHERE migration_id = $2 AND idx = $3",
-        )
-        .bind(n)
-        .bind(migration_id)
-        .bind(stage)
-        .execute(&mut *conn)
-        .await?;
-        fx.touch(migration_id);
-        if machine::after_task_success(&mut *conn, migration_id, stage, &mut fx).await? {
-            let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = $1")
-                .bind(migration_id)
-                .fetch_one(&mut *conn)
-                .await?;
-            machine::admit(&mut *conn, &pool, &mut fx).await?;
-        }
+        machine::count_successes(&mut *conn, migration_id, stage, n, &mut fx).await?;
     }
     Ok(recorded(&taken, fx))
 }

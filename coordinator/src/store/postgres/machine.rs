@@ -165,11 +165,7 @@ pub(super) async fn enter_stage(
     mut idx: i64,
     fx: &mut Effects,
 ) -> Result<bool> {
-    let count = stage_count(conn, migration_id).await?;
     loop {
-        if idx >= count {
-            return succeed_migration(conn, migration_id, fx).await;
-        }
         let started: Option<(i64, bool)> = sqlx::query_as(
             "UPDATE stages SET state = 'running', started_at = stagecoach_now_ms()
              -- I2: only a pending stage starts; a second caller changes nothing
@@ -181,6 +177,11 @@ pub(super) async fn enter_stage(
         .fetch_optional(&mut *conn)
         .await?;
         let Some((total, serial)) = started else {
+            // Past the last stage the migration is done; a stage that exists
+            // had started already.
+            if idx >= stage_count(conn, migration_id).await? {
+                return succeed_migration(conn, migration_id, fx).await;
+            }
             return Ok(false);
         };
         fx.touch(migration_id);
@@ -269,29 +270,40 @@ async fn finish_stage(
     Ok(done == 1)
 }
 
-/// After a task of stage `idx` succeeded: if it was the stage's last, the
-/// stage succeeds and the next one starts (I1). Returns true when the whole
-/// migration succeeded.
-pub(super) async fn after_task_success(
+/// Counts `n` more successes of stage `idx` and acts on them: after the
+/// stage's last, the stage succeeds and the next one starts (I1), and a
+/// migration that succeeded frees its pool slot for the queue (I3); in a
+/// serial stage, the next task becomes ready. One statement when nothing
+/// else happens, which is nearly always.
+pub(super) async fn count_successes(
     conn: &mut PgConnection,
     migration_id: i64,
     idx: i64,
+    n: i64,
     fx: &mut Effects,
-) -> Result<bool> {
-    if finish_stage(conn, migration_id, idx, fx).await? {
-        enter_stage(conn, migration_id, idx + 1, fx).await
-    } else {
-        let serial: bool =
-            sqlx::query_scalar("SELECT serial FROM stages WHERE migration_id = $1 AND idx = $2")
+) -> Result<()> {
+    let (last, serial): (bool, bool) = sqlx::query_as(
+        "UPDATE stages SET succeeded = succeeded + $1 WHERE migration_id = $2 AND idx = $3
+         RETURNING state = 'running' AND succeeded = total, serial",
+    )
+    .bind(n)
+    .bind(migration_id)
+    .bind(idx)
+    .fetch_one(&mut *conn)
+    .await?;
+    fx.touch(migration_id);
+    if last && finish_stage(conn, migration_id, idx, fx).await? {
+        if enter_stage(conn, migration_id, idx + 1, fx).await? {
+            let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = $1")
                 .bind(migration_id)
-                .bind(idx)
                 .fetch_one(&mut *conn)
                 .await?;
-        if serial {
-            ready_next_serial(conn, migration_id, idx).await?;
+            admit(conn, &pool, fx).await?;
         }
-        Ok(false)
+    } else if serial {
+        ready_next_serial(conn, migration_id, idx).await?;
     }
+    Ok(())
 }
 
 async fn succeed_migration(

@@ -275,11 +275,6 @@ pub(super) async fn complete(
             c.lease
         )));
     }
-    sqlx::query("UPDATE stages SET succeeded = succeeded + 1 WHERE migration_id = $1 AND idx = $2")
-        .bind(t.migration_id)
-        .bind(t.stage)
-        .execute(&mut *tx)
-        .await?;
     event(
         &mut tx,
         t.migration_id,
@@ -293,17 +288,10 @@ pub(super) async fn complete(
         },
     )
     .await?;
-    fx.touch(t.migration_id);
     fx.dispatch = true;
     // I1/I2: the migration lock taken in `reported` makes this the only
     // transaction that can see the stage's last success and start the next.
-    if machine::after_task_success(&mut tx, t.migration_id, t.stage, &mut fx).await? {
-        let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = $1")
-            .bind(t.migration_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        machine::admit(&mut tx, &pool, &mut fx).await?;
-    }
+    machine::count_successes(&mut tx, t.migration_id, t.stage, 1, &mut fx).await?;
     notify::commit(tx, origin, &fx).await?;
     Ok((ReportAck::Recorded, fx))
 }

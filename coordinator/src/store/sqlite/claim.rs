@@ -3,10 +3,13 @@
 //! A dispatch pass claims for every eligible worker in one transaction of a
 //! fixed handful of statements, however many workers and kinds there are:
 //! one count of live leases for all workers, one lookup of the oldest ready
-//! tasks of every kind asked for, one `UPDATE … RETURNING` per worker that
-//! gets tasks, one multi-row insert of their events. sqlx hands every
-//! statement to the connection's thread and back, so at tens of thousands of
-//! tasks per second the number of statements is what costs.
+//! tasks of every kind asked for, one `UPDATE` leasing them to all workers,
+//! one read of what it leased, one insert of their events. sqlx hands every
+//! statement, and every row a statement returns, to the connection's thread
+//! and back, so at tens of thousands of tasks per second the number of
+//! statements and rows is what costs: lists travel as one JSON parameter and
+//! come back as one JSON row, which also keeps each statement's text, and so
+//! its prepared form, the same whatever the list's length.
 //!
 //! `LIMIT (? + 0)`, not `LIMIT ?`: SQLite plans a bare bound LIMIT with its
 //! value and re-prepares the statement whenever the value changes, which it
@@ -15,7 +18,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
 use super::bulk::insert_events;
 use crate::clock::now_ms;
@@ -58,23 +61,28 @@ pub(super) async fn claim_in(
     limits: Limits,
     contexts: &Contexts,
 ) -> Result<Vec<Vec<Assignment>>> {
-    let mut out: Vec<Vec<Assignment>> = requests.iter().map(|_| Vec::new()).collect();
+    let nothing = || requests.iter().map(|_| Vec::new()).collect();
     if requests.iter().all(|r| r.kinds.is_empty() || r.slots == 0) {
-        return Ok(out);
+        return Ok(nothing());
     }
     let mut free = free_slots(&mut *tx, requests).await?;
     let now = now_ms();
     let candidates = oldest_ready(&mut *tx, requests, &free, now).await?;
     if candidates.is_empty() {
-        return Ok(out);
+        return Ok(nothing());
     }
     let picked = deal(requests, &mut free, candidates);
     let mut events = Vec::new();
-    for ((r, ids), assigned) in requests.iter().zip(&picked).zip(&mut out) {
-        if !ids.is_empty() {
-            *assigned = lease(&mut *tx, r, ids, now, limits, contexts, &mut events).await?;
-        }
-    }
+    let out = lease(
+        &mut *tx,
+        requests,
+        &picked,
+        now,
+        limits,
+        contexts,
+        &mut events,
+    )
+    .await?;
     insert_events(&mut *tx, &events).await?;
     Ok(out)
 }
@@ -147,60 +155,118 @@ async fn oldest_ready(
     Ok(ready.into_iter().map(|(kind, id, _)| (kind, id)).collect())
 }
 
-/// Leases the tasks `ids` (all ready, picked in this transaction) to one
-/// worker and returns its assignments in task order.
+/// A leased task as the read after the lease returns it: id, attempt,
+/// migration, stage, kind, payload, whether it has a checkpoint (1 or 0),
+/// max attempts, lease expiry, worker.
+type Leased = (
+    i64,
+    i64,
+    i64,
+    i64,
+    String,
+    serde_json::Value,
+    i64,
+    i64,
+    i64,
+    String,
+);
+
+/// Leases the dealt tasks (`picked`, per request; all ready, picked in this
+/// transaction) and returns each request's assignments in task order. One
+/// `UPDATE` for every worker and one read of what it leased as a single
+/// JSON row: sqlx hands every statement, and every row of a `RETURNING`,
+/// to its SQLite thread and back.
 async fn lease(
     conn: &mut SqliteConnection,
-    r: &ClaimRequest,
-    ids: &[i64],
+    requests: &[ClaimRequest],
+    picked: &[Vec<i64>],
     now: i64,
     limits: Limits,
     contexts: &Contexts,
     events: &mut Vec<NewEvent>,
-) -> Result<Vec<Assignment>> {
+) -> Result<Vec<Vec<Assignment>>> {
+    let mut out: Vec<Vec<Assignment>> = requests.iter().map(|_| Vec::new()).collect();
+    let dealt: Vec<(i64, &str)> = requests
+        .iter()
+        .zip(picked)
+        .flat_map(|(r, ids)| ids.iter().map(|&id| (id, r.worker_id.as_str())))
+        .collect();
+    if dealt.is_empty() {
+        return Ok(out);
+    }
+    let dealt = serde_json::to_string(&dealt).map_err(|e| Error::Corrupt(e.to_string()))?;
     // The lease lasts the task's heartbeat timeout, else its stage's, else
     // the coordinator's; the attempt deadline likewise (0: none).
-    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-        "UPDATE tasks SET state = 'leased', attempt = attempt + 1, progress_done = 0, progress_total = 0, lease_worker = ",
-    );
-    q.push_bind(&r.worker_id)
-        .push(", lease_expires_at = ")
-        .push_bind(now)
-        .push(" + coalesce(tasks.heartbeat_timeout_ms, nullif(s.heartbeat_timeout_ms, 0), ")
-        .push_bind(limits.lease_ms)
-        .push("), attempt_deadline = ")
-        .push_bind(now)
-        .push(
-            " + nullif(coalesce(tasks.attempt_timeout_ms, s.attempt_timeout_ms), 0)
-             FROM stages s
-             WHERE s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx
-               AND tasks.state = 'ready' AND tasks.id IN (",
-        );
-    let mut list = q.separated(", ");
-    for id in ids {
-        list.push_bind(*id);
-    }
-    q.push(
-        ") RETURNING id, attempt, migration_id, stage_idx, kind, payload, checkpoint, max_attempts, lease_expires_at",
-    );
-    let mut rows = q.build().fetch_all(&mut *conn).await?;
-    // RETURNING has no order: hand tasks out in the order they were created.
-    rows.sort_by_key(|row| row.get::<i64, _>(0));
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let (task_id, attempt, migration_id, stage): (i64, i64, i64, i64) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
+    sqlx::query(
+        "UPDATE tasks SET state = 'leased', attempt = attempt + 1, progress_done = 0,
+                          progress_total = 0, lease_worker = d.worker,
+                          lease_expires_at = ?1 + coalesce(tasks.heartbeat_timeout_ms,
+                                                           nullif(s.heartbeat_timeout_ms, 0), ?2),
+                          attempt_deadline = ?1 + nullif(coalesce(tasks.attempt_timeout_ms,
+                                                                  s.attempt_timeout_ms), 0)
+         FROM (SELECT value ->> 0 AS id, value ->> 1 AS worker FROM json_each(?3)) AS d,
+              stages s
+         WHERE tasks.id = d.id AND tasks.state = 'ready'
+           AND s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx",
+    )
+    .bind(now)
+    .bind(limits.lease_ms)
+    .bind(&dealt)
+    .execute(&mut *conn)
+    .await?;
+    let packed: String = sqlx::query_scalar(
+        "SELECT json_group_array(json_array(id, attempt, migration_id, stage_idx, kind,
+                                            json(payload), checkpoint IS NOT NULL, max_attempts,
+                                            lease_expires_at, lease_worker))
+         FROM tasks WHERE state = 'leased' AND id IN (SELECT value ->> 0 FROM json_each(?))",
+    )
+    .bind(&dealt)
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut rows: Vec<Leased> =
+        serde_json::from_str(&packed).map_err(|e| Error::Corrupt(format!("leased tasks: {e}")))?;
+    // Hand tasks out in the order they were created.
+    rows.sort_unstable_by_key(|row| row.0);
+    let slot_of: HashMap<&str, usize> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.worker_id.as_str(), i))
+        .collect();
+    for (
+        task_id,
+        attempt,
+        migration_id,
+        stage,
+        kind,
+        payload,
+        has_checkpoint,
+        max_attempts,
+        expires,
+        worker,
+    ) in rows
+    {
+        let Some(&i) = slot_of.get(worker.as_str()) else {
+            return Err(Error::Corrupt(format!(
+                "leased to unknown worker {worker:?}"
+            )));
+        };
         let ctx = context(conn, contexts, migration_id, stage).await?;
+        let checkpoint = if has_checkpoint != 0 {
+            sqlx::query_scalar("SELECT checkpoint FROM tasks WHERE id = ?")
+                .bind(task_id)
+                .fetch_one(&mut *conn)
+                .await?
+        } else {
+            None
+        };
         events.push(NewEvent::assigned(
             migration_id,
             stage,
             task_id,
             attempt,
-            &r.worker_id,
+            &worker,
         ));
-        let payload: String = row.get(5);
-        let expires: i64 = row.get(8);
-        out.push(Assignment {
+        out[i].push(Assignment {
             lease: LeaseToken {
                 task_id,
                 attempt: attempt as u32,
@@ -209,14 +275,13 @@ async fn lease(
             subject: ctx.subject.clone(),
             stage_index: stage as u32,
             stage_name: ctx.stage_name.clone(),
-            kind: row.get(4),
-            payload: serde_json::from_str(&payload)
-                .map_err(|e| Error::Corrupt(format!("payload: {e}")))?,
+            kind,
+            payload,
             parameters: ctx.parameters.clone(),
             lease_expires_at_ms: expires,
             lease_ms: expires - now,
-            checkpoint: row.get(6),
-            max_attempts: row.get::<i64, _>(7) as u32,
+            checkpoint,
+            max_attempts: max_attempts as u32,
         });
     }
     Ok(out)

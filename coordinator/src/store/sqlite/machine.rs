@@ -125,24 +125,25 @@ pub(super) async fn enter_stage(
     mut idx: i64,
     fx: &mut Effects,
 ) -> Result<bool> {
-    let count = stage_count(conn, migration_id).await?;
     loop {
-        if idx >= count {
-            return succeed_migration(conn, migration_id, fx).await;
-        }
-        let started = sqlx::query(
+        let started: Option<(i64, bool)> = sqlx::query_as(
             "UPDATE stages SET state = 'running', started_at = ?
-             WHERE migration_id = ? AND idx = ? AND state = 'pending'",
+             WHERE migration_id = ? AND idx = ? AND state = 'pending'
+             RETURNING total, serial",
         )
         .bind(now_ms())
         .bind(migration_id)
         .bind(idx)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if started == 0 {
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((total, serial)) = started else {
+            // Past the last stage the migration is done; a stage that exists
+            // had started already.
+            if idx >= stage_count(conn, migration_id).await? {
+                return succeed_migration(conn, migration_id, fx).await;
+            }
             return Ok(false);
-        }
+        };
         fx.touch(migration_id);
         event(
             conn,
@@ -154,12 +155,6 @@ pub(super) async fn enter_stage(
             },
         )
         .await?;
-        let (total, serial): (i64, bool) =
-            sqlx::query_as("SELECT total, serial FROM stages WHERE migration_id = ? AND idx = ?")
-                .bind(migration_id)
-                .bind(idx)
-                .fetch_one(&mut *conn)
-                .await?;
         if total > 0 {
             if serial {
                 ready_next_serial(conn, migration_id, idx).await?;
@@ -239,35 +234,37 @@ async fn finish_stage(
     Ok(done == 1)
 }
 
-/// After a task of stage `idx` succeeded: if it was the stage's last, the
-/// stage succeeds and the next one starts (I1). Returns true when the whole
-/// migration succeeded.
-pub(super) async fn after_task_success(
+/// Counts `n` more successes of stage `idx` and acts on them: after the
+/// stage's last, the stage succeeds and the next one starts (I1), and a
+/// migration that succeeded frees its pool slot for the queue (I3); in a
+/// serial stage, the next task becomes ready. One statement when nothing
+/// else happens, which is nearly always.
+pub(super) async fn count_successes(
     conn: &mut SqliteConnection,
     migration_id: i64,
     idx: i64,
+    n: i64,
     fx: &mut Effects,
-) -> Result<bool> {
-    if finish_stage(conn, migration_id, idx, fx).await? {
-        enter_stage(conn, migration_id, idx + 1, fx).await
-    } else {
-        ready_next_serial_if(conn, migration_id, idx).await?;
-        Ok(false)
-    }
-}
-
-async fn ready_next_serial_if(
-    conn: &mut SqliteConnection,
-    migration_id: i64,
-    idx: i64,
 ) -> Result<()> {
-    let serial: bool =
-        sqlx::query_scalar("SELECT serial FROM stages WHERE migration_id = ? AND idx = ?")
-            .bind(migration_id)
-            .bind(idx)
-            .fetch_one(&mut *conn)
-            .await?;
-    if serial {
+    let (last, serial): (bool, bool) = sqlx::query_as(
+        "UPDATE stages SET succeeded = succeeded + ? WHERE migration_id = ? AND idx = ?
+         RETURNING state = 'running' AND succeeded = total, serial",
+    )
+    .bind(n)
+    .bind(migration_id)
+    .bind(idx)
+    .fetch_one(&mut *conn)
+    .await?;
+    fx.touch(migration_id);
+    if last && finish_stage(conn, migration_id, idx, fx).await? {
+        if enter_stage(conn, migration_id, idx + 1, fx).await? {
+            let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = ?")
+                .bind(migration_id)
+                .fetch_one(&mut *conn)
+                .await?;
+            admit(conn, &pool, fx).await?;
+        }
+    } else if serial {
         ready_next_serial(conn, migration_id, idx).await?;
     }
     Ok(())

@@ -202,11 +202,6 @@ async fn complete(
             c.lease
         )));
     }
-    sqlx::query("UPDATE stages SET succeeded = succeeded + 1 WHERE migration_id = ? AND idx = ?")
-        .bind(t.migration_id)
-        .bind(t.stage)
-        .execute(&mut *conn)
-        .await?;
     event(
         conn,
         t.migration_id,
@@ -220,15 +215,8 @@ async fn complete(
         },
     )
     .await?;
-    fx.touch(t.migration_id);
     fx.dispatch = true;
-    if machine::after_task_success(conn, t.migration_id, t.stage, fx).await? {
-        let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = ?")
-            .bind(t.migration_id)
-            .fetch_one(&mut *conn)
-            .await?;
-        machine::admit(conn, &pool, fx).await?;
-    }
+    machine::count_successes(conn, t.migration_id, t.stage, 1, fx).await?;
     Ok(Outcome::Ack(ReportAck::Recorded))
 }
 
