@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use sqlx::PgConnection;
 
 use super::machine;
-use crate::domain::{ReportAck, TaskSpec, task_override};
+use crate::domain::{EventKind, ReportAck, TaskSpec, task_override};
 use crate::error::Result;
 use crate::store::Effects;
 use crate::store::common::{LiveLease, NewEvent, Plain, live_completions, recorded};
@@ -148,23 +148,36 @@ pub(super) async fn complete_live(
         .iter()
         .map(|t| t.completion.output.to_string())
         .collect();
+    let attempts: Vec<i64> = taken
+        .iter()
+        .map(|t| t.completion.lease.attempt as i64)
+        .collect();
+    let workers: Vec<&str> = taken.iter().map(|t| t.worker).collect();
+    // The TaskSucceeded events go in with the update, in batch order.
     sqlx::query(
-        "UPDATE tasks SET state = 'succeeded', output = u.output, finished_at = stagecoach_now_ms(),
-                          lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
-         FROM UNNEST($1::bigint[], $2::text[]) AS u(id, output)
-         WHERE tasks.id = u.id AND tasks.state = 'leased'",
+        "WITH done AS (
+             UPDATE tasks SET state = 'succeeded', output = u.output,
+                              finished_at = stagecoach_now_ms(), lease_worker = NULL,
+                              lease_expires_at = NULL, attempt_deadline = NULL
+             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[])
+                  WITH ORDINALITY AS u(id, output, attempt, worker, n)
+             WHERE tasks.id = u.id AND tasks.state = 'leased'
+             RETURNING tasks.id, tasks.migration_id, tasks.stage_idx, u.attempt, u.worker, u.n)
+         INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id)
+         SELECT migration_id, stagecoach_now_ms(), $5, stage_idx, id, attempt, worker
+         FROM done ORDER BY n",
     )
     .bind(&task_ids)
     .bind(&outputs)
+    .bind(&attempts)
+    .bind(&workers)
+    .bind(EventKind::TaskSucceeded.as_str())
     .execute(&mut *conn)
     .await?;
     let mut per_stage: BTreeMap<(i64, i64), i64> = BTreeMap::new();
-    let mut events = Vec::with_capacity(taken.len());
     for t in &taken {
         *per_stage.entry((t.migration_id, t.stage)).or_insert(0) += 1;
-        events.push(NewEvent::succeeded(t));
     }
-    insert_events(&mut *conn, &events).await?;
     // Stage counters and transitions once per stage.
     let mut fx = Effects {
         dispatch: true,

@@ -14,8 +14,8 @@
 //! 5. one `UPDATE … RETURNING` for every task dealt, whose `WHERE` checks
 //!    again that each is ready, in a running stage of a running migration
 //!    (I1, I4, I9): a task the previous lock holder leased or ended fails
-//!    the check, and the next round looks again;
-//! 6. one insert of their events.
+//!    the check, and the next round looks again. The same statement
+//!    appends their TaskAssigned events (a data-modifying `WITH`).
 //!
 //! Only the first round waits for migration locks, and only when the
 //! transaction holds none yet: waiting while holding some could close a
@@ -35,11 +35,10 @@ use std::collections::HashMap;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 
-use super::bulk;
 use super::notify;
-use crate::domain::{Assignment, LeaseToken};
+use crate::domain::{Assignment, EventKind, LeaseToken};
 use crate::error::{Error, Result};
-use crate::store::common::{self, NewEvent, deal, wanted_per_kind};
+use crate::store::common::{self, deal, wanted_per_kind};
 use crate::store::{ClaimRequest, Effects, Limits, Pass};
 
 /// Advisory-lock namespace of worker ids (`pg_advisory_xact_lock(ns, key)`).
@@ -140,7 +139,6 @@ pub(super) async fn claim_in(
     // Migrations whose tasks this pass no longer looks at: held by others,
     // or not running.
     let mut passed: Vec<i64> = Vec::new();
-    let mut events = Vec::new();
     for _ in 0..CLAIM_ROUNDS {
         let wanted = wanted_per_kind(requests, &free);
         if wanted.is_empty() {
@@ -150,6 +148,10 @@ pub(super) async fn claim_in(
         if candidates.is_empty() {
             break;
         }
+        // A kind that gave fewer candidates than asked has no more ready.
+        let more_ready = wanted
+            .iter()
+            .any(|&(kind, n)| candidates.iter().filter(|c| c.0 == kind).count() as i64 >= n);
         let mut migrations: Vec<i64> = candidates.iter().map(|c| c.2).collect();
         migrations.sort_unstable();
         migrations.dedup();
@@ -170,10 +172,14 @@ pub(super) async fn claim_in(
             .filter(|c| running.contains(&c.2))
             .map(|(kind, id, _)| (kind, id));
         let picked = deal(requests, &mut free.clone(), usable);
+        let dealt: usize = picked.iter().map(Vec::len).sum();
         let rows = lease(conn, requests, &picked, limits).await?;
         if rows.is_empty() {
             break;
         }
+        // Another round finds nothing new unless a kind had more ready
+        // tasks, or some of this round's were passed over or taken.
+        let again = more_ready || running.len() < migrations.len() || rows.len() < dealt;
         for row in &rows {
             let a = assignment(row)?;
             let worker: String = row.try_get(13)?;
@@ -182,21 +188,15 @@ pub(super) async fn claim_in(
                     "leased to unknown worker {worker:?}"
                 )));
             };
-            events.push(NewEvent::assigned(
-                a.migration_id,
-                a.stage_index as i64,
-                a.lease.task_id,
-                a.lease.attempt as i64,
-                &worker,
-            ));
             fx.touch(a.migration_id);
             free[i] -= 1;
             pass.claimed[i].push(a);
         }
+        if !again {
+            break;
+        }
     }
-    // RETURNING has no order: hand tasks out and log them in creation order.
-    events.sort_by_key(|e| e.task_id);
-    bulk::insert_events(conn, &events).await?;
+    // RETURNING has no order: hand tasks out in creation order.
     for batch in &mut pass.claimed {
         batch.sort_by_key(|a| a.lease.task_id);
     }
@@ -300,20 +300,30 @@ async fn lease(
              -- I1/I9: of a running stage of a running migration
              JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
                           AND s.state = 'running'
-             JOIN migrations m ON m.id = t.migration_id AND m.state = 'running')
-         UPDATE tasks SET state = 'leased', attempt = tasks.attempt + 1, lease_worker = p.worker,
-                          lease_expires_at = stagecoach_now_ms() + p.lease_ms,
-                          attempt_deadline = stagecoach_now_ms() + p.attempt_ms,
-                          progress_done = 0, progress_total = 0
-         FROM picked p
-         WHERE tasks.id = p.id
-         RETURNING tasks.id, tasks.attempt, tasks.migration_id, tasks.stage_idx, tasks.kind,
-                   tasks.payload, tasks.checkpoint, tasks.max_attempts, tasks.lease_expires_at,
-                   p.subject, p.parameters, p.name, p.lease_ms, tasks.lease_worker",
+             JOIN migrations m ON m.id = t.migration_id AND m.state = 'running'),
+         leased AS (
+             UPDATE tasks SET state = 'leased', attempt = tasks.attempt + 1,
+                              lease_worker = p.worker,
+                              lease_expires_at = stagecoach_now_ms() + p.lease_ms,
+                              attempt_deadline = stagecoach_now_ms() + p.attempt_ms,
+                              progress_done = 0, progress_total = 0
+             FROM picked p
+             WHERE tasks.id = p.id
+             RETURNING tasks.id, tasks.attempt, tasks.migration_id, tasks.stage_idx, tasks.kind,
+                       tasks.payload, tasks.checkpoint, tasks.max_attempts,
+                       tasks.lease_expires_at, p.subject, p.parameters, p.name, p.lease_ms,
+                       tasks.lease_worker),
+         -- the TaskAssigned events, in task order
+         logged AS (
+             INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id)
+             SELECT migration_id, stagecoach_now_ms(), $4, stage_idx, id, attempt, lease_worker
+             FROM leased ORDER BY id)
+         SELECT * FROM leased",
     )
     .bind(&ids)
     .bind(&workers)
     .bind(limits.lease_ms)
+    .bind(EventKind::TaskAssigned.as_str())
     .fetch_all(conn)
     .await?)
 }

@@ -1,9 +1,14 @@
 //! The state machines of DESIGN.md as SQL, shared by every transition of the
-//! PostgreSQL store: the same helpers as the SQLite store's, statement for
-//! statement, with the database's clock. Each runs inside the caller's
-//! transaction and guards its update with the state it expects (`WHERE state
-//! = 'pending'` and so on), so a transition that already happened is a no-op
-//! (I2).
+//! PostgreSQL store: the same helpers as the SQLite store's, with the
+//! database's clock. Each runs inside the caller's transaction and guards its
+//! update with the state it expects (`WHERE state = 'pending'` and so on), so
+//! a transition that already happened is a no-op (I2).
+//!
+//! The transitions every task and stage go through (a stage starting or
+//! succeeding, a migration admitted or succeeding, and in `bulk` and `claim`
+//! a task leased or succeeding) append their event in the statement that
+//! makes the change, with a data-modifying `WITH`: each event of its own
+//! would be one more round trip while the migration's lock is held.
 //!
 //! Every helper that touches one migration's stages, tasks or events expects
 //! the caller to hold that migration's row lock ([`lock_migration`]): it is
@@ -117,26 +122,33 @@ pub(super) async fn admit(conn: &mut PgConnection, pool: &str, fx: &mut Effects)
         }
         let mut finished_any = false;
         for id in ids {
+            // Rows affected: the events inserted, one if admitted now.
             let admitted = sqlx::query(
-                "UPDATE migrations SET state = 'running', admitted_at = stagecoach_now_ms()
-                 WHERE id = $1 AND state = 'queued'",
+                "WITH admitted AS (
+                     UPDATE migrations SET state = 'running', admitted_at = stagecoach_now_ms()
+                     WHERE id = $1 AND state = 'queued'
+                     RETURNING id)
+                 INSERT INTO events (migration_id, at, kind)
+                 SELECT id, stagecoach_now_ms(), $2 FROM admitted",
             )
             .bind(id)
+            .bind(EventKind::MigrationAdmitted.as_str())
             .execute(&mut *conn)
             .await?
             .rows_affected();
             if admitted == 0 {
                 continue;
             }
-            event(conn, id, EventKind::MigrationAdmitted, EventAt::default()).await?;
             fx.touch(id);
-            let first: Option<i64> = sqlx::query_scalar(
-                "SELECT min(idx) FROM stages WHERE migration_id = $1 AND state <> 'succeeded'",
+            // The first stage not yet succeeded (a retried migration's may
+            // not be the first), or past the last one.
+            let (first, count): (Option<i64>, i64) = sqlx::query_as(
+                "SELECT min(idx) FILTER (WHERE state <> 'succeeded'), count(*)
+                 FROM stages WHERE migration_id = $1",
             )
             .bind(id)
             .fetch_one(&mut *conn)
             .await?;
-            let count = stage_count(conn, id).await?;
             finished_any |= enter_stage(conn, id, first.unwrap_or(count), fx).await?;
         }
         if !finished_any {
@@ -167,13 +179,19 @@ pub(super) async fn enter_stage(
 ) -> Result<bool> {
     loop {
         let started: Option<(i64, bool)> = sqlx::query_as(
-            "UPDATE stages SET state = 'running', started_at = stagecoach_now_ms()
-             -- I2: only a pending stage starts; a second caller changes nothing
-             WHERE migration_id = $1 AND idx = $2 AND state = 'pending'
-             RETURNING total, serial",
+            "WITH started AS (
+                 UPDATE stages SET state = 'running', started_at = stagecoach_now_ms()
+                 -- I2: only a pending stage starts; a second caller changes nothing
+                 WHERE migration_id = $1 AND idx = $2 AND state = 'pending'
+                 RETURNING migration_id, idx, total, serial),
+             logged AS (
+                 INSERT INTO events (migration_id, at, kind, stage_idx)
+                 SELECT migration_id, stagecoach_now_ms(), $3, idx FROM started)
+             SELECT total, serial FROM started",
         )
         .bind(migration_id)
         .bind(idx)
+        .bind(EventKind::StageStarted.as_str())
         .fetch_optional(&mut *conn)
         .await?;
         let Some((total, serial)) = started else {
@@ -185,16 +203,6 @@ pub(super) async fn enter_stage(
             return Ok(false);
         };
         fx.touch(migration_id);
-        event(
-            conn,
-            migration_id,
-            EventKind::StageStarted,
-            EventAt {
-                stage: Some(idx),
-                ..Default::default()
-            },
-        )
-        .await?;
         if total > 0 {
             if serial {
                 ready_next_serial(conn, migration_id, idx).await?;
@@ -245,27 +253,23 @@ async fn finish_stage(
     idx: i64,
     fx: &mut Effects,
 ) -> Result<bool> {
+    // Rows affected: the events inserted, one if the stage succeeded now.
     let done = sqlx::query(
-        "UPDATE stages SET state = 'succeeded', finished_at = stagecoach_now_ms()
-         WHERE migration_id = $1 AND idx = $2 AND state = 'running' AND succeeded = total",
+        "WITH done AS (
+             UPDATE stages SET state = 'succeeded', finished_at = stagecoach_now_ms()
+             WHERE migration_id = $1 AND idx = $2 AND state = 'running' AND succeeded = total
+             RETURNING migration_id, idx)
+         INSERT INTO events (migration_id, at, kind, stage_idx)
+         SELECT migration_id, stagecoach_now_ms(), $3, idx FROM done",
     )
     .bind(migration_id)
     .bind(idx)
+    .bind(EventKind::StageSucceeded.as_str())
     .execute(&mut *conn)
     .await?
     .rows_affected();
     if done == 1 {
         fx.touch(migration_id);
-        event(
-            conn,
-            migration_id,
-            EventKind::StageSucceeded,
-            EventAt {
-                stage: Some(idx),
-                ..Default::default()
-            },
-        )
-        .await?;
     }
     Ok(done == 1)
 }
@@ -311,24 +315,23 @@ async fn succeed_migration(
     migration_id: i64,
     fx: &mut Effects,
 ) -> Result<bool> {
+    // Rows affected: the events inserted, one if the migration succeeded now.
     let done = sqlx::query(
-        "UPDATE migrations SET state = 'succeeded', finished_at = stagecoach_now_ms()
-         WHERE id = $1 AND state = 'running'",
+        "WITH done AS (
+             UPDATE migrations SET state = 'succeeded', finished_at = stagecoach_now_ms()
+             WHERE id = $1 AND state = 'running'
+             RETURNING id)
+         INSERT INTO events (migration_id, at, kind)
+         SELECT id, stagecoach_now_ms(), $2 FROM done",
     )
     .bind(migration_id)
+    .bind(EventKind::MigrationSucceeded.as_str())
     .execute(&mut *conn)
     .await?
     .rows_affected();
     if done == 1 {
         fx.touch(migration_id);
         fx.dispatch = true;
-        event(
-            conn,
-            migration_id,
-            EventKind::MigrationSucceeded,
-            EventAt::default(),
-        )
-        .await?;
     }
     Ok(done == 1)
 }
