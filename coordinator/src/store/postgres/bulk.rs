@@ -121,7 +121,7 @@ pub(super) async fn complete_live(
     let ids: Vec<i64> = batch.iter().map(|(_, _, c)| c.lease.task_id).collect();
     sqlx::query(
         "SELECT id FROM migrations
-         WHERE id IN (SELECT migration_id FROM tasks WHERE id = ANY($1))
+         WHERE id = ANY(ARRAY(SELECT migration_id FROM tasks WHERE id = ANY($1)))
          ORDER BY id FOR NO KEY UPDATE",
     )
     .bind(&ids)

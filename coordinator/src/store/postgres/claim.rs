@@ -8,14 +8,18 @@
 //!    same free slots; hashtext collisions only make two workers wait);
 //! 2. one count of live leases for all of them;
 //! 3. the oldest ready tasks of every kind asked for, unlocked: a guess;
-//! 4. the row locks of those tasks' migrations, in id order. A claim appends
-//!    TaskAssigned events, so it holds the migration lock like every other
-//!    writer of a migration's events;
-//! 5. one `UPDATE … RETURNING` for every task dealt, whose `WHERE` checks
-//!    again that each is ready, in a running stage of a running migration
-//!    (I1, I4, I9): a task the previous lock holder leased or ended fails
-//!    the check, and the next round looks again. The same statement
-//!    appends their TaskAssigned events (a data-modifying `WITH`).
+//! 4. the row locks of those tasks' migrations, in id order, with their
+//!    state, subject and parameters. A claim appends TaskAssigned events, so
+//!    it holds the migration lock like every other writer of a migration's
+//!    events;
+//! 5. the running stages of the running ones (I1, I9), read after the locks:
+//!    their names and timeouts;
+//! 6. one `UPDATE … RETURNING` for every task dealt, of those stages only,
+//!    whose `WHERE` checks again that each is ready (I4): a task the
+//!    previous lock holder leased or ended fails the check, and the next
+//!    round looks again. The same statement appends their TaskAssigned
+//!    events (a data-modifying `WITH`). It touches no other table: planning
+//!    the joins it once had took longer than running it, for a few tasks.
 //!
 //! Only the first round waits for migration locks, and only when the
 //! transaction holds none yet: waiting while holding some could close a
@@ -27,8 +31,8 @@
 //! condition on `migration_id`, let the planner walk the `tasks_stage`
 //! index instead and sort every ready task of a migration on every pass —
 //! it did, at 100,000 tasks, planning with statistics from before the
-//! tasks were inserted — so stage and migration states are checked in step
-//! 5, on the few rows picked.
+//! tasks were inserted — so stage and migration states are checked in steps
+//! 4 and 5, once per migration and stage.
 
 use std::collections::HashMap;
 
@@ -139,6 +143,7 @@ pub(super) async fn claim_in(
     // Migrations whose tasks this pass no longer looks at: held by others,
     // or not running.
     let mut passed: Vec<i64> = Vec::new();
+    let mut stages: HashMap<(i64, i64), StageInfo> = HashMap::new();
     for _ in 0..CLAIM_ROUNDS {
         let wanted = wanted_per_kind(requests, &free);
         if wanted.is_empty() {
@@ -151,38 +156,41 @@ pub(super) async fn claim_in(
         // A kind that gave fewer candidates than asked has no more ready.
         let more_ready = wanted
             .iter()
-            .any(|&(kind, n)| candidates.iter().filter(|c| c.0 == kind).count() as i64 >= n);
-        let mut migrations: Vec<i64> = candidates.iter().map(|c| c.2).collect();
+            .any(|&(kind, n)| candidates.iter().filter(|c| c.kind == kind).count() as i64 >= n);
+        let mut migrations: Vec<i64> = candidates.iter().map(|c| c.migration_id).collect();
         migrations.sort_unstable();
         migrations.dedup();
         let locked = lock_migrations(conn, &migrations, wait).await?;
         wait = false;
-        let running: Vec<i64> = locked
-            .iter()
-            .filter(|(_, state)| state == "running")
-            .map(|(id, _)| *id)
-            .collect();
-        for &m in migrations.iter().filter(|m| !running.contains(m)) {
+        for &m in &migrations {
+            match locked.iter().find(|l| l.id == m) {
+                Some(l) if l.state == "running" => continue,
+                Some(_) => {}
+                // Skipped, not ended: another transaction holds it right now.
+                None => pass.partial = true,
+            }
             passed.push(m);
-            // Skipped, not ended: another transaction holds it right now.
-            pass.partial |= !locked.iter().any(|(id, _)| *id == m);
         }
-        let usable = candidates
-            .into_iter()
-            .filter(|c| running.contains(&c.2))
-            .map(|(kind, id, _)| (kind, id));
-        let picked = deal(requests, &mut free.clone(), usable);
+        read_running_stages(conn, locked, &mut stages, limits).await?;
+        let usable: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| stages.contains_key(&(c.migration_id, c.stage)))
+            .collect();
+        let picked = deal(
+            requests,
+            &mut free.clone(),
+            usable.iter().map(|c| (c.kind.clone(), c.id)),
+        );
         let dealt: usize = picked.iter().map(Vec::len).sum();
-        let rows = lease(conn, requests, &picked, limits).await?;
+        let rows = lease(conn, requests, &picked, &usable, &stages).await?;
         if rows.is_empty() {
             break;
         }
         // Another round finds nothing new unless a kind had more ready
         // tasks, or some of this round's were passed over or taken.
-        let again = more_ready || running.len() < migrations.len() || rows.len() < dealt;
+        let again = more_ready || usable.len() < candidates.len() || rows.len() < dealt;
         for row in &rows {
-            let a = assignment(row)?;
-            let worker: String = row.try_get(13)?;
+            let (a, worker) = assignment(row, &stages)?;
             let Some(&i) = slot_of.get(worker.as_str()) else {
                 return Err(Error::Corrupt(format!(
                     "leased to unknown worker {worker:?}"
@@ -220,21 +228,32 @@ async fn free_slots(conn: &mut PgConnection, requests: &[ClaimRequest]) -> Resul
     Ok(common::free_slots(requests, &held))
 }
 
-/// The oldest ready tasks `(kind, id, migration)` of each wanted kind, at
-/// most its count, outside the `passed` migrations, oldest first. The
-/// clock is read once (an InitPlan), so it bounds the index range instead
-/// of filtering every row after it.
+/// A ready task a pass may lease.
+#[derive(sqlx::FromRow)]
+struct Candidate {
+    kind: String,
+    id: i64,
+    migration_id: i64,
+    #[sqlx(rename = "stage_idx")]
+    stage: i64,
+}
+
+/// The oldest ready tasks of each wanted kind, at most its count, outside
+/// the `passed` migrations, oldest first. The clock is read once (an
+/// InitPlan), so it bounds the index range instead of filtering every row
+/// after it.
 async fn oldest_ready(
     conn: &mut PgConnection,
     wanted: &[(&str, i64)],
     passed: &[i64],
-) -> Result<Vec<(String, i64, i64)>> {
+) -> Result<Vec<Candidate>> {
     let kinds: Vec<&str> = wanted.iter().map(|w| w.0).collect();
     let counts: Vec<i64> = wanted.iter().map(|w| w.1).collect();
     Ok(sqlx::query_as(
-        "SELECT r.kind, r.id, r.migration_id FROM unnest($1::text[], $2::bigint[]) AS k(kind, n)
+        "SELECT r.kind, r.id, r.migration_id, r.stage_idx
+         FROM unnest($1::text[], $2::bigint[]) AS k(kind, n)
          CROSS JOIN LATERAL (
-             SELECT t.kind, t.id, t.migration_id, t.ready_at FROM tasks t
+             SELECT t.kind, t.id, t.migration_id, t.stage_idx, t.ready_at FROM tasks t
              WHERE t.state = 'ready' AND t.kind = k.kind
                AND t.ready_at <= (SELECT stagecoach_now_ms())
                AND NOT (t.migration_id = ANY($3))
@@ -249,105 +268,186 @@ async fn oldest_ready(
     .await?)
 }
 
-/// Locks the migrations `ids` in id order and returns the locked ones with
-/// their states: waiting for each, or skipping those another transaction
-/// holds.
+/// A migration a pass locked, and what its assignments carry.
+#[derive(sqlx::FromRow)]
+struct LockedMigration {
+    id: i64,
+    state: String,
+    subject: String,
+    parameters: String,
+}
+
+/// Locks the migrations `ids` in id order and returns the locked ones:
+/// waiting for each, or skipping those another transaction holds.
 async fn lock_migrations(
     conn: &mut PgConnection,
     ids: &[i64],
     wait: bool,
-) -> Result<Vec<(i64, String)>> {
+) -> Result<Vec<LockedMigration>> {
     let sql = if wait {
-        "SELECT id, state FROM migrations WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
+        "SELECT id, state, subject, parameters FROM migrations WHERE id = ANY($1) ORDER BY id
+         FOR NO KEY UPDATE"
     } else {
-        "SELECT id, state FROM migrations WHERE id = ANY($1) ORDER BY id
+        "SELECT id, state, subject, parameters FROM migrations WHERE id = ANY($1) ORDER BY id
          FOR NO KEY UPDATE SKIP LOCKED"
     };
     Ok(sqlx::query_as(sql).bind(ids).fetch_all(conn).await?)
 }
 
-/// Leases the dealt tasks (`picked`, per request) in one statement; each
-/// must still be ready in a running stage of a running migration.
+/// What every assignment of one running stage shares.
+struct StageInfo {
+    subject: String,
+    parameters: serde_json::Value,
+    name: String,
+    /// The stage's heartbeat timeout, else the coordinator's lease.
+    lease_ms: i64,
+    /// The stage's start-to-close timeout (0: none).
+    attempt_ms: i64,
+}
+
+/// Adds the running stages of the `locked` running migrations to `stages`
+/// (I1, I9: only their tasks are leased). Read after the locks, in a
+/// statement of its own, so it sees what the previous holders committed.
+async fn read_running_stages(
+    conn: &mut PgConnection,
+    locked: Vec<LockedMigration>,
+    stages: &mut HashMap<(i64, i64), StageInfo>,
+    limits: Limits,
+) -> Result<()> {
+    let running: Vec<LockedMigration> = locked
+        .into_iter()
+        .filter(|m| m.state == "running")
+        .collect();
+    if running.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = running.iter().map(|m| m.id).collect();
+    let rows: Vec<(i64, i64, String, i64, i64)> = sqlx::query_as(
+        "SELECT migration_id, idx, name, heartbeat_timeout_ms, attempt_timeout_ms FROM stages
+         WHERE migration_id = ANY($1) AND state = 'running'",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for m in running {
+        let parameters: serde_json::Value = serde_json::from_str(&m.parameters)
+            .map_err(|e| Error::Corrupt(format!("parameters: {e}")))?;
+        for (_, idx, name, heartbeat_ms, attempt_ms) in rows.iter().filter(|r| r.0 == m.id) {
+            stages.insert(
+                (m.id, *idx),
+                StageInfo {
+                    subject: m.subject.clone(),
+                    parameters: parameters.clone(),
+                    name: name.clone(),
+                    lease_ms: if *heartbeat_ms > 0 {
+                        *heartbeat_ms
+                    } else {
+                        limits.lease_ms
+                    },
+                    attempt_ms: *attempt_ms,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Leases the dealt tasks (`picked`, per request; all of `usable`) in one
+/// statement, which also appends their TaskAssigned events. Each must still
+/// be ready (I4); the migration locks make every other check of this pass
+/// still true.
 async fn lease(
     conn: &mut PgConnection,
     requests: &[ClaimRequest],
     picked: &[Vec<i64>],
-    limits: Limits,
+    usable: &[&Candidate],
+    stages: &HashMap<(i64, i64), StageInfo>,
 ) -> Result<Vec<PgRow>> {
-    let mut ids = Vec::new();
-    let mut workers = Vec::new();
+    let stage_of: HashMap<i64, &StageInfo> = usable
+        .iter()
+        .filter_map(|c| Some((c.id, stages.get(&(c.migration_id, c.stage))?)))
+        .collect();
+    let (mut ids, mut workers, mut lease_ms, mut attempt_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (r, tasks) in requests.iter().zip(picked) {
-        ids.extend_from_slice(tasks);
-        workers.extend(tasks.iter().map(|_| r.worker_id.as_str()));
+        for id in tasks {
+            let Some(stage) = stage_of.get(id) else {
+                continue;
+            };
+            ids.push(*id);
+            workers.push(r.worker_id.as_str());
+            lease_ms.push(stage.lease_ms);
+            attempt_ms.push(stage.attempt_ms);
+        }
     }
     if ids.is_empty() {
         return Ok(Vec::new());
     }
     Ok(sqlx::query(
-        "WITH picked AS (
-             SELECT t.id, u.worker, m.subject, m.parameters, s.name,
-                    -- the task's heartbeat timeout and attempt timeout,
-                    -- else its stage's, else the coordinator's lease
-                    coalesce(t.heartbeat_timeout_ms, nullif(s.heartbeat_timeout_ms, 0), $3) AS lease_ms,
-                    nullif(coalesce(t.attempt_timeout_ms, s.attempt_timeout_ms), 0) AS attempt_ms
-             FROM unnest($1::bigint[], $2::text[]) AS u(id, worker)
-             -- one primary-key probe per task (LIMIT keeps the subquery
-             -- apart), whatever the statistics say; I4: only a ready task
-             CROSS JOIN LATERAL (
-                 SELECT * FROM tasks WHERE tasks.id = u.id
-                   AND tasks.state = 'ready' AND tasks.ready_at <= stagecoach_now_ms()
-                 LIMIT 1 FOR UPDATE) t
-             -- I1/I9: of a running stage of a running migration
-             JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
-                          AND s.state = 'running'
-             JOIN migrations m ON m.id = t.migration_id AND m.state = 'running'),
-         leased AS (
+        "WITH leased AS (
              UPDATE tasks SET state = 'leased', attempt = tasks.attempt + 1,
-                              lease_worker = p.worker,
-                              lease_expires_at = stagecoach_now_ms() + p.lease_ms,
-                              attempt_deadline = stagecoach_now_ms() + p.attempt_ms,
+                              lease_worker = u.worker,
+                              -- the task's heartbeat and attempt timeouts,
+                              -- else its stage's
+                              lease_expires_at = stagecoach_now_ms()
+                                  + coalesce(tasks.heartbeat_timeout_ms, u.lease_ms),
+                              attempt_deadline = stagecoach_now_ms()
+                                  + nullif(coalesce(tasks.attempt_timeout_ms, u.attempt_ms), 0),
                               progress_done = 0, progress_total = 0
-             FROM picked p
-             WHERE tasks.id = p.id
+             FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])
+                  AS u(id, worker, lease_ms, attempt_ms)
+             WHERE tasks.id = u.id AND tasks.state = 'ready'
+               AND tasks.ready_at <= stagecoach_now_ms()
              RETURNING tasks.id, tasks.attempt, tasks.migration_id, tasks.stage_idx, tasks.kind,
                        tasks.payload, tasks.checkpoint, tasks.max_attempts,
-                       tasks.lease_expires_at, p.subject, p.parameters, p.name, p.lease_ms,
+                       tasks.lease_expires_at,
+                       coalesce(tasks.heartbeat_timeout_ms, u.lease_ms) AS lease_ms,
                        tasks.lease_worker),
          -- the TaskAssigned events, in task order
          logged AS (
              INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id)
-             SELECT migration_id, stagecoach_now_ms(), $4, stage_idx, id, attempt, lease_worker
+             SELECT migration_id, stagecoach_now_ms(), $5, stage_idx, id, attempt, lease_worker
              FROM leased ORDER BY id)
          SELECT * FROM leased",
     )
     .bind(&ids)
     .bind(&workers)
-    .bind(limits.lease_ms)
+    .bind(&lease_ms)
+    .bind(&attempt_ms)
     .bind(EventKind::TaskAssigned.as_str())
     .fetch_all(conn)
     .await?)
 }
 
-fn assignment(row: &PgRow) -> Result<Assignment> {
+/// The assignment a leased row makes, and the worker it was leased to.
+fn assignment(
+    row: &PgRow,
+    stages: &HashMap<(i64, i64), StageInfo>,
+) -> Result<(Assignment, String)> {
+    let (migration_id, stage): (i64, i64) = (row.try_get(2)?, row.try_get(3)?);
+    let Some(info) = stages.get(&(migration_id, stage)) else {
+        return Err(Error::Corrupt(format!(
+            "leased a task of stage {stage} of migration {migration_id}, which is not running"
+        )));
+    };
     let payload: String = row.try_get(5)?;
-    let parameters: String = row.try_get(10)?;
-    Ok(Assignment {
+    let a = Assignment {
         lease: LeaseToken {
             task_id: row.try_get(0)?,
             attempt: row.try_get::<i64, _>(1)? as u32,
         },
-        migration_id: row.try_get(2)?,
-        stage_index: row.try_get::<i64, _>(3)? as u32,
+        migration_id,
+        stage_index: stage as u32,
         kind: row.try_get(4)?,
         payload: serde_json::from_str(&payload)
             .map_err(|e| Error::Corrupt(format!("payload: {e}")))?,
         checkpoint: row.try_get(6)?,
         max_attempts: row.try_get::<i64, _>(7)? as u32,
         lease_expires_at_ms: row.try_get(8)?,
-        subject: row.try_get(9)?,
-        parameters: serde_json::from_str(&parameters)
-            .map_err(|e| Error::Corrupt(format!("parameters: {e}")))?,
-        stage_name: row.try_get(11)?,
-        lease_ms: row.try_get(12)?,
-    })
+        lease_ms: row.try_get(9)?,
+        subject: info.subject.clone(),
+        parameters: info.parameters.clone(),
+        stage_name: info.name.clone(),
+    };
+    Ok((a, row.try_get(10)?))
 }
