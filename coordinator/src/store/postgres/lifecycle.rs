@@ -5,7 +5,9 @@
 use super::machine::{self, EventAt, event};
 use super::{PostgresStore, notify, pool_not_found, reads};
 use super::{bulk, claim};
-use crate::domain::{EventKind, MigrationState, NewMigration, TaskSpec};
+use sqlx::PgConnection;
+
+use crate::domain::{EventKind, MigrationState, NewMigration, RetryPolicy, StageSpec, TaskSpec};
 use crate::error::{Error, Result};
 use crate::store::{ClaimRequest, Created, Effects, Pass};
 
@@ -58,12 +60,20 @@ impl PostgresStore {
         }
         // A concurrent create of the same subject or key that commits first
         // makes this insert fail on a unique index; `transact` runs the whole
-        // create again and the checks above answer.
+        // create again and the checks above answer. The MigrationCreated
+        // event goes in with the row, unlocked: nobody else sees the row
+        // before this transaction commits.
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO migrations (plan_name, plan_version, subject, parameters, pool, state,
-                                     idempotency_key, deadline, created_at, queued_at)
-             VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, stagecoach_now_ms(), stagecoach_now_ms())
-             RETURNING id",
+            "WITH created AS (
+                 INSERT INTO migrations (plan_name, plan_version, subject, parameters, pool, state,
+                                         idempotency_key, deadline, created_at, queued_at)
+                 VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, stagecoach_now_ms(),
+                         stagecoach_now_ms())
+                 RETURNING id),
+             logged AS (
+                 INSERT INTO events (migration_id, at, kind, message)
+                 SELECT id, stagecoach_now_ms(), $8, $3 FROM created)
+             SELECT id FROM created",
         )
         .bind(&m.plan.name)
         .bind(m.plan.version as i64)
@@ -72,43 +82,15 @@ impl PostgresStore {
         .bind(&m.pool)
         .bind(&m.idempotency_key)
         .bind(m.deadline_ms)
+        .bind(EventKind::MigrationCreated.as_str())
         .fetch_one(&mut *tx)
         .await?;
+        insert_stages(&mut tx, id, &m.plan.stages).await?;
         for (idx, stage) in m.plan.stages.iter().enumerate() {
-            let retry = stage.retry.resolved();
-            sqlx::query(
-                "INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
-                                     initial_backoff_ms, max_backoff_ms, attempt_timeout_ms,
-                                     heartbeat_timeout_ms)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(id)
-            .bind(idx as i64)
-            .bind(&stage.name)
-            .bind(stage.serial)
-            .bind(stage.tasks.len() as i64)
-            .bind(retry.max_attempts as i64)
-            .bind(retry.initial_backoff_ms as i64)
-            .bind(retry.max_backoff_ms as i64)
-            .bind(retry.attempt_timeout_ms as i64)
-            .bind(retry.heartbeat_timeout_ms as i64)
-            .execute(&mut *tx)
-            .await?;
             let tasks: Vec<&TaskSpec> = stage.tasks.iter().collect();
-            bulk::insert_tasks(&mut tx, id, idx as i64, retry.max_attempts as i64, &tasks).await?;
+            let attempts = stage.retry.resolved().max_attempts as i64;
+            bulk::insert_tasks(&mut tx, id, idx as i64, attempts, &tasks).await?;
         }
-        // No lock needed for the new migration's events: nobody else sees
-        // the row before this transaction commits.
-        event(
-            &mut tx,
-            id,
-            EventKind::MigrationCreated,
-            EventAt {
-                message: &m.subject,
-                ..Default::default()
-            },
-        )
-        .await?;
         fx.touch(id);
         machine::admit(&mut tx, &m.pool, &mut fx).await?;
         let pass = if fx.dispatch && claim::wants_work(requests) {
@@ -226,4 +208,40 @@ impl PostgresStore {
         notify::commit(tx, &self.origin, &fx).await?;
         Ok(fx)
     }
+}
+
+/// Inserts a new migration's stages, all pending, in one statement.
+async fn insert_stages(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    stages: &[StageSpec],
+) -> Result<()> {
+    let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    let serial: Vec<bool> = stages.iter().map(|s| s.serial).collect();
+    let totals: Vec<i64> = stages.iter().map(|s| s.tasks.len() as i64).collect();
+    let retry: Vec<_> = stages.iter().map(|s| s.retry.resolved()).collect();
+    let column =
+        |f: fn(&RetryPolicy) -> u32| -> Vec<i64> { retry.iter().map(|r| f(r) as i64).collect() };
+    sqlx::query(
+        "INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
+                             initial_backoff_ms, max_backoff_ms, attempt_timeout_ms,
+                             heartbeat_timeout_ms)
+         SELECT $1, u.n - 1, u.name, u.serial, 'pending', u.total, u.attempts, u.ib, u.mb, u.at,
+                u.ht
+         FROM UNNEST($2::text[], $3::bool[], $4::bigint[], $5::bigint[], $6::bigint[],
+                     $7::bigint[], $8::bigint[], $9::bigint[])
+              WITH ORDINALITY AS u(name, serial, total, attempts, ib, mb, at, ht, n)",
+    )
+    .bind(migration_id)
+    .bind(&names)
+    .bind(&serial)
+    .bind(&totals)
+    .bind(column(|r| r.max_attempts))
+    .bind(column(|r| r.initial_backoff_ms))
+    .bind(column(|r| r.max_backoff_ms))
+    .bind(column(|r| r.attempt_timeout_ms))
+    .bind(column(|r| r.heartbeat_timeout_ms))
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -93,28 +93,24 @@ pub(super) async fn admit(conn: &mut PgConnection, pool: &str, fx: &mut Effects)
         let Some((slots, paused)) = row else {
             return Ok(());
         };
-        // Counted in a statement of its own, after the lock: a count in the
-        // locking statement would come from before the wait, and miss what
-        // the previous admitter committed.
-        let running: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM migrations WHERE pool = $1 AND state = 'running'",
-        )
-        .bind(pool)
-        .fetch_one(&mut *conn)
-        .await?;
-        if paused || running >= slots {
+        if paused {
             return Ok(());
         }
+        // The free slots are counted in a statement of its own, after the
+        // lock: a count in the locking statement would come from before the
+        // wait, and miss what the previous admitter committed.
         let ids: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM migrations WHERE pool = $1 AND state = 'queued'
-             ORDER BY queued_at, id LIMIT $2
+             ORDER BY queued_at, id
+             LIMIT greatest($2 - (SELECT count(*) FROM migrations
+                                  WHERE pool = $1 AND state = 'running'), 0)
              -- A queued migration whose row another transaction holds is being
              -- canceled or retried; that transaction admits after it. Waiting
              -- here instead could deadlock: it waits for this pool row.
              FOR NO KEY UPDATE SKIP LOCKED",
         )
         .bind(pool)
-        .bind(slots - running)
+        .bind(slots)
         .fetch_all(&mut *conn)
         .await?;
         if ids.is_empty() {

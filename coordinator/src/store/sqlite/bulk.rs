@@ -128,27 +128,20 @@ pub(super) async fn complete_plain(
         return Ok(HashMap::new());
     }
 
-    // One UPDATE for every task; each output is picked out of one JSON
-    // object keyed by task id.
-    let outputs: serde_json::Map<String, serde_json::Value> = taken
+    // One UPDATE for every task, from one JSON array of [id, output] pairs.
+    let done: Vec<(i64, &serde_json::Value)> = taken
         .iter()
-        .map(|t| {
-            (
-                t.completion.lease.task_id.to_string(),
-                t.completion.output.clone(),
-            )
-        })
+        .map(|t| (t.completion.lease.task_id, &t.completion.output))
         .collect();
-    let ids: Vec<i64> = taken.iter().map(|t| t.completion.lease.task_id).collect();
+    let done = serde_json::to_string(&done).map_err(|e| Error::Corrupt(e.to_string()))?;
     sqlx::query(
-        "UPDATE tasks SET state = 'succeeded', output = json_extract(?1, '$.\"' || id || '\"'),
-                          finished_at = ?2, lease_worker = NULL, lease_expires_at = NULL,
-                          attempt_deadline = NULL
-         WHERE state = 'leased' AND id IN (SELECT value FROM json_each(?3))",
+        "UPDATE tasks SET state = 'succeeded', output = d.output, finished_at = ?1,
+                          lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
+         FROM (SELECT value ->> 0 AS id, value -> 1 AS output FROM json_each(?2)) AS d
+         WHERE tasks.id = d.id AND tasks.state = 'leased'",
     )
-    .bind(serde_json::Value::Object(outputs).to_string())
     .bind(now_ms())
-    .bind(serde_json::Value::from(ids).to_string())
+    .bind(done)
     .execute(&mut *conn)
     .await?;
 
