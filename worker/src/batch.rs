@@ -17,6 +17,9 @@ use tonic::Status;
 /// Most reports in one call.
 const MAX_BATCH: usize = 512;
 
+/// Scheduler turns a sender gives other tasks before taking the queue.
+const YIELDS: usize = 3;
+
 type Answer = Result<ReportResponse, Status>;
 
 /// A queue of reports of one kind (completions or failures) and the lock
@@ -56,6 +59,11 @@ impl<T> Batcher<T> {
             let _sender = self.sender.lock().await;
             if let Ok(answer) = rx.try_recv() {
                 return answer;
+            }
+            // Let tasks that are about to report (their assignments arrived
+            // with the answer to the previous call) join this call.
+            for _ in 0..YIELDS {
+                tokio::task::yield_now().await;
             }
             let batch: Vec<_> = {
                 let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
