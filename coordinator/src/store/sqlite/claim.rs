@@ -155,21 +155,22 @@ async fn oldest_ready(
     Ok(ready.into_iter().map(|(kind, id, _)| (kind, id)).collect())
 }
 
-/// A leased task as the read after the lease returns it: id, attempt,
-/// migration, stage, kind, payload, whether it has a checkpoint (1 or 0),
-/// max attempts, lease expiry, worker.
-type Leased = (
-    i64,
-    i64,
-    i64,
-    i64,
-    String,
-    serde_json::Value,
-    i64,
-    i64,
-    i64,
-    String,
-);
+/// A leased task, as the read after the lease returns it: one JSON array
+/// per task, its fields in this order.
+#[derive(serde::Deserialize)]
+struct Leased {
+    id: i64,
+    attempt: i64,
+    migration_id: i64,
+    stage: i64,
+    kind: String,
+    payload: serde_json::Value,
+    /// 1 or 0: the checkpoint itself is a BLOB, which JSON cannot hold.
+    has_checkpoint: i64,
+    max_attempts: i64,
+    expires: i64,
+    worker: String,
+}
 
 /// Leases the dealt tasks (`picked`, per request; all ready, picked in this
 /// transaction) and returns each request's assignments in task order. One
@@ -226,62 +227,51 @@ async fn lease(
     let mut rows: Vec<Leased> =
         serde_json::from_str(&packed).map_err(|e| Error::Corrupt(format!("leased tasks: {e}")))?;
     // Hand tasks out in the order they were created.
-    rows.sort_unstable_by_key(|row| row.0);
+    rows.sort_unstable_by_key(|row| row.id);
     let slot_of: HashMap<&str, usize> = requests
         .iter()
         .enumerate()
         .map(|(i, r)| (r.worker_id.as_str(), i))
         .collect();
-    for (
-        task_id,
-        attempt,
-        migration_id,
-        stage,
-        kind,
-        payload,
-        has_checkpoint,
-        max_attempts,
-        expires,
-        worker,
-    ) in rows
-    {
-        let Some(&i) = slot_of.get(worker.as_str()) else {
+    for t in rows {
+        let Some(&i) = slot_of.get(t.worker.as_str()) else {
             return Err(Error::Corrupt(format!(
-                "leased to unknown worker {worker:?}"
+                "leased to unknown worker {:?}",
+                t.worker
             )));
         };
-        let ctx = context(conn, contexts, migration_id, stage).await?;
-        let checkpoint = if has_checkpoint != 0 {
+        let ctx = context(conn, contexts, t.migration_id, t.stage).await?;
+        let checkpoint = if t.has_checkpoint != 0 {
             sqlx::query_scalar("SELECT checkpoint FROM tasks WHERE id = ?")
-                .bind(task_id)
+                .bind(t.id)
                 .fetch_one(&mut *conn)
                 .await?
         } else {
             None
         };
         events.push(NewEvent::assigned(
-            migration_id,
-            stage,
-            task_id,
-            attempt,
-            &worker,
+            t.migration_id,
+            t.stage,
+            t.id,
+            t.attempt,
+            &t.worker,
         ));
         out[i].push(Assignment {
             lease: LeaseToken {
-                task_id,
-                attempt: attempt as u32,
+                task_id: t.id,
+                attempt: t.attempt as u32,
             },
-            migration_id,
+            migration_id: t.migration_id,
             subject: ctx.subject.clone(),
-            stage_index: stage as u32,
+            stage_index: t.stage as u32,
             stage_name: ctx.stage_name.clone(),
-            kind,
-            payload,
+            kind: t.kind,
+            payload: t.payload,
             parameters: ctx.parameters.clone(),
-            lease_expires_at_ms: expires,
-            lease_ms: expires - now,
+            lease_expires_at_ms: t.expires,
+            lease_ms: t.expires - now,
             checkpoint,
-            max_attempts: max_attempts as u32,
+            max_attempts: t.max_attempts as u32,
         });
     }
     Ok(out)
