@@ -746,6 +746,49 @@ async fn an_admitted_create_claims_in_its_commit(b: Backend) {
     assert!(pass.is_none(), "queued: nothing to hand out");
 }
 
+/// The checkpoint a heartbeat stored goes to the task's next attempt, in
+/// the same claim as a task that has none and gets none.
+async fn the_next_attempt_gets_the_last_checkpoint(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
+    let id = s
+        .create_migration(&new(two_stage(), "x"))
+        .await
+        .unwrap()
+        .0
+        .migration_id;
+    let first = s.claim(W, &kinds(&["noop"]), 2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|a| a.checkpoint.is_none()));
+    let status = |lease, checkpoint| LeaseStatus {
+        lease,
+        done: 1,
+        total: 2,
+        checkpoint,
+    };
+    let beat = s
+        .heartbeat(
+            W,
+            &[
+                status(first[0].lease, Some(vec![7, 0, 255])),
+                status(first[1].lease, None),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(beat.renewed.len(), 2, "{beat:?}");
+    for a in &first {
+        s.release(W, a.lease).await.unwrap();
+    }
+    let again = s.claim(W, &kinds(&["noop"]), 2).await.unwrap();
+    let by_task = |task_id| again.iter().find(|a| a.lease.task_id == task_id).unwrap();
+    let resumed = by_task(first[0].lease.task_id);
+    assert_eq!(resumed.checkpoint.as_deref(), Some(&[7, 0, 255][..]));
+    assert_eq!(resumed.lease.attempt, first[0].lease.attempt + 1);
+    assert_eq!(by_task(first[1].lease.task_id).checkpoint, None);
+    assert!(again.iter().all(|a| a.migration_id == id));
+}
+
 /// Generates one `#[tokio::test]` per case and backend. A case left out of
 /// the list below is dead code, which clippy (`-D warnings`) refuses.
 macro_rules! on_both_backends {
@@ -782,6 +825,7 @@ on_both_backends!(
     task_and_stage_settings_override_the_defaults,
     a_batch_of_reports_records_each_once,
     an_admitted_create_claims_in_its_commit,
+    the_next_attempt_gets_the_last_checkpoint,
 );
 
 /// Several coordinators on one PostgreSQL database: the same transitions

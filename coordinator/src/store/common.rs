@@ -187,10 +187,10 @@ pub(crate) fn wanted_per_kind<'a>(
 /// Deals ready tasks `(kind, id)`, oldest first, round-robin over the
 /// workers that run their kind and still have free slots; returns each
 /// request's task ids and takes what it deals from `free`.
-pub(crate) fn deal(
+pub(crate) fn deal<'k>(
     requests: &[ClaimRequest],
     free: &mut [i64],
-    candidates: impl IntoIterator<Item = (String, i64)>,
+    candidates: impl IntoIterator<Item = (&'k str, i64)>,
 ) -> Vec<Vec<i64>> {
     let n = requests.len();
     let mut picked: Vec<Vec<i64>> = vec![Vec::new(); n];
@@ -198,7 +198,7 @@ pub(crate) fn deal(
     for (kind, id) in candidates {
         if let Some(w) = (0..n)
             .map(|k| (next + k) % n)
-            .find(|&w| free[w] > 0 && requests[w].kinds.contains(&kind))
+            .find(|&w| free[w] > 0 && requests[w].kinds.iter().any(|k| k == kind))
         {
             free[w] -= 1;
             picked[w].push(id);
@@ -305,11 +305,7 @@ mod tests {
         let mut free = vec![2, 1];
         assert_eq!(wanted_per_kind(&requests, &free), vec![("x", 3), ("y", 2)]);
         let ready = [("x", 1), ("y", 2), ("x", 3), ("x", 4), ("y", 5)];
-        let picked = deal(
-            &requests,
-            &mut free,
-            ready.iter().map(|(k, id)| (k.to_string(), *id)),
-        );
+        let picked = deal(&requests, &mut free, ready.iter().copied());
         // b runs only x, so the y task after a's x1 goes to a as well.
         assert_eq!(picked, vec![vec![1, 2], vec![3]]);
         assert_eq!(free, vec![0, 0]);

@@ -179,7 +179,7 @@ pub(super) async fn claim_in(
         let picked = deal(
             requests,
             &mut free.clone(),
-            usable.iter().map(|c| (c.kind.clone(), c.id)),
+            usable.iter().map(|c| (c.kind.as_str(), c.id)),
         );
         let dealt: usize = picked.iter().map(Vec::len).sum();
         let rows = lease(conn, requests, &picked, &usable, &stages).await?;

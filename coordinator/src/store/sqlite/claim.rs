@@ -25,7 +25,7 @@ use crate::clock::now_ms;
 use crate::domain::{Assignment, HeartbeatOutcome, LeaseStatus, LeaseToken};
 use crate::error::{Error, Result};
 use crate::store::common::{self, NewEvent, deal, wanted_per_kind};
-use crate::store::{ClaimRequest, Effects, Limits};
+use crate::store::{ClaimRequest, Effects, Limits, Pass};
 
 /// What every assignment of one stage of one migration shares, read once
 /// and kept: a migration's subject, parameters and stage names never change.
@@ -47,21 +47,26 @@ pub(super) async fn claim_many(
     requests: &[ClaimRequest],
     limits: Limits,
     contexts: &Contexts,
-) -> Result<Vec<Vec<Assignment>>> {
+) -> Result<Pass> {
     let mut tx = db.begin().await?;
-    let out = claim_in(&mut tx, requests, limits, contexts).await?;
+    let pass = claim_in(&mut tx, requests, limits, contexts).await?;
     tx.commit().await?;
-    Ok(out)
+    Ok(pass)
 }
 
-/// One dispatch pass inside the caller's transaction.
+/// One dispatch pass inside the caller's transaction. Never partial: the
+/// one writer means no other transaction holds what the pass wants.
 pub(super) async fn claim_in(
     tx: &mut SqliteConnection,
     requests: &[ClaimRequest],
     limits: Limits,
     contexts: &Contexts,
-) -> Result<Vec<Vec<Assignment>>> {
-    let nothing = || requests.iter().map(|_| Vec::new()).collect();
+) -> Result<Pass> {
+    let pass = |claimed| Pass {
+        claimed,
+        partial: false,
+    };
+    let nothing = || pass(requests.iter().map(|_| Vec::new()).collect());
     if requests.iter().all(|r| r.kinds.is_empty() || r.slots == 0) {
         return Ok(nothing());
     }
@@ -71,7 +76,11 @@ pub(super) async fn claim_in(
     if candidates.is_empty() {
         return Ok(nothing());
     }
-    let picked = deal(requests, &mut free, candidates);
+    let picked = deal(
+        requests,
+        &mut free,
+        candidates.iter().map(|(kind, id)| (kind.as_str(), *id)),
+    );
     let mut events = Vec::new();
     let out = lease(
         &mut *tx,
@@ -84,7 +93,7 @@ pub(super) async fn claim_in(
     )
     .await?;
     insert_events(&mut *tx, &events).await?;
-    Ok(out)
+    Ok(pass(out))
 }
 
 /// Free slots of each requesting worker: its declared slots less its live

@@ -216,9 +216,9 @@ impl Store for SqliteStore {
             kinds: kinds.to_vec(),
             slots,
         };
-        let mut claimed =
+        let mut pass =
             claim::claim_many(&self.writer, &[request], self.limits, &self.contexts).await?;
-        Ok(claimed.pop().unwrap_or_default())
+        Ok(pass.claimed.pop().unwrap_or_default())
     }
 
     async fn release(&self, worker_id: &str, lease: LeaseToken) -> Result<Effects> {
@@ -312,11 +312,7 @@ impl Store for SqliteStore {
     }
 
     async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Pass> {
-        let claimed =
-            claim::claim_many(&self.writer, requests, self.limits, &self.contexts).await?;
-        // One writer: nothing can hold what the pass wanted.
-        let partial = false;
-        Ok(Pass { claimed, partial })
+        claim::claim_many(&self.writer, requests, self.limits, &self.contexts).await
     }
 
     async fn report_and_claim(
@@ -326,11 +322,9 @@ impl Store for SqliteStore {
     ) -> Result<(Vec<Result<(ReportAck, Effects)>>, Option<Pass>)> {
         let mut tx = self.writer.begin().await?;
         let results = reports::record(&mut tx, reports, self.limits).await?;
-        let claimed = claim::claim_in(&mut tx, requests, self.limits, &self.contexts).await?;
+        let pass = claim::claim_in(&mut tx, requests, self.limits, &self.contexts).await?;
         tx.commit().await?;
-        // One writer: nothing can hold what the pass wanted.
-        let partial = false;
-        Ok((results, Some(Pass { claimed, partial })))
+        Ok((results, Some(pass)))
     }
 
     async fn report_many(
@@ -448,11 +442,7 @@ impl SqliteStore {
         fx.touch(id);
         machine::admit(&mut tx, &m.pool, &mut fx).await?;
         let pass = if fx.dispatch && !requests.is_empty() {
-            let claimed = claim::claim_in(&mut tx, requests, self.limits, &self.contexts).await?;
-            Some(Pass {
-                claimed,
-                partial: false,
-            })
+            Some(claim::claim_in(&mut tx, requests, self.limits, &self.contexts).await?)
         } else {
             None
         };
