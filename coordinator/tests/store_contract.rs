@@ -670,10 +670,12 @@ async fn a_batch_of_reports_records_each_once(b: Backend) {
         attempt: 7,
         ..a[2].lease
     };
-    let batch: Vec<(String, Report)> = [a[0].lease, a[1].lease, a[0].lease, stale]
+    let mut batch: Vec<(String, Report)> = [a[0].lease, a[1].lease, a[0].lease, stale]
         .into_iter()
         .map(|l| (W.to_string(), Report::Complete(done(l))))
         .collect();
+    // A live token, reported by a worker that does not hold it.
+    batch.push(("intruder".to_string(), Report::Complete(done(a[3].lease))));
     let results = s.report_many(&batch).await.unwrap();
     let acks: Vec<_> = results
         .iter()
@@ -683,6 +685,7 @@ async fn a_batch_of_reports_records_each_once(b: Backend) {
     assert!(matches!(acks[1], Ok(ReportAck::Recorded)), "{acks:?}");
     assert!(matches!(acks[2], Ok(ReportAck::Duplicate)), "{acks:?}");
     assert!(matches!(acks[3], Err(Error::LeaseNotHeld(_))), "{acks:?}");
+    assert!(matches!(acks[4], Err(Error::LeaseNotHeld(_))), "{acks:?}");
     let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
     assert_eq!(
         (m.stages[0].succeeded, m.stages[1].state),
@@ -707,7 +710,7 @@ async fn a_batch_of_reports_records_each_once(b: Backend) {
     let count = |k| events.iter().filter(|&&e| e == k).count();
     assert_eq!(count(EventKind::TaskSucceeded), 4);
     assert_eq!(count(EventKind::StageStarted), 2);
-    assert_eq!(count(EventKind::ReportRejected), 1);
+    assert_eq!(count(EventKind::ReportRejected), 2);
 }
 
 /// A create whose migration is admitted at once hands out its first tasks

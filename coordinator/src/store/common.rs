@@ -129,19 +129,19 @@ pub(crate) fn live_completions<'a>(
 /// Every taken report recorded, the batch's effects riding on the first
 /// (the committer applies them all anyway).
 pub(crate) fn recorded(
-    taken: &[Taken<'_>],
+    indexes: impl IntoIterator<Item = usize>,
     mut fx: Effects,
 ) -> HashMap<usize, (ReportAck, Effects)> {
-    taken
-        .iter()
+    indexes
+        .into_iter()
         .enumerate()
-        .map(|(n, t)| {
+        .map(|(n, index)| {
             let effects = if n == 0 {
                 std::mem::take(&mut fx)
             } else {
                 Effects::default()
             };
-            (t.index, (ReportAck::Recorded, effects))
+            (index, (ReportAck::Recorded, effects))
         })
         .collect()
 }
