@@ -129,19 +129,19 @@ pub(crate) fn live_completions<'a>(
 /// Every taken report recorded, the batch's effects riding on the first
 /// (the committer applies them all anyway).
 pub(crate) fn recorded(
-    indexes: impl IntoIterator<Item = usize>,
+    taken: &[Taken<'_>],
     mut fx: Effects,
 ) -> HashMap<usize, (ReportAck, Effects)> {
-    indexes
-        .into_iter()
+    taken
+        .iter()
         .enumerate()
-        .map(|(n, index)| {
+        .map(|(n, t)| {
             let effects = if n == 0 {
                 std::mem::take(&mut fx)
             } else {
                 Effects::default()
             };
-            (index, (ReportAck::Recorded, effects))
+            (t.index, (ReportAck::Recorded, effects))
         })
         .collect()
 }

@@ -3,7 +3,7 @@
 //! batch of plain completions is a handful of statements, instead of one
 //! round trip (or one transaction) per row.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sqlx::PgConnection;
 
@@ -11,7 +11,7 @@ use super::machine;
 use crate::domain::{EventKind, ReportAck, TaskSpec, task_override};
 use crate::error::Result;
 use crate::store::Effects;
-use crate::store::common::{NewEvent, Plain, recorded};
+use crate::store::common::{LiveLease, NewEvent, Plain, live_completions, recorded};
 
 /// Rows per statement: big enough that round trips stop mattering, small
 /// enough that one statement's arrays stay a few megabytes.
@@ -111,13 +111,6 @@ pub(super) async fn insert_events(conn: &mut PgConnection, events: &[NewEvent]) 
 /// batch's migrations in id order first (the lock order; the transaction
 /// holds no migration lock yet), so the stage transitions it makes are the
 /// only ones of those migrations (I1, I2).
-///
-/// After the locks, one statement does the rest: the update checks every
-/// token against the row as the previous lock holders left it (I4; a task
-/// reported twice in the batch is updated once), and appends the
-/// TaskSucceeded events in batch order and counts the successes of each
-/// stage with it, so a batch costs two round trips however many stages it
-/// touches.
 pub(super) async fn complete_live(
     conn: &mut PgConnection,
     batch: &[Plain<'_>],
@@ -134,67 +127,64 @@ pub(super) async fn complete_live(
     .bind(&ids)
     .execute(&mut *conn)
     .await?;
-    let outputs: Vec<String> = batch.iter().map(|(_, _, c)| c.output.to_string()).collect();
-    let attempts: Vec<i64> = batch
-        .iter()
-        .map(|(_, _, c)| c.lease.attempt as i64)
-        .collect();
-    let workers: Vec<&str> = batch.iter().map(|&(_, w, _)| w).collect();
-    let indexes: Vec<i64> = batch.iter().map(|&(i, _, _)| i as i64).collect();
-    // Rows of two kinds: (batch index, 0, 0, false, false) for a recorded
-    // completion, (-1, migration, stage, last, serial) for a counted stage.
-    let rows: Vec<(i64, i64, i64, bool, bool)> = sqlx::query_as(
-        "WITH now AS MATERIALIZED (SELECT stagecoach_now_ms() AS ms),
-         done AS (
-             UPDATE tasks SET state = 'succeeded', output = u.output,
-                              finished_at = (SELECT ms FROM now), lease_worker = NULL,
-                              lease_expires_at = NULL, attempt_deadline = NULL
-             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[])
-                  AS u(id, output, attempt, worker, n)
-             WHERE tasks.id = u.id AND tasks.state = 'leased'
-               AND tasks.attempt = u.attempt AND tasks.lease_worker = u.worker
-             RETURNING tasks.id, tasks.migration_id, tasks.stage_idx, u.attempt, u.worker, u.n),
-         logged AS (
-             INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id)
-             SELECT migration_id, (SELECT ms FROM now), $6, stage_idx, id, attempt, worker
-             FROM done ORDER BY n),
-         counted AS (
-             UPDATE stages s SET succeeded = s.succeeded + c.n
-             FROM (SELECT migration_id, stage_idx, count(*) AS n FROM done GROUP BY 1, 2) c
-             WHERE s.migration_id = c.migration_id AND s.idx = c.stage_idx
-             RETURNING s.migration_id, s.idx, s.state = 'running' AND s.succeeded = s.total,
-                       s.serial)
-         SELECT n, 0::bigint, 0::bigint, false, false FROM done
-         UNION ALL SELECT -1, * FROM counted",
+    // Read after the locks: what the previous holders committed.
+    let rows: Vec<(i64, i64, Option<String>, i64, i64)> = sqlx::query_as(
+        "SELECT id, attempt, lease_worker, migration_id, stage_idx FROM tasks
+         WHERE id = ANY($1) AND state = 'leased'",
     )
     .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let live: HashMap<i64, LiveLease> = rows
+        .into_iter()
+        .map(|(id, attempt, worker, m, s)| (id, (attempt, worker, m, s)))
+        .collect();
+    let taken = live_completions(batch, &live);
+    if taken.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let task_ids: Vec<i64> = taken.iter().map(|t| t.completion.lease.task_id).collect();
+    let outputs: Vec<String> = taken
+        .iter()
+        .map(|t| t.completion.output.to_string())
+        .collect();
+    let attempts: Vec<i64> = taken
+        .iter()
+        .map(|t| t.completion.lease.attempt as i64)
+        .collect();
+    let workers: Vec<&str> = taken.iter().map(|t| t.worker).collect();
+    // The TaskSucceeded events go in with the update, in batch order.
+    sqlx::query(
+        "WITH done AS (
+             UPDATE tasks SET state = 'succeeded', output = u.output,
+                              finished_at = stagecoach_now_ms(), lease_worker = NULL,
+                              lease_expires_at = NULL, attempt_deadline = NULL
+             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[])
+                  WITH ORDINALITY AS u(id, output, attempt, worker, n)
+             WHERE tasks.id = u.id AND tasks.state = 'leased'
+             RETURNING tasks.id, tasks.migration_id, tasks.stage_idx, u.attempt, u.worker, u.n)
+         INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id)
+         SELECT migration_id, stagecoach_now_ms(), $5, stage_idx, id, attempt, worker
+         FROM done ORDER BY n",
+    )
+    .bind(&task_ids)
     .bind(&outputs)
     .bind(&attempts)
     .bind(&workers)
-    .bind(&indexes)
     .bind(EventKind::TaskSucceeded.as_str())
-    .fetch_all(&mut *conn)
+    .execute(&mut *conn)
     .await?;
-    let mut done: Vec<usize> = Vec::new();
-    let mut stages: Vec<(i64, i64, bool, bool)> = Vec::new();
-    for (n, migration_id, stage, last, serial) in rows {
-        match usize::try_from(n) {
-            Ok(index) => done.push(index),
-            Err(_) => stages.push((migration_id, stage, last, serial)),
-        }
+    let mut per_stage: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+    for t in &taken {
+        *per_stage.entry((t.migration_id, t.stage)).or_insert(0) += 1;
     }
-    if done.is_empty() {
-        return Ok(HashMap::new());
-    }
-    done.sort_unstable();
-    // Transitions in (migration, stage) order, as the locks were taken.
-    stages.sort_unstable();
+    // Stage counters and transitions once per stage.
     let mut fx = Effects {
         dispatch: true,
         ..Effects::default()
     };
-    for (migration_id, stage, last, serial) in stages {
-        machine::counted(&mut *conn, migration_id, stage, last, serial, &mut fx).await?;
+    for (&(migration_id, stage), &n) in &per_stage {
+        machine::count_successes(&mut *conn, migration_id, stage, n, &mut fx).await?;
     }
-    Ok(recorded(done, fx))
+    Ok(recorded(&taken, fx))
 }

@@ -355,7 +355,7 @@ async fn read_running_stages(
 /// Leases the dealt tasks (`picked`, per request; all of `usable`) in one
 /// statement, which also appends their TaskAssigned events. Each must still
 /// be ready (I4); the migration locks make every other check of this pass
-/// still true. The clock is read once for the statement, not per row.
+/// still true.
 async fn lease(
     conn: &mut PgConnection,
     requests: &[ClaimRequest],
@@ -384,22 +384,19 @@ async fn lease(
         return Ok(Vec::new());
     }
     Ok(sqlx::query(
-        "WITH now AS MATERIALIZED (SELECT stagecoach_now_ms() AS ms),
-         leased AS (
+        "WITH leased AS (
              UPDATE tasks SET state = 'leased', attempt = tasks.attempt + 1,
                               lease_worker = u.worker,
                               -- the task's heartbeat and attempt timeouts,
                               -- else its stage's
-                              lease_expires_at = (SELECT ms FROM now)
+                              lease_expires_at = stagecoach_now_ms()
                                   + coalesce(tasks.heartbeat_timeout_ms, u.lease_ms),
-                              attempt_deadline = (SELECT ms FROM now)
+                              attempt_deadline = stagecoach_now_ms()
                                   + nullif(coalesce(tasks.attempt_timeout_ms, u.attempt_ms), 0),
                               progress_done = 0, progress_total = 0
              FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])
                   AS u(id, worker, lease_ms, attempt_ms)
              WHERE tasks.id = u.id AND tasks.state = 'ready'
-               -- volatile, so never an index condition: a bound here let the
-               -- planner scan every ready task instead of probing by id
                AND tasks.ready_at <= stagecoach_now_ms()
              RETURNING tasks.id, tasks.attempt, tasks.migration_id, tasks.stage_idx, tasks.kind,
                        tasks.payload, tasks.checkpoint, tasks.max_attempts,
@@ -409,7 +406,7 @@ async fn lease(
          -- the TaskAssigned events, in task order
          logged AS (
              INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id)
-             SELECT migration_id, (SELECT ms FROM now), $5, stage_idx, id, attempt, lease_worker
+             SELECT migration_id, stagecoach_now_ms(), $5, stage_idx, id, attempt, lease_worker
              FROM leased ORDER BY id)
          SELECT * FROM leased",
     )

@@ -291,20 +291,6 @@ pub(super) async fn count_successes(
     .bind(idx)
     .fetch_one(&mut *conn)
     .await?;
-    counted(conn, migration_id, idx, last, serial, fx).await
-}
-
-/// What follows a stage's successes being counted: the stage ends and the
-/// next starts if they were its `last`, else a `serial` stage readies its
-/// next task.
-pub(super) async fn counted(
-    conn: &mut PgConnection,
-    migration_id: i64,
-    idx: i64,
-    last: bool,
-    serial: bool,
-    fx: &mut Effects,
-) -> Result<()> {
     fx.touch(migration_id);
     if last && finish_stage(conn, migration_id, idx, fx).await? {
         if enter_stage(conn, migration_id, idx + 1, fx).await? {

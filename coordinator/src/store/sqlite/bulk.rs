@@ -161,5 +161,5 @@ pub(super) async fn complete_plain(
     for (&(migration_id, stage), &n) in &per_stage {
         machine::count_successes(conn, migration_id, stage, n, &mut fx).await?;
     }
-    Ok(recorded(taken.iter().map(|t| t.index), fx))
+    Ok(recorded(&taken, fx))
 }
