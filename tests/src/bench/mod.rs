@@ -17,6 +17,7 @@
 //! | [`raw`] | a raw in-process worker on the generated client, stamping each assignment |
 //! | [`scenarios`] | the measurements: throughput, latencies, scale |
 //! | [`baselines`] | a bare tonic echo and bare sqlx transactions |
+//! | [`cpu`] | CPU time per task of each process, from `/proc` |
 //! | [`report`] | figures, the terminal table and the JSON document |
 //! | [`stats`] | percentiles and medians |
 //!
@@ -31,6 +32,7 @@
 //! run's value. Targets are printed for information and never asserted.
 
 pub mod baselines;
+pub mod cpu;
 pub mod options;
 pub mod postgres;
 pub mod procs;
@@ -190,6 +192,22 @@ pub fn catalog(opts: &Options) -> Vec<Figure> {
             .baseline(&echo, Some(0.5))
             .baseline(&sqlx, None),
         );
+        let mut parts = vec![
+            ("machine", "all processes and the kernel"),
+            ("coordinator", "coordinator"),
+            ("workers", "worker processes"),
+        ];
+        if b == Backend::Postgres {
+            parts.push(("database", "PostgreSQL backends"));
+        }
+        for (part, what) in parts {
+            out.push(Figure::new(
+                &k(&format!("cpu_{part}")),
+                &format!("CPU per throughput task: {what}"),
+                Some(b),
+                "us/task",
+            ));
+        }
         for (p, target) in [("p50", None), ("p99", Some(5.0))] {
             let mut f = Figure::new(
                 &k(&format!("stage_transition_{p}")),
@@ -306,7 +324,15 @@ async fn one_pass(env: &Env, backends: &[Backend], report: &mut Report) {
         report.record(&k("sqlx_tx"), r);
 
         let r = timed(&k("throughput"), throughput::run(env, b)).await;
-        report.record(&k("throughput"), r);
+        let cpu = r.as_ref().map(|t| t.cpu).map_err(Clone::clone);
+        report.record(&k("throughput"), r.map(|t| t.tasks_per_s));
+        report.record(&k("cpu_machine"), cpu.clone().map(|c| c.machine_us));
+        report.record(&k("cpu_coordinator"), cpu.clone().map(|c| c.coordinator_us));
+        report.record(&k("cpu_workers"), cpu.clone().map(|c| c.workers_us));
+        if b == Backend::Postgres {
+            let db = cpu.and_then(|c| c.database_us.ok_or_else(|| "no database backends".into()));
+            report.record(&k("cpu_database"), db);
+        }
 
         let r = timed(&k("stage_transition"), latency::stage_transitions(env, b)).await;
         record_latency(report, &k("stage_transition"), r);

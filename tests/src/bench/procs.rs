@@ -175,6 +175,7 @@ pub struct CoordinatorProc {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
+    database: String,
 }
 
 impl CoordinatorProc {
@@ -223,12 +224,27 @@ impl CoordinatorProc {
                 let _ = writeln!(sink, "[stdout] {line}");
             }
         });
-        Ok(CoordinatorProc { child, addr, log })
+        Ok(CoordinatorProc {
+            child,
+            addr,
+            log,
+            database: database.to_string(),
+        })
     }
 
     /// `http://ADDR`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The `--database` it was started with.
+    pub fn database(&self) -> &str {
+        &self.database
     }
 
     /// The last lines of its log, for error messages.
@@ -329,6 +345,11 @@ impl WorkerProcs {
             ids.push(id);
         }
         Ok(WorkerProcs { children, ids })
+    }
+
+    /// Their process ids, of those still running.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().filter_map(Child::id).collect()
     }
 
     /// Kills them and waits until they are gone.

@@ -1,6 +1,7 @@
 //! Throughput: one migration of N `noop` tasks in one stage, run by real
 //! worker processes, timed from CreateMigration's reply to the migration's
-//! success seen on WatchMigration.
+//! success seen on WatchMigration — and the CPU time each process spent
+//! per task over the same span (see `cpu`).
 //!
 //! The plan is sent inline, in one message: a `noop` TaskSpec is 8 bytes on
 //! the wire, so 100,000 tasks are about 0.8 MB, under the coordinator's
@@ -8,17 +9,27 @@
 
 use std::path::Path;
 
+use anyhow::Context;
+
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::{
     Env, budget, create, migrations, plan, stage, wait_for_workers, watch_until_succeeded, with_log,
 };
+use crate::bench::cpu;
 use crate::bench::options::Backend;
 use crate::bench::procs::{CoordinatorProc, WorkerProcs};
 
-/// Tasks completed per second.
-pub async fn run(env: &Env, backend: Backend) -> anyhow::Result<f64> {
+/// What one throughput run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    pub tasks_per_s: f64,
+    pub cpu: cpu::PerTask,
+}
+
+/// Tasks completed per second, and the CPU time they took.
+pub async fn run(env: &Env, backend: Backend) -> anyhow::Result<Throughput> {
     let (coordinator, channel, dir) = env.coordinator(backend, "throughput").await?;
     let result = measure(env, &coordinator, &channel, &dir).await;
     let result = with_log(result, &coordinator);
@@ -31,7 +42,7 @@ async fn measure(
     coordinator: &CoordinatorProc,
     channel: &Channel,
     dir: &Path,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Throughput> {
     let tasks = env.sizes.throughput_tasks;
     let workers = WorkerProcs::start(
         &env.exes,
@@ -43,9 +54,20 @@ async fn measure(
     wait_for_workers(channel, &workers.ids).await?;
 
     let plan = plan("bench-throughput", vec![stage("noop", "noop", tasks)]);
+    let parts = cpu::Parts {
+        coordinator: coordinator.pid().context("the coordinator has exited")?,
+        workers: workers.pids(),
+        database: cpu::database_name(coordinator.database())
+            .filter(|_| coordinator.database().starts_with("postgres")),
+    };
     let m = create(&mut migrations(channel), plan, "bench/throughput", "").await?;
     let start = Instant::now();
+    let before = parts.sample()?;
     let done = watch_until_succeeded(channel, m.id, budget(tasks.into())).await;
+    let after = parts.sample();
     workers.stop().await;
-    Ok(f64::from(tasks) / (done? - start).as_secs_f64())
+    Ok(Throughput {
+        tasks_per_s: f64::from(tasks) / (done? - start).as_secs_f64(),
+        cpu: parts.per_task(&before, &after?, tasks),
+    })
 }
