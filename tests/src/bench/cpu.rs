@@ -2,11 +2,10 @@
 //! coordinator, the workers, the database server's backends, and the whole
 //! machine — read from Linux's `/proc` before and after the run.
 //!
-//! Throughput on a shared 2-core machine swings by ±15 % from one run to the
-//! next; CPU time per task swings much less, so it is the figure to compare
-//! when an optimisation is small, and it says which process to optimise.
-//! The machine figure also says how close a run came to using every core:
-//! tasks/s × µs/task ÷ 1,000,000 is the number of cores it kept busy.
+//! It says which process to optimise, and how close a run came to using
+//! every core: tasks/s × µs/task ÷ 1,000,000 is the number of cores it kept
+//! busy. It moves with the machine's speed as tasks/s does (a shared machine
+//! has slow and fast phases), so builds are compared in interleaved runs.
 
 use std::collections::HashMap;
 
