@@ -129,9 +129,12 @@ fn database_backends(db: &str) -> Vec<u32> {
         .collect()
 }
 
-/// The database name of a `postgres://…/NAME?…` URL.
+/// The database name of a `postgres://…/NAME?…` URL; `None` for any other
+/// URL (SQLite's database runs inside the coordinator).
 pub fn database_name(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))?;
     let path = rest.split_once('/')?.1;
     let name = path.split(['?', '#']).next()?;
     (!name.is_empty()).then(|| name.to_string())
@@ -153,6 +156,7 @@ mod tests {
             Some("db")
         );
         assert_eq!(name("postgres://h:5432/"), None);
+        assert_eq!(name("sqlite:///tmp/coord.db"), None);
     }
 
     #[test]

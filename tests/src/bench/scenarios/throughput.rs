@@ -10,7 +10,6 @@
 use std::path::Path;
 
 use anyhow::Context;
-
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -57,8 +56,7 @@ async fn measure(
     let parts = cpu::Parts {
         coordinator: coordinator.pid().context("the coordinator has exited")?,
         workers: workers.pids(),
-        database: cpu::database_name(coordinator.database())
-            .filter(|_| coordinator.database().starts_with("postgres")),
+        database: cpu::database_name(coordinator.database()),
     };
     let m = create(&mut migrations(channel), plan, "bench/throughput", "").await?;
     let start = Instant::now();
