@@ -330,7 +330,10 @@ async fn one_pass(env: &Env, backends: &[Backend], report: &mut Report) {
         report.record(&k("cpu_coordinator"), cpu.clone().map(|c| c.coordinator_us));
         report.record(&k("cpu_workers"), cpu.clone().map(|c| c.workers_us));
         if b == Backend::Postgres {
-            let db = cpu.and_then(|c| c.database_us.ok_or_else(|| "no database backends".into()));
+            let db = cpu.and_then(|c| {
+                c.database_us
+                    .ok_or_else(|| "the coordinator's URL names no PostgreSQL database".into())
+            });
             report.record(&k("cpu_database"), db);
         }
 
