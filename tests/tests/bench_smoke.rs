@@ -52,6 +52,7 @@ async fn quick_bench_measures_every_figure_and_writes_json() {
     for key in [
         "echo",
         "sqlite.sqlx_tx",
+        "sqlite.sqlx_tx_p99",
         "sqlite.throughput",
         "sqlite.cpu_machine",
         "sqlite.cpu_coordinator",
@@ -75,9 +76,14 @@ async fn quick_bench_measures_every_figure_and_writes_json() {
     assert!(json["machine"]["nproc"].as_u64().is_some_and(|n| n > 0));
     assert!(json["git"]["commit"].is_string());
     assert!(json["date"].is_string());
-    let ratio = &json["summary"]["sqlite.throughput"]["ratios"]["echo"];
-    assert!(
-        ratio.as_f64().is_some_and(|r| r.is_finite() && r > 0.0),
-        "{ratio}"
-    );
+    for (figure, baseline) in [
+        ("sqlite.throughput", "echo"),
+        ("sqlite.stage_transition_p99", "sqlite.sqlx_tx_p99"),
+    ] {
+        let ratio = &json["summary"][figure]["ratios"][baseline];
+        assert!(
+            ratio.as_f64().is_some_and(|r| r.is_finite() && r > 0.0),
+            "{figure} / {baseline}: {ratio}"
+        );
+    }
 }

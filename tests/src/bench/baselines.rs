@@ -10,6 +10,9 @@
 //!   `synchronous=FULL`, like the coordinator's store (whose single writer
 //!   also commits one transaction at a time); PostgreSQL: the same server
 //!   the coordinators use, default settings (`fsync`, synchronous commit).
+//!   Commits per second, and each commit's latency (p50, p99): every stage
+//!   transition and every start is at least one such commit, so a latency
+//!   tail the disk gives a bare transaction shows here beside theirs.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -27,7 +30,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::options::Backend;
+use super::scenarios::latency::Latency;
 use super::scenarios::{Env, connect};
+use super::stats::ms;
 
 /// Rows of the baseline table; updates walk over them.
 const ROWS: i64 = 1_000;
@@ -138,9 +143,17 @@ impl EchoServer {
     }
 }
 
+/// What the sqlx baseline measured.
+#[derive(Debug, Clone, Copy)]
+pub struct SqlxTx {
+    pub tx_per_s: f64,
+    /// Latency of one transaction, `BEGIN` to the end of `COMMIT`.
+    pub latency: Latency,
+}
+
 /// Runs single-row `UPDATE` transactions on `$conn` for `$duration`;
-/// evaluates to commits per second. A macro rather than a function generic
-/// over the sqlx database: the two backends differ only in placeholders.
+/// evaluates to a [`SqlxTx`]. A macro rather than a function generic over
+/// the sqlx database: the two backends differ only in placeholders.
 macro_rules! updates {
     ($conn:expr, $duration:expr, $insert:literal, $update:literal) => {{
         let conn = $conn;
@@ -154,22 +167,27 @@ macro_rules! updates {
         }
         tx.commit().await?;
         let start = Instant::now();
-        let mut commits = 0u64;
+        let mut samples = Vec::new();
         while start.elapsed() < $duration {
+            let began = Instant::now();
             let mut tx = conn.begin().await?;
             sqlx::query($update)
-                .bind(commits as i64 % ROWS)
+                .bind(samples.len() as i64 % ROWS)
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            commits += 1;
+            samples.push(ms(began.elapsed()));
         }
-        commits as f64 / start.elapsed().as_secs_f64()
+        SqlxTx {
+            tx_per_s: samples.len() as f64 / start.elapsed().as_secs_f64(),
+            latency: Latency::of(&samples)?,
+        }
     }};
 }
 
-/// Single-row update transactions per second on `backend`, for `duration`.
-pub async fn sqlx_tx(env: &Env, backend: Backend, duration: Duration) -> anyhow::Result<f64> {
+/// Single-row update transactions on `backend`, one after another, for
+/// `duration`.
+pub async fn sqlx_tx(env: &Env, backend: Backend, duration: Duration) -> anyhow::Result<SqlxTx> {
     let scratch = env.scratch(&format!("{}-sqlx", backend.name()));
     Ok(match backend {
         Backend::Sqlite => {

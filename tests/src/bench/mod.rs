@@ -176,6 +176,14 @@ pub fn catalog(opts: &Options) -> Vec<Figure> {
             Some(b),
             "tx/s",
         ));
+        for p in ["p50", "p99"] {
+            out.push(Figure::new(
+                &k(&format!("sqlx_tx_{p}")),
+                &format!("baseline: sqlx 1-row update tx {p}"),
+                Some(b),
+                "ms",
+            ));
+        }
         out.push(
             Figure::new(
                 &k("throughput"),
@@ -214,7 +222,8 @@ pub fn catalog(opts: &Options) -> Vec<Figure> {
                 &format!("stage transition {p}, {} stages", count(s.stages.into())),
                 Some(b),
                 "ms",
-            );
+            )
+            .baseline(&k(&format!("sqlx_tx_{p}")), None);
             if let Some(t) = target {
                 f = f.target(Target::AtMost(t));
             }
@@ -226,7 +235,8 @@ pub fn catalog(opts: &Options) -> Vec<Figure> {
                 &format!("start latency {p}, {} creates", count(s.creates.into())),
                 Some(b),
                 "ms",
-            );
+            )
+            .baseline(&k(&format!("sqlx_tx_{p}")), None);
             if let Some(t) = target {
                 f = f.target(Target::AtMost(t));
             }
@@ -321,7 +331,11 @@ async fn one_pass(env: &Env, backends: &[Backend], report: &mut Report) {
     for &b in backends {
         let k = |name: &str| format!("{}.{name}", b.name());
         let r = timed(&k("sqlx_tx"), baselines::sqlx_tx(env, b, baseline_time)).await;
-        report.record(&k("sqlx_tx"), r);
+        report.record(
+            &k("sqlx_tx"),
+            r.as_ref().map(|t| t.tx_per_s).map_err(Clone::clone),
+        );
+        record_latency(report, &k("sqlx_tx"), r.map(|t| t.latency));
 
         let r = timed(&k("throughput"), throughput::run(env, b)).await;
         let cpu = r.as_ref().map(|t| t.cpu).map_err(Clone::clone);

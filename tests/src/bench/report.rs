@@ -422,15 +422,10 @@ impl Report {
     }
 }
 
-/// The baseline's short name in the table: `echo`, `sqlx tx`.
-fn short(key: &str) -> &str {
-    if key == "echo" {
-        "echo"
-    } else if key.ends_with("sqlx_tx") {
-        "sqlx tx"
-    } else {
-        key
-    }
+/// The baseline's short name in the table: `echo`, `sqlx tx`, `sqlx tx p99`.
+fn short(key: &str) -> String {
+    let name = key.split_once('.').map_or(key, |(_, name)| name);
+    name.replace("sqlx_tx", "sqlx tx").replace('_', " ")
 }
 
 /// A count for people: `10,000`.
@@ -507,6 +502,13 @@ mod tests {
         assert_eq!(num(0.456), "0.46");
         assert_eq!(count(50), "50");
         assert_eq!(count(1_000_100), "1,000,100");
+    }
+
+    #[test]
+    fn baselines_have_short_names() {
+        assert_eq!(short("echo"), "echo");
+        assert_eq!(short("postgres.sqlx_tx"), "sqlx tx");
+        assert_eq!(short("sqlite.sqlx_tx_p99"), "sqlx tx p99");
     }
 
     #[test]

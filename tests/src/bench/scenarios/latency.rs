@@ -33,7 +33,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(samples: &[f64]) -> anyhow::Result<Latency> {
+    pub fn of(samples: &[f64]) -> anyhow::Result<Latency> {
         let p = |q| percentile(samples, q).ok_or_else(|| anyhow::anyhow!("no samples"));
         Ok(Latency {
             p50_ms: p(50.0)?,
