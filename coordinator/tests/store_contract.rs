@@ -749,6 +749,45 @@ async fn an_admitted_create_claims_in_its_commit(b: Backend) {
     assert!(pass.is_none(), "queued: nothing to hand out");
 }
 
+/// A created migration's tasks queue behind every task that was ready
+/// before them (here: a stage that started earlier), and a first stage
+/// with no tasks hands over to the next at creation, whose tasks can be
+/// claimed at once.
+async fn created_tasks_queue_behind_older_ready_ones(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
+    let older = s
+        .create_migration(&new(two_stage(), "x"))
+        .await
+        .unwrap()
+        .0
+        .migration_id;
+    for a in s.claim(W, &kinds(&["noop"]), 2).await.unwrap() {
+        s.complete(W, &done(a.lease)).await.unwrap();
+    }
+    // Stage "b" of the older migration started: its task is ready. Ready
+    // times are milliseconds: make the create's differ.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let skip_first = plan(json!({"name": "q", "stages": [
+        {"name": "empty", "dynamic": true},
+        {"name": "b", "tasks": [{"kind": "noop"}]},
+    ]}));
+    let newer = s
+        .create_migration(&new(skip_first, "y"))
+        .await
+        .unwrap()
+        .0
+        .migration_id;
+    // One more slot each time: a task at a time, oldest first.
+    let mut order = Vec::new();
+    for slots in 1..=2 {
+        let a = s.claim(W, &kinds(&["noop"]), slots).await.unwrap();
+        assert_eq!(a.len(), 1, "a ready task for every free slot");
+        order.push((a[0].migration_id, a[0].stage_name.clone()));
+    }
+    assert_eq!(order, [(older, "b".to_string()), (newer, "b".to_string())]);
+}
+
 /// The checkpoint a heartbeat stored goes to the task's next attempt, in
 /// the same claim as a task that has none and gets none.
 async fn the_next_attempt_gets_the_last_checkpoint(b: Backend) {
@@ -828,6 +867,7 @@ on_both_backends!(
     task_and_stage_settings_override_the_defaults,
     a_batch_of_reports_records_each_once,
     an_admitted_create_claims_in_its_commit,
+    created_tasks_queue_behind_older_ready_ones,
     the_next_attempt_gets_the_last_checkpoint,
 );
 

@@ -54,6 +54,7 @@ async fn quick_bench_measures_every_figure_and_writes_json() {
         "sqlite.sqlx_tx",
         "sqlite.sqlx_tx_p99",
         "sqlite.throughput",
+        "sqlite.throughput_create",
         "sqlite.cpu_machine",
         "sqlite.cpu_coordinator",
         "sqlite.cpu_workers",

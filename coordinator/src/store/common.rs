@@ -13,6 +13,37 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::store::{ClaimRequest, Effects, Report};
 
+/// The state a new task starts in. Tasks wait pending until their stage
+/// starts, which makes them ready; a created migration's tasks go in after
+/// its admission, so the stage that admission started gets its tasks ready
+/// as they are written instead of written twice (a 100,000-task create
+/// spent about 40 % of its time on PostgreSQL updating them to ready).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NewTaskState {
+    Pending,
+    Ready,
+}
+
+impl NewTaskState {
+    /// For the tasks of stage `idx` when `running` is the migration's
+    /// running stage and whether it is serial: ready only in a running
+    /// parallel stage (a serial stage readies its first task itself).
+    pub fn of(idx: i64, running: Option<(i64, bool)>) -> Self {
+        if running == Some((idx, false)) {
+            NewTaskState::Ready
+        } else {
+            NewTaskState::Pending
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NewTaskState::Pending => "pending",
+            NewTaskState::Ready => "ready",
+        }
+    }
+}
+
 /// An event to append, owned so a batch can collect many; each backend
 /// inserts them set at a time.
 pub(crate) struct NewEvent {
@@ -297,6 +328,15 @@ mod tests {
             kinds: kinds.iter().map(|k| k.to_string()).collect(),
             slots,
         }
+    }
+
+    #[test]
+    fn new_tasks_are_ready_only_in_a_running_parallel_stage() {
+        use NewTaskState::{Pending, Ready};
+        assert_eq!(NewTaskState::of(1, Some((1, false))), Ready);
+        assert_eq!(NewTaskState::of(1, Some((1, true))), Pending, "serial");
+        assert_eq!(NewTaskState::of(2, Some((1, false))), Pending, "later");
+        assert_eq!(NewTaskState::of(0, None), Pending, "queued");
     }
 
     #[test]

@@ -200,6 +200,15 @@ pub fn catalog(opts: &Options) -> Vec<Figure> {
             .baseline(&echo, Some(0.5))
             .baseline(&sqlx, None),
         );
+        out.push(Figure::new(
+            &k("throughput_create"),
+            &format!(
+                "create of the {} noop tasks (round trip)",
+                count(s.throughput_tasks.into())
+            ),
+            Some(b),
+            "s",
+        ));
         let mut parts = vec![
             ("machine", "all processes and the kernel"),
             ("coordinator", "coordinator"),
@@ -339,6 +348,8 @@ async fn one_pass(env: &Env, backends: &[Backend], report: &mut Report) {
 
         let r = timed(&k("throughput"), throughput::run(env, b)).await;
         let cpu = r.as_ref().map(|t| t.cpu).map_err(Clone::clone);
+        let create = r.as_ref().map(|t| t.create_s).map_err(Clone::clone);
+        report.record(&k("throughput_create"), create);
         report.record(&k("throughput"), r.map(|t| t.tasks_per_s));
         report.record(&k("cpu_machine"), cpu.clone().map(|c| c.machine_us));
         report.record(&k("cpu_coordinator"), cpu.clone().map(|c| c.coordinator_us));

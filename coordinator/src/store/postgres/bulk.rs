@@ -11,14 +11,14 @@ use super::machine;
 use crate::domain::{EventKind, ReportAck, TaskSpec, task_override};
 use crate::error::Result;
 use crate::store::Effects;
-use crate::store::common::{LiveLease, NewEvent, Plain, live_completions, recorded};
+use crate::store::common::{LiveLease, NewEvent, NewTaskState, Plain, live_completions, recorded};
 
 /// Rows per statement: big enough that round trips stop mattering, small
 /// enough that one statement's arrays stay a few megabytes.
 const ROWS_PER_STATEMENT: usize = 10_000;
 
-/// Inserts `tasks` as pending tasks of one stage and returns their ids in
-/// the order given. A task's `max_attempts` is resolved against
+/// Inserts `tasks` into one stage in `state` and returns their ids in the
+/// order given. A task's `max_attempts` is resolved against
 /// `stage_attempts` now; the rest of its override is kept as is, NULL
 /// meaning "the stage's".
 pub(super) async fn insert_tasks(
@@ -27,6 +27,7 @@ pub(super) async fn insert_tasks(
     stage: i64,
     stage_attempts: i64,
     tasks: &[&TaskSpec],
+    state: NewTaskState,
 ) -> Result<Vec<i64>> {
     let set = |v: u32| (v != 0).then_some(v as i64);
     let mut ids = Vec::with_capacity(tasks.len());
@@ -45,12 +46,17 @@ pub(super) async fn insert_tasks(
             .map(|o| set(o.max_attempts).unwrap_or(stage_attempts))
             .collect();
         let mut chunk_ids: Vec<i64> = sqlx::query_scalar(
-            "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts,
-                                initial_backoff_ms, max_backoff_ms, attempt_timeout_ms,
-                                heartbeat_timeout_ms)
-             SELECT $1, $2, u.kind, u.payload, 'pending', u.attempts, u.ib, u.mb, u.at, u.ht
-             FROM UNNEST($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
-                         $8::bigint[], $9::bigint[])
+            // Ready from now (read once), like the tasks a stage start makes
+            // ready: claims take the oldest ready tasks first.
+            "WITH now AS (SELECT stagecoach_now_ms() AS ms)
+             INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, ready_at,
+                                max_attempts, initial_backoff_ms, max_backoff_ms,
+                                attempt_timeout_ms, heartbeat_timeout_ms)
+             SELECT $1, $2, u.kind, u.payload, $10,
+                    CASE WHEN $10 = 'ready' THEN now.ms ELSE 0 END,
+                    u.attempts, u.ib, u.mb, u.at, u.ht
+             FROM now, UNNEST($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
+                              $8::bigint[], $9::bigint[])
                   WITH ORDINALITY AS u(kind, payload, attempts, ib, mb, at, ht, n)
              ORDER BY u.n
              RETURNING id",
@@ -64,6 +70,7 @@ pub(super) async fn insert_tasks(
         .bind(column(|o| o.max_backoff_ms))
         .bind(column(|o| o.attempt_timeout_ms))
         .bind(column(|o| o.heartbeat_timeout_ms))
+        .bind(state.as_str())
         .fetch_all(&mut *conn)
         .await?;
         // Identity values are drawn in insert order, which is `n`'s order.

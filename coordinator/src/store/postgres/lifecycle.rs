@@ -9,6 +9,7 @@ use sqlx::PgConnection;
 
 use crate::domain::{EventKind, MigrationState, NewMigration, RetryPolicy, StageSpec, TaskSpec};
 use crate::error::{Error, Result};
+use crate::store::common::NewTaskState;
 use crate::store::{ClaimRequest, Created, Effects, Pass};
 
 impl PostgresStore {
@@ -86,13 +87,19 @@ impl PostgresStore {
         .fetch_one(&mut *tx)
         .await?;
         insert_stages(&mut tx, id, &m.plan.stages).await?;
+        fx.touch(id);
+        machine::admit(&mut tx, &m.pool, &mut fx).await?;
+        // The tasks go in after the admission: see `NewTaskState`.
+        let running = machine::running_stage(&mut tx, id).await?;
         for (idx, stage) in m.plan.stages.iter().enumerate() {
             let tasks: Vec<&TaskSpec> = stage.tasks.iter().collect();
             let attempts = stage.retry.resolved().max_attempts as i64;
-            bulk::insert_tasks(&mut tx, id, idx as i64, attempts, &tasks).await?;
+            let state = NewTaskState::of(idx as i64, running);
+            bulk::insert_tasks(&mut tx, id, idx as i64, attempts, &tasks, state).await?;
         }
-        fx.touch(id);
-        machine::admit(&mut tx, &m.pool, &mut fx).await?;
+        if let Some((idx, true)) = running {
+            machine::ready_next_serial(&mut tx, id, idx).await?;
+        }
         let pass = if fx.dispatch && claim::wants_work(requests) {
             Some(self.pass_in(&mut tx, requests, &mut fx).await?)
         } else {

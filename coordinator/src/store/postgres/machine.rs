@@ -222,6 +222,20 @@ pub(super) async fn enter_stage(
     }
 }
 
+/// The migration's running stage, if one is: its index and whether it is
+/// serial. At most one runs at a time (I1).
+pub(super) async fn running_stage(
+    conn: &mut PgConnection,
+    migration_id: i64,
+) -> Result<Option<(i64, bool)>> {
+    Ok(sqlx::query_as(
+        "SELECT idx, serial FROM stages WHERE migration_id = $1 AND state = 'running'",
+    )
+    .bind(migration_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// Makes the next pending task of a serial stage ready, in insertion order.
 pub(super) async fn ready_next_serial(
     conn: &mut PgConnection,

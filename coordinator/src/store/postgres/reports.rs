@@ -17,7 +17,9 @@ use crate::domain::{
     ReportAck,
 };
 use crate::error::{Error, Result};
-use crate::store::common::{NewEvent, StageRow, backoff_ms, dead_reason, plan_added_tasks};
+use crate::store::common::{
+    NewEvent, NewTaskState, StageRow, backoff_ms, dead_reason, plan_added_tasks,
+};
 use crate::store::{Effects, Limits};
 
 pub(super) async fn release(
@@ -317,7 +319,15 @@ async fn add_tasks(
         limits.min_heartbeat_timeout_ms(),
     )?;
     for (idx, (stage_attempts, tasks)) in per_stage {
-        let ids = bulk::insert_tasks(conn, t.migration_id, idx, stage_attempts, &tasks).await?;
+        let ids = bulk::insert_tasks(
+            conn,
+            t.migration_id,
+            idx,
+            stage_attempts,
+            &tasks,
+            NewTaskState::Pending,
+        )
+        .await?;
         // One counter update per stage, not per task: a fan-out of thousands.
         sqlx::query("UPDATE stages SET total = total + $1 WHERE migration_id = $2 AND idx = $3")
             .bind(ids.len() as i64)

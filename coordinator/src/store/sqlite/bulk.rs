@@ -15,9 +15,9 @@ use crate::clock::now_ms;
 use crate::domain::{ReportAck, TaskSpec, task_override};
 use crate::error::{Error, Result};
 use crate::store::Effects;
-use crate::store::common::{LiveLease, NewEvent, Plain, live_completions, recorded};
+use crate::store::common::{LiveLease, NewEvent, NewTaskState, Plain, live_completions, recorded};
 
-/// Rows per multi-row `INSERT` (10 parameters each, far below SQLite's limit).
+/// Rows per multi-row `INSERT` (11 parameters each, far below SQLite's limit).
 const ROWS_PER_INSERT: usize = 500;
 
 /// Appends events in order, in one statement: the rows travel as one JSON
@@ -55,8 +55,8 @@ pub(super) async fn insert_events(conn: &mut SqliteConnection, events: &[NewEven
     Ok(())
 }
 
-/// Inserts `tasks` as pending tasks of one stage, many rows per statement,
-/// and returns their ids in the order given. A task's `max_attempts` is
+/// Inserts `tasks` into one stage in `state`, many rows per statement, and
+/// returns their ids in the order given. A task's `max_attempts` is
 /// resolved against `stage_attempts` now; the rest of its override is kept
 /// as is, NULL meaning "the stage's".
 pub(super) async fn insert_tasks(
@@ -65,13 +65,21 @@ pub(super) async fn insert_tasks(
     stage: i64,
     stage_attempts: i64,
     tasks: &[&TaskSpec],
+    state: NewTaskState,
 ) -> Result<Vec<i64>> {
     let set = |v: u32| (v != 0).then_some(v as i64);
+    // Ready from now, like the tasks a stage start makes ready: claims take
+    // the oldest ready tasks first.
+    let ready_at = match state {
+        NewTaskState::Ready => now_ms(),
+        NewTaskState::Pending => 0,
+    };
     let mut ids = Vec::with_capacity(tasks.len());
     for chunk in tasks.chunks(ROWS_PER_INSERT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, max_attempts,
-                                initial_backoff_ms, max_backoff_ms, attempt_timeout_ms, heartbeat_timeout_ms) ",
+            "INSERT INTO tasks (migration_id, stage_idx, kind, payload, state, ready_at,
+                                max_attempts, initial_backoff_ms, max_backoff_ms,
+                                attempt_timeout_ms, heartbeat_timeout_ms) ",
         );
         q.push_values(chunk, |mut row, t| {
             let o = task_override(t.max_attempts, t.retry);
@@ -79,7 +87,8 @@ pub(super) async fn insert_tasks(
                 .push_bind(stage)
                 .push_bind(t.kind.as_str())
                 .push_bind(t.payload.to_string())
-                .push_bind("pending")
+                .push_bind(state.as_str())
+                .push_bind(ready_at)
                 .push_bind(set(o.max_attempts).unwrap_or(stage_attempts))
                 .push_bind(set(o.initial_backoff_ms))
                 .push_bind(set(o.max_backoff_ms))

@@ -28,6 +28,7 @@ use crate::domain::{
     SweepReport, TaskSpec,
 };
 use crate::error::{Error, Result};
+use crate::store::common::NewTaskState;
 use crate::store::{ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView};
 use machine::{EventAt, event};
 
@@ -426,8 +427,6 @@ impl SqliteStore {
             .bind(retry.heartbeat_timeout_ms as i64)
             .execute(&mut *tx)
             .await?;
-            let tasks: Vec<&TaskSpec> = stage.tasks.iter().collect();
-            bulk::insert_tasks(&mut tx, id, idx as i64, retry.max_attempts as i64, &tasks).await?;
         }
         event(
             &mut tx,
@@ -441,6 +440,17 @@ impl SqliteStore {
         .await?;
         fx.touch(id);
         machine::admit(&mut tx, &m.pool, &mut fx).await?;
+        // The tasks go in after the admission: see `NewTaskState`.
+        let running = machine::running_stage(&mut tx, id).await?;
+        for (idx, stage) in m.plan.stages.iter().enumerate() {
+            let tasks: Vec<&TaskSpec> = stage.tasks.iter().collect();
+            let attempts = stage.retry.resolved().max_attempts as i64;
+            let state = NewTaskState::of(idx as i64, running);
+            bulk::insert_tasks(&mut tx, id, idx as i64, attempts, &tasks, state).await?;
+        }
+        if let Some((idx, true)) = running {
+            machine::ready_next_serial(&mut tx, id, idx).await?;
+        }
         let pass = if fx.dispatch && !requests.is_empty() {
             Some(claim::claim_in(&mut tx, requests, self.limits, &self.contexts).await?)
         } else {

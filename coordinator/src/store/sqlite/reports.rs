@@ -12,7 +12,7 @@ use crate::clock::now_ms;
 use crate::domain::{Completion, EventKind, Failure, LeaseToken, MigrationState, ReportAck};
 use crate::error::{Error, Result};
 use crate::store::common::{
-    NewEvent, StageRow, backoff_ms, dead_reason, plain_completions, plan_added_tasks,
+    NewEvent, NewTaskState, StageRow, backoff_ms, dead_reason, plain_completions, plan_added_tasks,
 };
 use crate::store::{Effects, Limits, Report};
 
@@ -242,7 +242,15 @@ async fn add_tasks(
     )?;
     let mut events = Vec::with_capacity(c.add_tasks.len());
     for (idx, (stage_attempts, tasks)) in per_stage {
-        let ids = bulk::insert_tasks(conn, t.migration_id, idx, stage_attempts, &tasks).await?;
+        let ids = bulk::insert_tasks(
+            conn,
+            t.migration_id,
+            idx,
+            stage_attempts,
+            &tasks,
+            NewTaskState::Pending,
+        )
+        .await?;
         // One counter update per stage, not per task: a fan-out of thousands.
         sqlx::query("UPDATE stages SET total = total + ? WHERE migration_id = ? AND idx = ?")
             .bind(ids.len() as i64)
