@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use rand::Rng;
 
 use crate::domain::{
-    Completion, EventKind, Migration, MigrationState, NewTask, ReportAck, SubjectStatus, TaskSpec,
-    validate_task,
+    Completion, EventKind, Migration, MigrationState, NewTask, ReportAck, StageSpec, SubjectStatus,
+    TaskSpec, validate_task,
 };
 use crate::error::{Error, Result};
 use crate::store::{ClaimRequest, Effects, Report};
@@ -42,6 +42,32 @@ impl NewTaskState {
             NewTaskState::Ready => "ready",
         }
     }
+}
+
+/// One stage's worth of a created plan's tasks, to insert.
+pub(crate) struct StageTasks<'a> {
+    pub idx: i64,
+    /// The stage's attempt budget, for tasks that set none of their own.
+    pub attempts: i64,
+    pub tasks: Vec<&'a TaskSpec>,
+    pub state: NewTaskState,
+}
+
+/// A created plan's tasks, stage by stage, once admission has run:
+/// `running` is the stage it started (index, serial), if any.
+pub(crate) fn created_tasks(
+    stages: &[StageSpec],
+    running: Option<(i64, bool)>,
+) -> impl Iterator<Item = StageTasks<'_>> {
+    stages
+        .iter()
+        .enumerate()
+        .map(move |(idx, stage)| StageTasks {
+            idx: idx as i64,
+            attempts: stage.retry.resolved().max_attempts as i64,
+            tasks: stage.tasks.iter().collect(),
+            state: NewTaskState::of(idx as i64, running),
+        })
 }
 
 /// An event to append, owned so a batch can collect many; each backend

@@ -25,10 +25,10 @@ use crate::clock::now_ms;
 use crate::domain::{
     Assignment, Completion, Event, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken,
     Migration, MigrationFilter, MigrationState, NewMigration, PlanSpec, Pool, ReportAck,
-    SweepReport, TaskSpec,
+    SweepReport,
 };
 use crate::error::{Error, Result};
-use crate::store::common::NewTaskState;
+use crate::store::common::created_tasks;
 use crate::store::{ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView};
 use machine::{EventAt, event};
 
@@ -442,11 +442,8 @@ impl SqliteStore {
         machine::admit(&mut tx, &m.pool, &mut fx).await?;
         // The tasks go in after the admission: see `NewTaskState`.
         let running = machine::running_stage(&mut tx, id).await?;
-        for (idx, stage) in m.plan.stages.iter().enumerate() {
-            let tasks: Vec<&TaskSpec> = stage.tasks.iter().collect();
-            let attempts = stage.retry.resolved().max_attempts as i64;
-            let state = NewTaskState::of(idx as i64, running);
-            bulk::insert_tasks(&mut tx, id, idx as i64, attempts, &tasks, state).await?;
+        for s in created_tasks(&m.plan.stages, running) {
+            bulk::insert_tasks(&mut tx, id, s.idx, s.attempts, &s.tasks, s.state).await?;
         }
         if let Some((idx, true)) = running {
             machine::ready_next_serial(&mut tx, id, idx).await?;
