@@ -389,15 +389,15 @@ async fn lease(
                               lease_worker = u.worker,
                               -- the task's heartbeat and attempt timeouts,
                               -- else its stage's
-                              lease_expires_at = stagecoach_now_ms()
+                              lease_expires_at = (SELECT stagecoach_now_ms())
                                   + coalesce(tasks.heartbeat_timeout_ms, u.lease_ms),
-                              attempt_deadline = stagecoach_now_ms()
+                              attempt_deadline = (SELECT stagecoach_now_ms())
                                   + nullif(coalesce(tasks.attempt_timeout_ms, u.attempt_ms), 0),
                               progress_done = 0, progress_total = 0
              FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])
                   AS u(id, worker, lease_ms, attempt_ms)
              WHERE tasks.id = u.id AND tasks.state = 'ready'
-               AND tasks.ready_at <= stagecoach_now_ms()
+               AND tasks.ready_at <= (SELECT stagecoach_now_ms())
              RETURNING tasks.id, tasks.attempt, tasks.migration_id, tasks.stage_idx, tasks.kind,
                        tasks.payload, tasks.checkpoint, tasks.max_attempts,
                        tasks.lease_expires_at,
@@ -406,7 +406,7 @@ async fn lease(
          -- the TaskAssigned events, in task order
          logged AS (
              INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id)
-             SELECT migration_id, stagecoach_now_ms(), $5, stage_idx, id, attempt, lease_worker
+             SELECT migration_id, (SELECT stagecoach_now_ms()), $5, stage_idx, id, attempt, lease_worker
              FROM leased ORDER BY id)
          SELECT * FROM leased",
     )
