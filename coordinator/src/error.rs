@@ -27,7 +27,7 @@ pub enum Error {
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// A batch of reports this one was part of could not be committed.
-    #[error("the report was not recorded because the database failed ({0}); send it again")]
+    #[error("the report was not recorded: {0}; send it again")]
     NotRecorded(String),
     /// The coordinator is shutting down; try another one or retry shortly.
     #[error("the coordinator is shutting down; reconnect to another coordinator or retry shortly")]

@@ -14,7 +14,7 @@
 use std::future::Future;
 use std::sync::Mutex;
 
-use tokio::sync::oneshot;
+use tokio::sync::oneshot::{self, error::TryRecvError};
 
 use crate::domain::ReportAck;
 use crate::error::{Error, Result};
@@ -59,10 +59,13 @@ impl GroupCommit {
         let mut results = Vec::with_capacity(waiting.len());
         for mut rx in waiting {
             // Our reports are in the queue in order: lead batches until each
-            // has its result (an earlier leader may have committed it).
+            // has its result. A leader whose call is canceled drops its
+            // batch uncommitted, and with it the batch's replies.
             let result = loop {
-                if let Ok(r) = rx.try_recv() {
-                    break r;
+                match rx.try_recv() {
+                    Ok(r) => break r,
+                    Err(TryRecvError::Closed) => break Err(abandoned()),
+                    Err(TryRecvError::Empty) => {}
                 }
                 let _leader = self.leader.lock().await;
                 if let Ok(r) = rx.try_recv() {
@@ -100,9 +103,84 @@ impl GroupCommit {
             Err(e) => {
                 tracing::error!(error = %e, reports = n, "recording a batch of reports failed");
                 for tx in replies {
-                    let _ = tx.send(Err(Error::NotRecorded(e.to_string())));
+                    let _ = tx.send(Err(Error::NotRecorded(format!(
+                        "the database failed ({e})"
+                    ))));
                 }
             }
         }
+    }
+}
+
+/// The answer to a report whose batch's leader went away before answering
+/// (its call was canceled): the transaction rolled back, or committed just
+/// before, and either way the worker sends the report again — a repeat of
+/// a recorded outcome is acknowledged like the first.
+fn abandoned() -> Error {
+    Error::NotRecorded("the call leading its batch was canceled before it answered".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::domain::{Completion, LeaseToken};
+
+    fn report(task_id: i64) -> Vec<(String, Report)> {
+        let lease = LeaseToken {
+            task_id,
+            attempt: 1,
+        };
+        vec![(
+            "w".to_string(),
+            Report::Complete(Completion {
+                lease,
+                output: serde_json::Value::Null,
+                add_tasks: Vec::new(),
+            }),
+        )]
+    }
+
+    /// A leader canceled mid-commit takes its batch's replies with it: the
+    /// other callers in that batch are told to send again, not left waiting.
+    #[tokio::test]
+    async fn a_canceled_leader_fails_its_batch_instead_of_hanging_it() {
+        let group = Arc::new(GroupCommit::default());
+        // Hold the lead so that both reports queue up for one batch.
+        let held = group.leader.lock().await;
+        let (g, committing) = (group.clone(), Arc::new(tokio::sync::Notify::new()));
+        let c = committing.clone();
+        let leader = tokio::spawn(async move {
+            g.record(report(1), |_| {
+                c.notify_one();
+                std::future::pending::<Result<Vec<Result<ReportAck>>>>()
+            })
+            .await
+        });
+        let g = group.clone();
+        let other = tokio::spawn(async move {
+            g.record(report(2), |_| async {
+                Err::<Vec<Result<ReportAck>>, _>(Error::Corrupt(
+                    "its report was in the first batch".into(),
+                ))
+            })
+            .await
+        });
+        while group.queue.lock().unwrap().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        committing.notified().await;
+        leader.abort();
+        let answers = tokio::time::timeout(Duration::from_secs(5), other)
+            .await
+            .expect("the other caller must not wait for ever")
+            .unwrap();
+        assert!(
+            matches!(&answers[..], [Err(Error::NotRecorded(m))] if m.contains("canceled")),
+            "{answers:?}"
+        );
     }
 }

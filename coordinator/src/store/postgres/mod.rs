@@ -411,7 +411,10 @@ impl Store for PostgresStore {
             Err(e) => {
                 // The one-by-one reports are recorded; these are not.
                 for &(i, _, _) in &plain {
-                    early.insert(i, Err(Error::NotRecorded(e.to_string())));
+                    early.insert(
+                        i,
+                        Err(Error::NotRecorded(format!("the database failed ({e})"))),
+                    );
                 }
                 (HashMap::new(), None)
             }
