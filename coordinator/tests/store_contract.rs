@@ -834,6 +834,83 @@ async fn the_next_attempt_gets_the_last_checkpoint(b: Backend) {
     assert!(again.iter().all(|a| a.migration_id == id));
 }
 
+/// The event log reads the same page by page as whole, one event per task
+/// transition: a claim's and a group commit's task events (written together
+/// on PostgreSQL) page by cursor in id order, each once, in the order they
+/// happened, between the single events around them.
+async fn the_event_log_pages_by_cursor_one_event_at_a_time(b: Backend) {
+    use stagecoach_coordinator::store::Report;
+    let db = store(b).await;
+    let s = &*db.store;
+    let tasks: Vec<_> = (0..5)
+        .map(|i| json!({"kind": "noop", "payload": {"i": i}}))
+        .collect();
+    let p = plan(json!({"name": "p", "stages": [
+        {"name": "a", "tasks": tasks}, {"name": "b", "tasks": [{"kind": "noop"}]}]}));
+    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
+    let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
+    assert_eq!(a.len(), 5);
+    // Reported in reverse: the log keeps the order they were recorded in.
+    let batch: Vec<(String, Report)> = a
+        .iter()
+        .rev()
+        .map(|t| (W.to_string(), Report::Complete(done(t.lease))))
+        .collect();
+    assert!(
+        s.report_many(&batch)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.is_ok())
+    );
+    let next = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
+    s.complete(W, &done(next[0].lease)).await.unwrap();
+
+    let all = s.list_events(c.migration_id, 0, 10_000).await.unwrap();
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "{all:?}");
+    for size in [1, 2, 3, 7] {
+        let (mut paged, mut cursor) = (Vec::new(), 0);
+        loop {
+            let page = s.list_events(c.migration_id, cursor, size).await.unwrap();
+            assert!(page.len() <= size as usize);
+            let Some(last) = page.last() else { break };
+            assert!(last.id > cursor, "a page after {cursor} went back: {page:?}");
+            cursor = last.id;
+            paged.extend(page);
+        }
+        assert_eq!(paged, all, "pages of {size}");
+    }
+    let tasks_of = |kind| -> Vec<i64> {
+        all.iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.task_id)
+            .collect()
+    };
+    let mut ids: Vec<i64> = a.iter().map(|t| t.lease.task_id).collect();
+    ids.push(next[0].lease.task_id);
+    assert_eq!(tasks_of(EventKind::TaskAssigned), ids);
+    ids[..5].reverse();
+    assert_eq!(tasks_of(EventKind::TaskSucceeded), ids);
+    for e in all.iter().filter(|e| e.task_id != 0) {
+        assert_eq!((e.worker_id.as_str(), e.attempt), (W, 1), "{e:?}");
+        assert_eq!(e.stage_index, Some(u32::from(e.task_id == ids[5])), "{e:?}");
+    }
+    let kinds = kinds_of(s, c.migration_id).await;
+    let stage_b = kinds
+        .iter()
+        .rposition(|&k| k == EventKind::StageStarted)
+        .unwrap();
+    let last_a_success = kinds[..stage_b]
+        .iter()
+        .rposition(|&k| k == EventKind::TaskSucceeded)
+        .unwrap();
+    assert_eq!(
+        kinds[last_a_success + 1],
+        EventKind::StageSucceeded,
+        "{kinds:?}"
+    );
+}
+
 /// Generates one `#[tokio::test]` per case and backend. A case left out of
 /// the list below is dead code, which clippy (`-D warnings`) refuses.
 macro_rules! on_both_backends {
@@ -872,6 +949,7 @@ on_both_backends!(
     an_admitted_create_claims_in_its_commit,
     created_tasks_queue_behind_older_ready_ones,
     the_next_attempt_gets_the_last_checkpoint,
+    the_event_log_pages_by_cursor_one_event_at_a_time,
 );
 
 /// Several coordinators on one PostgreSQL database: the same transitions

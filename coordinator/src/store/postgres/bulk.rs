@@ -13,6 +13,20 @@ use crate::error::Result;
 use crate::store::Effects;
 use crate::store::common::{LiveLease, NewEvent, NewTaskState, Plain, live_completions, recorded};
 
+/// The end of a statement that leases or ends tasks set at a time: appends
+/// their events, of kind `$5`, from the `numbered` rows the statement
+/// defines before it (`migration_id`, `stage_idx`, `task_id`, `attempt`,
+/// `worker_id`, and `event_id` drawn from the sequence of `events.id`, in
+/// the order the events happened), as one `event_batches` row per migration
+/// and stage. `list_events` reads them back one event per array element.
+pub(super) const LOG_EVENT_BATCHES: &str = "logged AS (
+             INSERT INTO event_batches (migration_id, last_id, at, kind, stage_idx,
+                                        ids, task_ids, attempts, worker_ids)
+             SELECT migration_id, max(event_id), (SELECT stagecoach_now_ms()), $5, stage_idx,
+                    array_agg(event_id ORDER BY event_id), array_agg(task_id ORDER BY event_id),
+                    array_agg(attempt ORDER BY event_id), array_agg(worker_id ORDER BY event_id)
+             FROM numbered GROUP BY migration_id, stage_idx)";
+
 /// Rows per statement: big enough that round trips stop mattering, small
 /// enough that one statement's arrays stay a few megabytes.
 const ROWS_PER_STATEMENT: usize = 10_000;
@@ -148,7 +162,7 @@ pub(super) async fn complete_live(
     let attempts: Vec<i64> = tried.iter().map(|(_, c)| c.lease.attempt as i64).collect();
     let workers: Vec<&str> = tried.iter().map(|&(w, _)| w).collect();
     // The TaskSucceeded events go in with the update, in batch order.
-    let rows: Vec<(i64, i64, i64, i64, String)> = sqlx::query_as(
+    let sql = sqlx::AssertSqlSafe(format!(
         "WITH done AS (
              UPDATE tasks SET state = 'succeeded', output = u.output,
                               finished_at = (SELECT stagecoach_now_ms()), lease_worker = NULL,
@@ -158,19 +172,21 @@ pub(super) async fn complete_live(
              WHERE tasks.id = u.id AND tasks.state = 'leased'
                AND tasks.attempt = u.attempt AND tasks.lease_worker = u.worker
              RETURNING tasks.id, tasks.migration_id, tasks.stage_idx, u.attempt, u.worker, u.n),
-         logged AS (
-             INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id)
-             SELECT migration_id, (SELECT stagecoach_now_ms()), $5, stage_idx, id, attempt, worker
-             FROM done ORDER BY n)
-         SELECT id, attempt, migration_id, stage_idx, worker FROM done",
-    )
-    .bind(&ids)
-    .bind(&outputs)
-    .bind(&attempts)
-    .bind(&workers)
-    .bind(EventKind::TaskSucceeded.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
+         numbered AS (
+             SELECT e.*, nextval('events_id_seq') AS event_id
+             FROM (SELECT migration_id, stage_idx, id AS task_id, attempt, worker AS worker_id
+                   FROM done ORDER BY migration_id, stage_idx, n) AS e),
+         {LOG_EVENT_BATCHES}
+         SELECT id, attempt, migration_id, stage_idx, worker FROM done"
+    ));
+    let rows: Vec<(i64, i64, i64, i64, String)> = sqlx::query_as(sql)
+        .bind(&ids)
+        .bind(&outputs)
+        .bind(&attempts)
+        .bind(&workers)
+        .bind(EventKind::TaskSucceeded.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
     let live: HashMap<i64, LiveLease> = rows
         .into_iter()
         .map(|(id, attempt, m, s, worker)| (id, (attempt, Some(worker), m, s)))

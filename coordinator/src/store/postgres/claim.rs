@@ -39,6 +39,7 @@ use std::collections::HashMap;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 
+use super::bulk::LOG_EVENT_BATCHES;
 use super::notify;
 use crate::domain::{Assignment, EventKind, LeaseToken};
 use crate::error::{Error, Result};
@@ -383,7 +384,7 @@ async fn lease(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    Ok(sqlx::query(
+    let sql = sqlx::AssertSqlSafe(format!(
         "WITH leased AS (
              UPDATE tasks SET state = 'leased', attempt = tasks.attempt + 1,
                               lease_worker = u.worker,
@@ -404,19 +405,22 @@ async fn lease(
                        coalesce(tasks.heartbeat_timeout_ms, u.lease_ms) AS lease_ms,
                        tasks.lease_worker),
          -- the TaskAssigned events, in task order
-         logged AS (
-             INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id)
-             SELECT migration_id, (SELECT stagecoach_now_ms()), $5, stage_idx, id, attempt, lease_worker
-             FROM leased ORDER BY id)
-         SELECT * FROM leased",
-    )
-    .bind(&ids)
-    .bind(&workers)
-    .bind(&lease_ms)
-    .bind(&attempt_ms)
-    .bind(EventKind::TaskAssigned.as_str())
-    .fetch_all(conn)
-    .await?)
+         numbered AS (
+             SELECT e.*, nextval('events_id_seq') AS event_id
+             FROM (SELECT migration_id, stage_idx, id AS task_id, attempt,
+                          lease_worker AS worker_id
+                   FROM leased ORDER BY migration_id, stage_idx, id) AS e),
+         {LOG_EVENT_BATCHES}
+         SELECT * FROM leased"
+    ));
+    Ok(sqlx::query(sql)
+        .bind(&ids)
+        .bind(&workers)
+        .bind(&lease_ms)
+        .bind(&attempt_ms)
+        .bind(EventKind::TaskAssigned.as_str())
+        .fetch_all(conn)
+        .await?)
 }
 
 /// The assignment a leased row makes, and the worker it was leased to.

@@ -180,9 +180,22 @@ pub(super) async fn list_events(
     after_id: i64,
     limit: u32,
 ) -> Result<Vec<Event>> {
+    // Each arm stops at the page's size in id order: the rows of `events`
+    // by their index, the batches by theirs (one batch's ids never
+    // interleave with another's of the same migration: each was numbered
+    // whole under the migration's lock).
     let rows = sqlx::query(
-        "SELECT id, migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message
-         FROM events WHERE migration_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        "(SELECT id, migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message
+          FROM events WHERE migration_id = $1 AND id > $2 ORDER BY id LIMIT $3)
+         UNION ALL
+         (SELECT e.id, b.migration_id, b.at, b.kind, b.stage_idx, e.task_id, e.attempt,
+                 e.worker_id, '' AS message
+          FROM event_batches b
+          CROSS JOIN LATERAL unnest(b.ids, b.task_ids, b.attempts, b.worker_ids)
+               AS e(id, task_id, attempt, worker_id)
+          WHERE b.migration_id = $1 AND b.last_id > $2 AND e.id > $2
+          ORDER BY b.last_id, e.id LIMIT $3)
+         ORDER BY id LIMIT $3",
     )
     .bind(migration_id)
     .bind(after_id)
