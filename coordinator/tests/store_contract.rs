@@ -874,7 +874,10 @@ async fn the_event_log_pages_by_cursor_one_event_at_a_time(b: Backend) {
             let page = s.list_events(c.migration_id, cursor, size).await.unwrap();
             assert!(page.len() <= size as usize);
             let Some(last) = page.last() else { break };
-            assert!(last.id > cursor, "a page after {cursor} went back: {page:?}");
+            assert!(
+                last.id > cursor,
+                "a page after {cursor} went back: {page:?}"
+            );
             cursor = last.id;
             paged.extend(page);
         }
