@@ -59,8 +59,8 @@ impl GroupCommit {
         let mut results = Vec::with_capacity(waiting.len());
         for mut rx in waiting {
             // Our reports are in the queue in order: lead batches until each
-            // has its result. A leader whose call is canceled drops its
-            // batch uncommitted, and with it the batch's replies.
+            // has its result. A leader whose call is canceled mid-commit
+            // drops the batch's replies with it.
             let result = loop {
                 match rx.try_recv() {
                     Ok(r) => break r,
