@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use serde_json::json;
 use stagecoach_coordinator::domain::{
-    Completion, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState, NewMigration, NewTask,
-    PlanSpec, ReportAck, StageState, TaskSpec,
+    Assignment, Completion, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState,
+    NewMigration, NewTask, PlanSpec, ReportAck, StageState, TaskSpec,
 };
 use stagecoach_coordinator::error::Error;
-use stagecoach_coordinator::store::{Limits, PostgresStore, SqliteStore, Store};
+use stagecoach_coordinator::store::{Created, Limits, PostgresStore, SqliteStore, Store};
 
 mod support;
 
@@ -76,6 +76,20 @@ fn two_stage() -> PlanSpec {
         {"name": "a", "tasks": [{"kind": "noop"}, {"kind": "noop"}]},
         {"name": "b", "tasks": [{"kind": "noop"}]},
     ]}))
+}
+
+/// A migration of `n` tasks in stage "a", then one in "b", created, with
+/// every task of "a" leased to `W` (in task order).
+async fn first_stage_claimed(s: &dyn Store, n: usize) -> (Created, Vec<Assignment>) {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| json!({"kind": "noop", "payload": {"i": i}}))
+        .collect();
+    let p = plan(json!({"name": "p", "stages": [
+        {"name": "a", "tasks": tasks}, {"name": "b", "tasks": [{"kind": "noop"}]}]}));
+    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
+    let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
+    assert_eq!(a.len(), n);
+    (c, a)
 }
 
 fn new(plan: PlanSpec, subject: &str) -> NewMigration {
@@ -658,14 +672,7 @@ async fn a_batch_of_reports_records_each_once(b: Backend) {
     use stagecoach_coordinator::store::Report;
     let db = store(b).await;
     let s = &*db.store;
-    let tasks: Vec<_> = (0..4)
-        .map(|i| json!({"kind": "noop", "payload": {"i": i}}))
-        .collect();
-    let p = plan(json!({"name": "p", "stages": [
-        {"name": "a", "tasks": tasks}, {"name": "b", "tasks": [{"kind": "noop"}]}]}));
-    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
-    let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
-    assert_eq!(a.len(), 4);
+    let (c, a) = first_stage_claimed(s, 4).await;
     let stale = LeaseToken {
         attempt: 7,
         ..a[2].lease
@@ -842,14 +849,7 @@ async fn the_event_log_pages_by_cursor_one_event_at_a_time(b: Backend) {
     use stagecoach_coordinator::store::Report;
     let db = store(b).await;
     let s = &*db.store;
-    let tasks: Vec<_> = (0..5)
-        .map(|i| json!({"kind": "noop", "payload": {"i": i}}))
-        .collect();
-    let p = plan(json!({"name": "p", "stages": [
-        {"name": "a", "tasks": tasks}, {"name": "b", "tasks": [{"kind": "noop"}]}]}));
-    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
-    let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
-    assert_eq!(a.len(), 5);
+    let (c, a) = first_stage_claimed(s, 5).await;
     // Reported in reverse: the log keeps the order they were recorded in.
     let batch: Vec<(String, Report)> = a
         .iter()

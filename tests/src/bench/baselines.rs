@@ -30,9 +30,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::options::Backend;
-use super::scenarios::latency::Latency;
 use super::scenarios::{Env, connect};
-use super::stats::ms;
+use super::stats::{Latency, ms};
 
 /// Rows of the baseline table; updates walk over them.
 const ROWS: i64 = 1_000;

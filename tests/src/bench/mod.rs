@@ -401,7 +401,7 @@ async fn one_pass(env: &Env, backends: &[Backend], report: &mut Report) {
     }
 }
 
-fn record_latency(report: &mut Report, key: &str, r: Result<latency::Latency, String>) {
+fn record_latency(report: &mut Report, key: &str, r: Result<stats::Latency, String>) {
     report.record(
         &format!("{key}_p50"),
         r.as_ref().map(|l| l.p50_ms).map_err(Clone::clone),

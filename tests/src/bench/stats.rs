@@ -2,6 +2,25 @@
 
 use std::time::Duration;
 
+/// p50 and p99 of a latency, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub samples: usize,
+}
+
+impl Latency {
+    pub fn of(samples: &[f64]) -> anyhow::Result<Latency> {
+        let p = |q| percentile(samples, q).ok_or_else(|| anyhow::anyhow!("no samples"));
+        Ok(Latency {
+            p50_ms: p(50.0)?,
+            p99_ms: p(99.0)?,
+            samples: samples.len(),
+        })
+    }
+}
+
 /// The `p`-th percentile (0-100) of `samples` by the nearest-rank method:
 /// the smallest sample that at least `p` % of the samples are not above.
 /// `None` for no samples.

@@ -19,29 +19,10 @@ use tonic::transport::Channel;
 use super::{Env, RAW_KIND, create, migrations, plan, stage, watch_until_succeeded, with_log};
 use crate::bench::options::Backend;
 use crate::bench::raw::RawWorker;
-use crate::bench::stats::{ms, percentile};
+use crate::bench::stats::{Latency, ms};
 
 /// How long one assignment may take to arrive before the run fails.
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// p50 and p99 of a latency, in milliseconds.
-#[derive(Debug, Clone, Copy)]
-pub struct Latency {
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub samples: usize,
-}
-
-impl Latency {
-    pub fn of(samples: &[f64]) -> anyhow::Result<Latency> {
-        let p = |q| percentile(samples, q).ok_or_else(|| anyhow::anyhow!("no samples"));
-        Ok(Latency {
-            p50_ms: p(50.0)?,
-            p99_ms: p(99.0)?,
-            samples: samples.len(),
-        })
-    }
-}
 
 /// Stage transition latency.
 pub async fn stage_transitions(env: &Env, backend: Backend) -> anyhow::Result<Latency> {
