@@ -4,7 +4,8 @@
 //! a round trip to it, so at tens of thousands of tasks per second the cost
 //! is the number of statements, not the work in each. Here a batch of plain
 //! completions (no added tasks) is recorded with a handful of statements
-//! whatever its size, and events are appended many rows per `INSERT`.
+//! whatever its size, events are appended many rows per `INSERT`, and task
+//! events many per row.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -47,6 +48,63 @@ pub(super) async fn insert_events(conn: &mut SqliteConnection, events: &[NewEven
          SELECT value ->> 0, ?, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5,
                 value ->> 6
          FROM json_each(?) ORDER BY key",
+    )
+    .bind(now_ms())
+    .bind(rows)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Appends task events — TaskAssigned, TaskSucceeded: no message — as one
+/// `event_batches` row per migration, stage and kind, in two statements
+/// whatever their number: one takes a block of event ids from the `events`
+/// table's counter, one inserts the rows, sent as one JSON array. Ids are
+/// handed out in the order given, so each migration's events keep the order
+/// they happened in; events appended after them get greater ids.
+pub(super) async fn insert_task_events(
+    conn: &mut SqliteConnection,
+    events: &[NewEvent],
+) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    // Batches in the order of their first event; in a batch, events in
+    // order. Keyed by (migration, stage, kind); each event (task, attempt, worker).
+    type Key<'a> = (i64, Option<i64>, &'a str);
+    type Batch<'a> = (Key<'a>, Vec<(i64, i64, &'a str)>);
+    let mut batches: Vec<Batch<'_>> = Vec::new();
+    let mut batch_of: HashMap<Key<'_>, usize> = HashMap::new();
+    for e in events {
+        debug_assert!(e.message.is_empty(), "a task event has no message");
+        let key = (e.migration_id, e.stage, e.kind.as_str());
+        let i = *batch_of.entry(key).or_insert_with(|| {
+            batches.push((key, Vec::new()));
+            batches.len() - 1
+        });
+        batches[i].1.push((e.task_id, e.attempt, e.worker.as_str()));
+    }
+    let n = events.len() as i64;
+    let last: i64 = sqlx::query_scalar(
+        "UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'events' RETURNING seq",
+    )
+    .bind(n)
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut next = last - n + 1;
+    let rows: Vec<_> = batches
+        .iter()
+        .map(|((migration_id, stage, kind), tasks)| {
+            let first = next;
+            next += tasks.len() as i64;
+            (migration_id, first, next - 1, kind, stage, tasks)
+        })
+        .collect();
+    let rows = serde_json::to_string(&rows).map_err(|e| Error::Corrupt(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO event_batches (migration_id, first_id, last_id, at, kind, stage_idx, events)
+         SELECT value ->> 0, value ->> 1, value ->> 2, ?, value ->> 3, value ->> 4, value -> 5
+         FROM json_each(?)",
     )
     .bind(now_ms())
     .bind(rows)
@@ -160,7 +218,7 @@ pub(super) async fn complete_plain(
         *per_stage.entry((t.migration_id, t.stage)).or_insert(0) += 1;
         events.push(NewEvent::succeeded(t));
     }
-    insert_events(conn, &events).await?;
+    insert_task_events(conn, &events).await?;
 
     // Stage counters and transitions once per stage.
     let mut fx = Effects {

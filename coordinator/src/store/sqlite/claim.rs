@@ -4,7 +4,7 @@
 //! fixed handful of statements, however many workers and kinds there are:
 //! one count of live leases for all workers, one lookup of the oldest ready
 //! tasks of every kind asked for, one `UPDATE` leasing them to all workers,
-//! one read of what it leased, one insert of their events. sqlx hands every
+//! one read of what it leased, and their events as one batch per stage. sqlx hands every
 //! statement, and every row a statement returns, to the connection's thread
 //! and back, so at tens of thousands of tasks per second the number of
 //! statements and rows is what costs: lists travel as one JSON parameter and
@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
-use super::bulk::insert_events;
+use super::bulk::insert_task_events;
 use crate::clock::now_ms;
 use crate::domain::{Assignment, HeartbeatOutcome, LeaseStatus, LeaseToken};
 use crate::error::{Error, Result};
@@ -92,7 +92,7 @@ pub(super) async fn claim_in(
         &mut events,
     )
     .await?;
-    insert_events(&mut *tx, &events).await?;
+    insert_task_events(&mut *tx, &events).await?;
     Ok(pass(out))
 }
 

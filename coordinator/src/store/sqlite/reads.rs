@@ -1,6 +1,7 @@
 //! Read-only queries of the SQLite store: views for clients and operators.
 //! They run on the reader pool and never block the writer.
 
+use futures::TryStreamExt;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
@@ -166,6 +167,7 @@ pub(super) async fn list_events(
     after_id: i64,
     limit: u32,
 ) -> Result<Vec<Event>> {
+    let limit = limit as usize;
     let rows = sqlx::query(
         "SELECT id, migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message
          FROM events WHERE migration_id = ? AND id > ? ORDER BY id LIMIT (? + 0)",
@@ -175,14 +177,14 @@ pub(super) async fn list_events(
     .bind(limit as i64)
     .fetch_all(db)
     .await?;
-    rows.iter()
+    let mut out = rows
+        .iter()
         .map(|r| {
-            let kind: String = r.get(3);
             Ok(Event {
                 id: r.get(0),
                 migration_id: r.get(1),
                 at_ms: r.get(2),
-                kind: EventKind::parse(&kind).ok_or_else(|| corrupt("event kind", &kind))?,
+                kind: event_kind(r.get(3))?,
                 stage_index: r.get::<Option<i64>, _>(4).map(|i| i as u32),
                 task_id: r.get(5),
                 attempt: r.get::<i64, _>(6) as u32,
@@ -190,7 +192,54 @@ pub(super) async fn list_events(
                 message: r.get(8),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    // The batches past the cursor, read whole and expanded here: a batch
+    // is one row to hand over from sqlx's SQLite thread, not one per event.
+    // Read in id order until they hold a page: one batch's ids never
+    // interleave with another's of the same migration (each took its block
+    // in one statement).
+    let mut batches = sqlx::query(
+        "SELECT first_id, at, kind, stage_idx, events FROM event_batches
+         WHERE migration_id = ? AND last_id > ? ORDER BY last_id",
+    )
+    .bind(migration_id)
+    .bind(after_id)
+    .fetch(db);
+    let mut from_batches = 0;
+    while from_batches < limit {
+        let Some(b) = batches.try_next().await? else {
+            break;
+        };
+        let first_id: i64 = b.get(0);
+        let kind = event_kind(b.get(2))?;
+        let stage_index = Some(b.get::<i64, _>(3) as u32);
+        let events: Vec<(i64, i64, String)> = serde_json::from_str(b.get(4))
+            .map_err(|e| Error::Corrupt(format!("event batch {first_id}: {e}")))?;
+        for (k, (task_id, attempt, worker_id)) in events.into_iter().enumerate() {
+            let id = first_id + k as i64;
+            if id > after_id {
+                from_batches += 1;
+                out.push(Event {
+                    id,
+                    migration_id,
+                    at_ms: b.get(1),
+                    kind,
+                    stage_index,
+                    task_id,
+                    attempt: attempt as u32,
+                    worker_id,
+                    message: String::new(),
+                });
+            }
+        }
+    }
+    out.sort_unstable_by_key(|e| e.id);
+    out.truncate(limit);
+    Ok(out)
+}
+
+fn event_kind(kind: &str) -> Result<EventKind> {
+    EventKind::parse(kind).ok_or_else(|| corrupt("event kind", kind))
 }
 
 pub(super) async fn subject_status(db: &SqlitePool, subject: &str) -> Result<SubjectView> {
