@@ -914,6 +914,34 @@ async fn the_event_log_pages_by_cursor_one_event_at_a_time(b: Backend) {
     );
 }
 
+/// Tasks leased and finished one at a time log one event per batch: a page
+/// must read on through as many batches as it takes to fill it.
+async fn a_page_of_the_event_log_reads_through_many_small_batches(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
+    let tasks = vec![json!({"kind": "noop"}); 12];
+    let p = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": tasks}]}));
+    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
+    for _ in 0..12 {
+        let a = s.claim(W, &kinds(&["noop"]), 1).await.unwrap();
+        s.complete(W, &done(a[0].lease)).await.unwrap();
+    }
+    let all = s.list_events(c.migration_id, 0, 10_000).await.unwrap();
+    assert_eq!(all.iter().filter(|e| e.task_id != 0).count(), 24, "{all:?}");
+    for size in [5, 10, 30] {
+        let (mut paged, mut cursor) = (Vec::new(), 0);
+        loop {
+            let page = s.list_events(c.migration_id, cursor, size).await.unwrap();
+            let Some(last) = page.last() else { break };
+            let rest = all.iter().filter(|e| e.id > cursor).count();
+            assert_eq!(page.len(), rest.min(size as usize), "a page after {cursor}");
+            cursor = last.id;
+            paged.extend(page);
+        }
+        assert_eq!(paged, all, "pages of {size}");
+    }
+}
+
 /// Generates one `#[tokio::test]` per case and backend. A case left out of
 /// the list below is dead code, which clippy (`-D warnings`) refuses.
 macro_rules! on_both_backends {
@@ -953,6 +981,7 @@ on_both_backends!(
     created_tasks_queue_behind_older_ready_ones,
     the_next_attempt_gets_the_last_checkpoint,
     the_event_log_pages_by_cursor_one_event_at_a_time,
+    a_page_of_the_event_log_reads_through_many_small_batches,
 );
 
 /// Several coordinators on one PostgreSQL database: the same transitions

@@ -209,6 +209,12 @@ pub fn catalog(opts: &Options) -> Vec<Figure> {
             Some(b),
             "s",
         ));
+        out.push(Figure::new(
+            &k("throughput_replay"),
+            "event log of that migration read back, pages of 1,000",
+            Some(b),
+            "events/s",
+        ));
         let mut parts = vec![
             ("machine", "all processes and the kernel"),
             ("coordinator", "coordinator"),
@@ -350,6 +356,11 @@ async fn one_pass(env: &Env, backends: &[Backend], report: &mut Report) {
         let cpu = r.as_ref().map(|t| t.cpu).map_err(Clone::clone);
         let create = r.as_ref().map(|t| t.create_s).map_err(Clone::clone);
         report.record(&k("throughput_create"), create);
+        let replay = r
+            .as_ref()
+            .map(|t| t.replay_events_per_s)
+            .map_err(Clone::clone);
+        report.record(&k("throughput_replay"), replay);
         report.record(&k("throughput"), r.map(|t| t.tasks_per_s));
         report.record(&k("cpu_machine"), cpu.clone().map(|c| c.machine_us));
         report.record(&k("cpu_coordinator"), cpu.clone().map(|c| c.coordinator_us));

@@ -180,29 +180,88 @@ pub(super) async fn list_events(
     after_id: i64,
     limit: u32,
 ) -> Result<Vec<Event>> {
-    // Each arm stops at the page's size in id order: the rows of `events`
-    // by their index, the batches by theirs (one batch's ids never
-    // interleave with another's of the same migration: each was numbered
-    // whole under the migration's lock).
+    let limit = i64::from(limit);
     let rows = sqlx::query(
-        "(SELECT id, migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message
-          FROM events WHERE migration_id = $1 AND id > $2 ORDER BY id LIMIT $3)
-         UNION ALL
-         (SELECT e.id, b.migration_id, b.at, b.kind, b.stage_idx, e.task_id, e.attempt,
-                 e.worker_id, '' AS message
-          FROM event_batches b
-          CROSS JOIN LATERAL unnest(b.ids, b.task_ids, b.attempts, b.worker_ids)
-               AS e(id, task_id, attempt, worker_id)
-          WHERE b.migration_id = $1 AND b.last_id > $2 AND e.id > $2
-          ORDER BY b.last_id, e.id LIMIT $3)
-         ORDER BY id LIMIT $3",
+        "SELECT id, migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message
+         FROM events WHERE migration_id = $1 AND id > $2 ORDER BY id LIMIT $3",
     )
     .bind(migration_id)
     .bind(after_id)
-    .bind(limit as i64)
+    .bind(limit)
     .fetch_all(db)
     .await?;
-    rows.iter().map(decode_event).collect()
+    let mut out = rows.iter().map(decode_event).collect::<Result<Vec<_>>>()?;
+    // The batches past the cursor, a few at a time in id order until they
+    // hold a page, expanded here: the work is the page's, not the whole
+    // log's past the cursor (one batch's ids never interleave with
+    // another's of the same migration: each was numbered whole under the
+    // migration's lock).
+    let (mut from_batches, mut batch_cursor, mut chunk) = (0, after_id, limit.min(4));
+    while from_batches < limit {
+        let batches: Vec<BatchRow> = sqlx::query_as(
+            "SELECT last_id, at, kind, stage_idx, ids, task_ids, attempts, worker_ids
+             FROM event_batches WHERE migration_id = $1 AND last_id > $2
+             ORDER BY last_id LIMIT $3",
+        )
+        .bind(migration_id)
+        .bind(batch_cursor)
+        .bind(chunk)
+        .fetch_all(db)
+        .await?;
+        for b in &batches {
+            let kind = EventKind::parse(&b.kind).ok_or_else(|| corrupt("event kind", &b.kind))?;
+            let n = b.ids.len();
+            if [b.task_ids.len(), b.attempts.len(), b.worker_ids.len()] != [n; 3] {
+                return Err(Error::Corrupt(format!(
+                    "event batch {} of migration {migration_id}: arrays of unequal length",
+                    b.last_id
+                )));
+            }
+            let elements = b
+                .ids
+                .iter()
+                .zip(&b.task_ids)
+                .zip(&b.attempts)
+                .zip(&b.worker_ids);
+            for (((&id, &task_id), &attempt), worker_id) in elements {
+                if id > after_id {
+                    from_batches += 1;
+                    out.push(Event {
+                        id,
+                        migration_id,
+                        at_ms: b.at,
+                        kind,
+                        stage_index: Some(b.stage_idx as u32),
+                        task_id,
+                        attempt: attempt as u32,
+                        worker_id: worker_id.clone(),
+                        message: String::new(),
+                    });
+                }
+            }
+        }
+        match batches.last() {
+            Some(b) if batches.len() as i64 == chunk => batch_cursor = b.last_id,
+            _ => break,
+        }
+        chunk = (chunk * 4).min(limit);
+    }
+    out.sort_unstable_by_key(|e| e.id);
+    out.truncate(limit as usize);
+    Ok(out)
+}
+
+/// One `event_batches` row: element k of the arrays is one event.
+#[derive(sqlx::FromRow)]
+struct BatchRow {
+    last_id: i64,
+    at: i64,
+    kind: String,
+    stage_idx: i64,
+    ids: Vec<i64>,
+    task_ids: Vec<i64>,
+    attempts: Vec<i64>,
+    worker_ids: Vec<String>,
 }
 
 pub(super) async fn subject_status(db: &PgPool, subject: &str) -> Result<SubjectView> {

@@ -2,7 +2,10 @@
 //! worker processes, timed from CreateMigration's reply to the migration's
 //! success seen on WatchMigration — and the CPU time each process spent
 //! per task over the same span (see `cpu`). The create's own round trip is
-//! a figure of its own: storing N tasks is not part of running them.
+//! a figure of its own: storing N tasks is not part of running them. So is
+//! reading the finished migration's event log back through ListEvents, a
+//! page at a time, as a client catching up would: its cost must grow with
+//! the page, not with the log.
 //!
 //! The plan is sent inline, in one message: a `noop` TaskSpec is 8 bytes on
 //! the wire, so 100,000 tasks are about 0.8 MB, under the coordinator's
@@ -11,6 +14,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use stagecoach_proto::v1::ListEventsRequest;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -29,7 +33,12 @@ pub struct Throughput {
     /// stage started, the first assignments handed out.
     pub create_s: f64,
     pub cpu: cpu::PerTask,
+    /// Events per second read back by [`REPLAY_PAGE`]-event pages.
+    pub replay_events_per_s: f64,
 }
+
+/// Events per ListEvents page in the replay (the API's default).
+const REPLAY_PAGE: u32 = 1000;
 
 /// Tasks completed per second, and the CPU time they took.
 pub async fn run(env: &Env, backend: Backend) -> anyhow::Result<Throughput> {
@@ -70,9 +79,34 @@ async fn measure(
     let done = watch_until_succeeded(channel, m.id, budget(tasks.into())).await;
     let after = parts.sample();
     workers.stop().await;
+    let tasks_per_s = f64::from(tasks) / (done? - start).as_secs_f64();
     Ok(Throughput {
-        tasks_per_s: f64::from(tasks) / (done? - start).as_secs_f64(),
+        tasks_per_s,
         create_s,
         cpu: parts.per_task(&before, &after?, tasks),
+        replay_events_per_s: replay(channel, m.id).await?,
     })
+}
+
+/// Reads migration `id`'s whole event log, page by page: events per second.
+async fn replay(channel: &Channel, migration_id: i64) -> anyhow::Result<f64> {
+    let mut client = migrations(channel);
+    let (mut cursor, mut events) = (0, 0usize);
+    let start = Instant::now();
+    loop {
+        let page = client
+            .list_events(ListEventsRequest {
+                migration_id,
+                after_event_id: cursor,
+                limit: REPLAY_PAGE,
+            })
+            .await
+            .context("ListEvents")?
+            .into_inner()
+            .events;
+        let Some(last) = page.last() else { break };
+        cursor = last.id;
+        events += page.len();
+    }
+    Ok(events as f64 / start.elapsed().as_secs_f64())
 }
