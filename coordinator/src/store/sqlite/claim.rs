@@ -4,9 +4,9 @@
 //! fixed handful of statements, however many workers and kinds there are:
 //! one count of live leases for all workers, one lookup of the oldest ready
 //! tasks of every kind asked for, one `UPDATE` leasing them to all workers,
-//! one read of what it leased, and their events as one batch per stage. sqlx hands every
-//! statement, and every row a statement returns, to the connection's thread
-//! and back, so at tens of thousands of tasks per second the number of
+//! one read of what it leased, their events as one row per stage. sqlx hands
+//! every statement, and every row a statement returns, to the connection's
+//! thread and back, so at tens of thousands of tasks per second the number of
 //! statements and rows is what costs: lists travel as one JSON parameter and
 //! come back as one JSON row, which also keeps each statement's text, and so
 //! its prepared form, the same whatever the list's length.
