@@ -199,7 +199,7 @@ pub(super) async fn list_events(
     // interleave with another's of the same migration (each took its block
     // in one statement).
     let mut batches = sqlx::query(
-        "SELECT first_id, at, kind, stage_idx, events FROM event_batches
+        "SELECT first_id, last_id, at, kind, stage_idx, events FROM event_batches
          WHERE migration_id = ? AND last_id > ? ORDER BY last_id",
     )
     .bind(migration_id)
@@ -210,11 +210,17 @@ pub(super) async fn list_events(
         let Some(b) = batches.try_next().await? else {
             break;
         };
-        let first_id: i64 = b.get(0);
-        let kind = event_kind(b.get(2))?;
-        let stage_index = Some(b.get::<i64, _>(3) as u32);
-        let events: Vec<(i64, i64, String)> = serde_json::from_str(b.get(4))
+        let (first_id, last_id): (i64, i64) = (b.get(0), b.get(1));
+        let kind = event_kind(b.get(3))?;
+        let stage_index = Some(b.get::<i64, _>(4) as u32);
+        let events: Vec<(i64, i64, String)> = serde_json::from_str(b.get(5))
             .map_err(|e| Error::Corrupt(format!("event batch {first_id}: {e}")))?;
+        if events.len() as i64 != last_id - first_id + 1 {
+            return Err(Error::Corrupt(format!(
+                "event batch {first_id}..{last_id} of migration {migration_id} holds {} events",
+                events.len()
+            )));
+        }
         for (k, (task_id, attempt, worker_id)) in events.into_iter().enumerate() {
             let id = first_id + k as i64;
             if id > after_id {
@@ -222,7 +228,7 @@ pub(super) async fn list_events(
                 out.push(Event {
                     id,
                     migration_id,
-                    at_ms: b.get(1),
+                    at_ms: b.get(2),
                     kind,
                     stage_index,
                     task_id,
