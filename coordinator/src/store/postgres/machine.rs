@@ -174,6 +174,10 @@ pub(super) async fn enter_stage(
     fx: &mut Effects,
 ) -> Result<bool> {
     loop {
+        // The tasks of a parallel stage become ready in the same statement
+        // (a data-modifying CTE runs whether or not the query reads it): a
+        // stage start is one round trip, and it is on the path of every
+        // stage transition and every migration's start.
         let started: Option<(i64, bool)> = sqlx::query_as(
             "WITH started AS (
                  UPDATE stages SET state = 'running', started_at = stagecoach_now_ms()
@@ -182,7 +186,11 @@ pub(super) async fn enter_stage(
                  RETURNING migration_id, idx, total, serial),
              logged AS (
                  INSERT INTO events (migration_id, at, kind, stage_idx)
-                 SELECT migration_id, stagecoach_now_ms(), $3, idx FROM started)
+                 SELECT migration_id, stagecoach_now_ms(), $3, idx FROM started),
+             readied AS (
+                 UPDATE tasks SET state = 'ready', ready_at = stagecoach_now_ms()
+                 WHERE migration_id = $1 AND stage_idx = $2 AND state = 'pending'
+                   AND EXISTS (SELECT 1 FROM started WHERE NOT serial))
              SELECT total, serial FROM started",
         )
         .bind(migration_id)
@@ -202,15 +210,6 @@ pub(super) async fn enter_stage(
         if total > 0 {
             if serial {
                 ready_next_serial(conn, migration_id, idx).await?;
-            } else {
-                sqlx::query(
-                    "UPDATE tasks SET state = 'ready', ready_at = stagecoach_now_ms()
-                     WHERE migration_id = $1 AND stage_idx = $2 AND state = 'pending'",
-                )
-                .bind(migration_id)
-                .bind(idx)
-                .execute(&mut *conn)
-                .await?;
             }
             fx.dispatch = true;
             return Ok(false);
