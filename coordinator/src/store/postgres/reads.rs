@@ -181,6 +181,12 @@ pub(super) async fn list_events(
     limit: u32,
 ) -> Result<Vec<Event>> {
     let limit = i64::from(limit);
+    // Every read of a page in one snapshot: a commit between two of them
+    // could show a batch and not an event numbered before it in the same
+    // transaction, and the cursor would then skip that event for good.
+    let mut tx = db
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
     let rows = sqlx::query(
         "SELECT id, migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message
          FROM events WHERE migration_id = $1 AND id > $2 ORDER BY id LIMIT $3",
@@ -188,7 +194,7 @@ pub(super) async fn list_events(
     .bind(migration_id)
     .bind(after_id)
     .bind(limit)
-    .fetch_all(db)
+    .fetch_all(&mut *tx)
     .await?;
     let mut out = rows.iter().map(decode_event).collect::<Result<Vec<_>>>()?;
     // The batches past the cursor, a few at a time in id order until they
@@ -206,7 +212,7 @@ pub(super) async fn list_events(
         .bind(migration_id)
         .bind(batch_cursor)
         .bind(chunk)
-        .fetch_all(db)
+        .fetch_all(&mut *tx)
         .await?;
         for b in &batches {
             let kind = EventKind::parse(&b.kind).ok_or_else(|| corrupt("event kind", &b.kind))?;
@@ -246,6 +252,7 @@ pub(super) async fn list_events(
         }
         chunk = (chunk * 4).min(limit);
     }
+    tx.commit().await?;
     out.sort_unstable_by_key(|e| e.id);
     out.truncate(limit as usize);
     Ok(out)

@@ -168,6 +168,10 @@ pub(super) async fn list_events(
     limit: u32,
 ) -> Result<Vec<Event>> {
     let limit = limit as usize;
+    // Both reads in one snapshot (a read transaction, in WAL mode): a commit
+    // between them could show a batch and not an event numbered before it in
+    // the same transaction, and the cursor would then skip that event.
+    let mut tx = db.begin().await?;
     let rows = sqlx::query(
         "SELECT id, migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message
          FROM events WHERE migration_id = ? AND id > ? ORDER BY id LIMIT (? + 0)",
@@ -175,7 +179,7 @@ pub(super) async fn list_events(
     .bind(migration_id)
     .bind(after_id)
     .bind(limit as i64)
-    .fetch_all(db)
+    .fetch_all(&mut *tx)
     .await?;
     let mut out = rows
         .iter()
@@ -204,7 +208,7 @@ pub(super) async fn list_events(
     )
     .bind(migration_id)
     .bind(after_id)
-    .fetch(db);
+    .fetch(&mut *tx);
     let mut from_batches = 0;
     while from_batches < limit {
         let Some(b) = batches.try_next().await? else {
@@ -239,6 +243,8 @@ pub(super) async fn list_events(
             }
         }
     }
+    drop(batches);
+    tx.commit().await?;
     out.sort_unstable_by_key(|e| e.id);
     out.truncate(limit);
     Ok(out)
