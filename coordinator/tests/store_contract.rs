@@ -942,6 +942,72 @@ async fn a_page_of_the_event_log_reads_through_many_small_batches(b: Backend) {
     }
 }
 
+/// A reader tailing the log while stages finish sees every event: each
+/// commit logs a stage's end and the next one's start as single events and
+/// then the next task's assignment as a batch, numbered after them, so a
+/// page that read the batch but not those events would move its cursor past
+/// them for good.
+async fn a_tailing_reader_misses_no_event_while_stages_advance(b: Backend) {
+    use stagecoach_coordinator::store::{ClaimRequest, Report};
+    let db = store(b).await;
+    let s = db.store.clone();
+    let stages: Vec<_> = (0..150)
+        .map(|i| json!({"name": format!("s{i}"), "tasks": [{"kind": "noop"}]}))
+        .collect();
+    let p = plan(json!({"name": "p", "stages": stages}));
+    let id = s
+        .create_migration(&new(p, "s"))
+        .await
+        .unwrap()
+        .0
+        .migration_id;
+    let writer = tokio::spawn({
+        let s = s.clone();
+        async move {
+            let request = ClaimRequest {
+                worker_id: W.into(),
+                kinds: kinds(&["noop"]),
+                slots: 1,
+            };
+            let mut lease = s.claim(W, &request.kinds, 1).await.unwrap()[0].lease;
+            loop {
+                let report = (W.to_string(), Report::Complete(done(lease)));
+                let (results, pass) = s
+                    .report_and_claim(&[report], std::slice::from_ref(&request))
+                    .await
+                    .unwrap();
+                assert!(results[0].is_ok(), "{results:?}");
+                let next = match pass {
+                    Some(pass) => pass.claimed[0].first().map(|a| a.lease),
+                    None => s
+                        .claim(W, &request.kinds, 1)
+                        .await
+                        .unwrap()
+                        .first()
+                        .map(|a| a.lease),
+                };
+                let Some(next) = next else { break };
+                lease = next;
+            }
+        }
+    });
+    let (mut seen, mut cursor) = (Vec::new(), 0);
+    loop {
+        let finished = writer.is_finished();
+        let page = s.list_events(id, cursor, 1000).await.unwrap();
+        if let Some(last) = page.last() {
+            cursor = last.id;
+        } else if finished {
+            break;
+        }
+        seen.extend(page);
+    }
+    writer.await.unwrap();
+    let all = s.list_events(id, 0, 10_000).await.unwrap();
+    assert_eq!(all.len(), seen.len(), "the tailing reader missed events");
+    assert_eq!(seen, all);
+}
+
 /// Generates one `#[tokio::test]` per case and backend. A case left out of
 /// the list below is dead code, which clippy (`-D warnings`) refuses.
 macro_rules! on_both_backends {
@@ -982,6 +1048,7 @@ on_both_backends!(
     the_next_attempt_gets_the_last_checkpoint,
     the_event_log_pages_by_cursor_one_event_at_a_time,
     a_page_of_the_event_log_reads_through_many_small_batches,
+    a_tailing_reader_misses_no_event_while_stages_advance,
 );
 
 /// Several coordinators on one PostgreSQL database: the same transitions
