@@ -13,7 +13,7 @@
 CREATE TABLE event_batches (
     migration_id INTEGER NOT NULL,
     last_id      INTEGER NOT NULL,  -- a cursor's key
-    first_id     INTEGER NOT NULL,  -- element k of `events` has id first_id + k
+    first_id     INTEGER NOT NULL,  -- element k of the `events` array has id first_id + k
     at           INTEGER NOT NULL,
     kind         TEXT    NOT NULL,
     stage_idx    INTEGER NOT NULL,

@@ -84,14 +84,16 @@ async fn measure(
         tasks_per_s,
         create_s,
         cpu: parts.per_task(&before, &after?, tasks),
-        replay_events_per_s: replay(channel, m.id).await?,
+        replay_events_per_s: replay(channel, m.id, 2 * u64::from(tasks)).await?,
     })
 }
 
-/// Reads migration `id`'s whole event log, page by page: events per second.
-async fn replay(channel: &Channel, migration_id: i64) -> anyhow::Result<f64> {
+/// Reads a migration's whole event log, page by page: events per second.
+/// Fails if it holds fewer than `at_least` events (each task was assigned
+/// and succeeded at least once), so a short read cannot pass for speed.
+async fn replay(channel: &Channel, migration_id: i64, at_least: u64) -> anyhow::Result<f64> {
     let mut client = migrations(channel);
-    let (mut cursor, mut events) = (0, 0usize);
+    let (mut cursor, mut events) = (0, 0u64);
     let start = Instant::now();
     loop {
         let page = client
@@ -106,7 +108,12 @@ async fn replay(channel: &Channel, migration_id: i64) -> anyhow::Result<f64> {
             .events;
         let Some(last) = page.last() else { break };
         cursor = last.id;
-        events += page.len();
+        events += page.len() as u64;
     }
-    Ok(events as f64 / start.elapsed().as_secs_f64())
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        events >= at_least,
+        "the event log of migration {migration_id} read back {events} events, expected at least {at_least}"
+    );
+    Ok(events as f64 / elapsed.as_secs_f64())
 }
