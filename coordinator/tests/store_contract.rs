@@ -92,6 +92,18 @@ async fn first_stage_claimed(s: &dyn Store, n: usize) -> (Created, Vec<Assignmen
     (c, a)
 }
 
+/// Completes `leases` (held by `W`) in one `report_many` batch, in the
+/// order given, and asserts each was recorded.
+async fn complete_as_one_batch(s: &dyn Store, leases: impl IntoIterator<Item = LeaseToken>) {
+    use stagecoach_coordinator::store::Report;
+    let batch: Vec<(String, Report)> = leases
+        .into_iter()
+        .map(|l| (W.to_string(), Report::Complete(done(l))))
+        .collect();
+    let results = s.report_many(&batch).await.unwrap();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+}
+
 fn new(plan: PlanSpec, subject: &str) -> NewMigration {
     NewMigration {
         plan,
@@ -702,17 +714,7 @@ async fn a_batch_of_reports_records_each_once(b: Backend) {
         (3, StageState::Pending)
     );
 
-    let rest: Vec<(String, Report)> = [a[2].lease, a[3].lease]
-        .into_iter()
-        .map(|l| (W.to_string(), Report::Complete(done(l))))
-        .collect();
-    assert!(
-        s.report_many(&rest)
-            .await
-            .unwrap()
-            .iter()
-            .all(|r| r.is_ok())
-    );
+    complete_as_one_batch(s, [a[2].lease, a[3].lease]).await;
     let next = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].stage_name, "b");
@@ -846,23 +848,11 @@ async fn the_next_attempt_gets_the_last_checkpoint(b: Backend) {
 /// on PostgreSQL) page by cursor in id order, each once, in the order they
 /// happened, between the single events around them.
 async fn the_event_log_pages_by_cursor_one_event_at_a_time(b: Backend) {
-    use stagecoach_coordinator::store::Report;
     let db = store(b).await;
     let s = &*db.store;
     let (c, a) = first_stage_claimed(s, 5).await;
     // Reported in reverse: the log keeps the order they were recorded in.
-    let batch: Vec<(String, Report)> = a
-        .iter()
-        .rev()
-        .map(|t| (W.to_string(), Report::Complete(done(t.lease))))
-        .collect();
-    assert!(
-        s.report_many(&batch)
-            .await
-            .unwrap()
-            .iter()
-            .all(|r| r.is_ok())
-    );
+    complete_as_one_batch(s, a.iter().rev().map(|t| t.lease)).await;
     let next = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     s.complete(W, &done(next[0].lease)).await.unwrap();
 

@@ -160,12 +160,11 @@ pub(super) async fn list_migrations(db: &PgPool, f: &MigrationFilter) -> Result<
 }
 
 fn decode_event(r: &PgRow) -> Result<Event> {
-    let kind: String = r.try_get(3)?;
     Ok(Event {
         id: r.try_get(0)?,
         migration_id: r.try_get(1)?,
         at_ms: r.try_get(2)?,
-        kind: EventKind::parse(&kind).ok_or_else(|| corrupt("event kind", &kind))?,
+        kind: event_kind(r.try_get(3)?)?,
         stage_index: r.try_get::<Option<i64>, _>(4)?.map(|i| i as u32),
         task_id: r.try_get(5)?,
         attempt: r.try_get::<i64, _>(6)? as u32,
@@ -215,7 +214,7 @@ pub(super) async fn list_events(
         .fetch_all(&mut *tx)
         .await?;
         for b in &batches {
-            let kind = EventKind::parse(&b.kind).ok_or_else(|| corrupt("event kind", &b.kind))?;
+            let kind = event_kind(&b.kind)?;
             let n = b.ids.len();
             if [b.task_ids.len(), b.attempts.len(), b.worker_ids.len()] != [n; 3] {
                 return Err(Error::Corrupt(format!(
@@ -256,6 +255,10 @@ pub(super) async fn list_events(
     out.sort_unstable_by_key(|e| e.id);
     out.truncate(limit as usize);
     Ok(out)
+}
+
+fn event_kind(kind: &str) -> Result<EventKind> {
+    EventKind::parse(kind).ok_or_else(|| corrupt("event kind", kind))
 }
 
 /// One `event_batches` row: element k of the arrays is one event.

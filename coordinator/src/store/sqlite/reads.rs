@@ -214,7 +214,7 @@ pub(super) async fn list_events(
         let Some(b) = batches.try_next().await? else {
             break;
         };
-        let (first_id, last_id): (i64, i64) = (b.get(0), b.get(1));
+        let (first_id, last_id, at_ms): (i64, i64, i64) = (b.get(0), b.get(1), b.get(2));
         let kind = event_kind(b.get(3))?;
         let stage_index = Some(b.get::<i64, _>(4) as u32);
         let events: Vec<(i64, i64, String)> = serde_json::from_str(b.get(5))
@@ -232,7 +232,7 @@ pub(super) async fn list_events(
                 out.push(Event {
                     id,
                     migration_id,
-                    at_ms: b.get(2),
+                    at_ms,
                     kind,
                     stage_index,
                     task_id,
