@@ -607,6 +607,40 @@ async fn an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told(b
     assert!(m.reason.contains("timed out after 1 ms"), "{}", m.reason);
 }
 
+/// An attempt's TaskAssigned event carries the instant its lease and its
+/// timeout count from, so the log never shows an attempt timing out sooner
+/// than its timeout after it started. One claim at a time, many times: a
+/// clock read apart from the deadlines' differs from it in some of them.
+async fn an_assignment_is_logged_at_the_instant_its_lease_counts_from(b: Backend) {
+    let db = store(b).await;
+    let s = &*db.store;
+    let tasks = vec![json!({"kind": "noop"}); 60];
+    let p = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": tasks}]}));
+    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
+    let mut leases = Vec::new();
+    for held in 0..60 {
+        let a = s.claim(W, &kinds(&["noop"]), held + 1).await.unwrap();
+        assert_eq!(a.len(), 1);
+        leases.extend(a);
+    }
+    let events = s.list_events(c.migration_id, 0, 10_000).await.unwrap();
+    for a in &leases {
+        let assigned = events
+            .iter()
+            .find(|e| e.kind == EventKind::TaskAssigned && e.task_id == a.lease.task_id)
+            .expect("its TaskAssigned event");
+        assert_eq!(
+            assigned.at_ms + a.lease_ms,
+            a.lease_expires_at_ms,
+            "task {}: assigned at {}, lease of {} ms expires at {}",
+            a.lease.task_id,
+            assigned.at_ms,
+            a.lease_ms,
+            a.lease_expires_at_ms
+        );
+    }
+}
+
 /// Leases and retries follow the task's own settings, else its stage's,
 /// else the coordinator's: heartbeat timeout (claim and renewal), backoff
 /// and attempt timeout.
@@ -1031,6 +1065,7 @@ on_both_backends!(
     expired_leases_are_reassigned_until_the_cap,
     a_migration_past_its_deadline_fails,
     an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told,
+    an_assignment_is_logged_at_the_instant_its_lease_counts_from,
     task_and_stage_settings_override_the_defaults,
     a_batch_of_reports_records_each_once,
     an_admitted_create_claims_in_its_commit,

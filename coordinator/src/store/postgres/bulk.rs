@@ -18,11 +18,13 @@ use crate::store::common::{LiveLease, NewEvent, NewTaskState, Plain, live_comple
 /// defines before it (`migration_id`, `stage_idx`, `task_id`, `attempt`,
 /// `worker_id`, and `event_id` drawn from the sequence of `events.id`, in
 /// the order the events happened), as one `event_batches` row per migration
-/// and stage. `list_events` reads them back one event per array element.
+/// and stage, at the time in the statement's `now` (read once, so the
+/// events carry the instant the rows' deadlines and end times were computed
+/// from). `list_events` reads them back one event per array element.
 pub(super) const LOG_EVENT_BATCHES: &str = "logged AS (
              INSERT INTO event_batches (migration_id, last_id, at, kind, stage_idx,
                                         ids, task_ids, attempts, worker_ids)
-             SELECT migration_id, max(event_id), (SELECT stagecoach_now_ms()), $5, stage_idx,
+             SELECT migration_id, max(event_id), (SELECT ms FROM now), $5, stage_idx,
                     array_agg(event_id ORDER BY event_id), array_agg(task_id ORDER BY event_id),
                     array_agg(attempt ORDER BY event_id), array_agg(worker_id ORDER BY event_id)
              FROM numbered GROUP BY migration_id, stage_idx)";
@@ -182,9 +184,10 @@ pub(super) async fn complete_live(
     let workers: Vec<&str> = taken.iter().map(|t| t.worker).collect();
     // The TaskSucceeded events go in with the update, in batch order.
     let sql = sqlx::AssertSqlSafe(format!(
-        "WITH done AS (
+        "WITH now AS (SELECT stagecoach_now_ms() AS ms),
+         done AS (
              UPDATE tasks SET state = 'succeeded', output = u.output,
-                              finished_at = (SELECT stagecoach_now_ms()), lease_worker = NULL,
+                              finished_at = (SELECT ms FROM now), lease_worker = NULL,
                               lease_expires_at = NULL, attempt_deadline = NULL
              FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[])
                   WITH ORDINALITY AS u(id, output, attempt, worker, n)

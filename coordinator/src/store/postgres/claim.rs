@@ -385,20 +385,21 @@ async fn lease(
         return Ok(Vec::new());
     }
     let sql = sqlx::AssertSqlSafe(format!(
-        "WITH leased AS (
+        "WITH now AS (SELECT stagecoach_now_ms() AS ms),
+         leased AS (
              UPDATE tasks SET state = 'leased', attempt = tasks.attempt + 1,
                               lease_worker = u.worker,
                               -- the task's heartbeat and attempt timeouts,
                               -- else its stage's
-                              lease_expires_at = (SELECT stagecoach_now_ms())
+                              lease_expires_at = (SELECT ms FROM now)
                                   + coalesce(tasks.heartbeat_timeout_ms, u.lease_ms),
-                              attempt_deadline = (SELECT stagecoach_now_ms())
+                              attempt_deadline = (SELECT ms FROM now)
                                   + nullif(coalesce(tasks.attempt_timeout_ms, u.attempt_ms), 0),
                               progress_done = 0, progress_total = 0
              FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])
                   AS u(id, worker, lease_ms, attempt_ms)
              WHERE tasks.id = u.id AND tasks.state = 'ready'
-               AND tasks.ready_at <= (SELECT stagecoach_now_ms())
+               AND tasks.ready_at <= (SELECT ms FROM now)
              RETURNING tasks.id, tasks.attempt, tasks.migration_id, tasks.stage_idx, tasks.kind,
                        tasks.payload, tasks.checkpoint, tasks.max_attempts,
                        tasks.lease_expires_at,

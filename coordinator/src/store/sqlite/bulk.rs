@@ -61,10 +61,13 @@ pub(super) async fn insert_events(conn: &mut SqliteConnection, events: &[NewEven
 /// whatever their number: one takes a block of event ids from the `events`
 /// table's counter, one inserts the rows, sent as one JSON array. Ids are
 /// handed out in the order given, so each migration's events keep the order
-/// they happened in; events appended after them get greater ids.
+/// they happened in; events appended after them get greater ids. `at` is the
+/// time the caller computed its deadlines from, so an attempt's recorded
+/// start is never later than the start its timeout counts from.
 pub(super) async fn insert_task_events(
     conn: &mut SqliteConnection,
     events: &[NewEvent],
+    at: i64,
 ) -> Result<()> {
     if events.is_empty() {
         return Ok(());
@@ -106,7 +109,7 @@ pub(super) async fn insert_task_events(
          SELECT value ->> 0, value ->> 1, value ->> 2, ?, value ->> 3, value ->> 4, value -> 5
          FROM json_each(?)",
     )
-    .bind(now_ms())
+    .bind(at)
     .bind(rows)
     .execute(&mut *conn)
     .await?;
@@ -196,6 +199,7 @@ pub(super) async fn complete_plain(
     }
 
     // One UPDATE for every task, from one JSON array of [id, output] pairs.
+    let now = now_ms();
     let done: Vec<(i64, &serde_json::Value)> = taken
         .iter()
         .map(|t| (t.completion.lease.task_id, &t.completion.output))
@@ -207,7 +211,7 @@ pub(super) async fn complete_plain(
          FROM (SELECT value ->> 0 AS id, value -> 1 AS output FROM json_each(?2)) AS d
          WHERE tasks.id = d.id AND tasks.state = 'leased'",
     )
-    .bind(now_ms())
+    .bind(now)
     .bind(done)
     .execute(&mut *conn)
     .await?;
@@ -218,7 +222,7 @@ pub(super) async fn complete_plain(
         *per_stage.entry((t.migration_id, t.stage)).or_insert(0) += 1;
         events.push(NewEvent::succeeded(t));
     }
-    insert_task_events(conn, &events).await?;
+    insert_task_events(conn, &events, now).await?;
 
     // Stage counters and transitions once per stage.
     let mut fx = Effects {

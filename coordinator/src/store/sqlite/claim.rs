@@ -92,7 +92,7 @@ pub(super) async fn claim_in(
         &mut events,
     )
     .await?;
-    insert_task_events(&mut *tx, &events).await?;
+    insert_task_events(&mut *tx, &events, now).await?;
     Ok(pass(out))
 }
 
