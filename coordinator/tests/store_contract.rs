@@ -92,6 +92,13 @@ async fn first_stage_claimed(s: &dyn Store, n: usize) -> (Created, Vec<Assignmen
     (c, a)
 }
 
+/// A migration of `n` no-op tasks in one stage "a", created.
+async fn one_stage_of_noops(s: &dyn Store, n: usize) -> Created {
+    let tasks = vec![json!({"kind": "noop"}); n];
+    let p = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": tasks}]}));
+    s.create_migration(&new(p, "s")).await.unwrap().0
+}
+
 /// Completes `leases` (held by `W`) in one `report_many` batch, in the
 /// order given, and asserts each was recorded.
 async fn complete_as_one_batch(s: &dyn Store, leases: impl IntoIterator<Item = LeaseToken>) {
@@ -614,9 +621,7 @@ async fn an_attempt_past_its_timeout_fails_as_retryable_and_its_worker_is_told(b
 async fn an_assignment_is_logged_at_the_instant_its_lease_counts_from(b: Backend) {
     let db = store(b).await;
     let s = &*db.store;
-    let tasks = vec![json!({"kind": "noop"}); 60];
-    let p = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": tasks}]}));
-    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
+    let c = one_stage_of_noops(s, 60).await;
     let mut leases = Vec::new();
     for held in 0..60 {
         let a = s.claim(W, &kinds(&["noop"]), held + 1).await.unwrap();
@@ -943,9 +948,7 @@ async fn the_event_log_pages_by_cursor_one_event_at_a_time(b: Backend) {
 async fn a_page_of_the_event_log_reads_through_many_small_batches(b: Backend) {
     let db = store(b).await;
     let s = &*db.store;
-    let tasks = vec![json!({"kind": "noop"}); 12];
-    let p = plan(json!({"name": "p", "stages": [{"name": "a", "tasks": tasks}]}));
-    let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
+    let c = one_stage_of_noops(s, 12).await;
     for _ in 0..12 {
         let a = s.claim(W, &kinds(&["noop"]), 1).await.unwrap();
         s.complete(W, &done(a[0].lease)).await.unwrap();
