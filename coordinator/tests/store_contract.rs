@@ -1498,4 +1498,69 @@ mod shared_database {
         let (_, pass) = a.report_and_claim(&[report], &[]).await.unwrap();
         assert!(!pass.unwrap().partial);
     }
+
+    /// A batch of completions reads its leases before it takes their
+    /// migrations' locks. A lease that ends and is handed out again
+    /// meanwhile — here re-leased to the same worker at the next attempt,
+    /// by the transaction holding the lock — must not be completed by the
+    /// old token: the update checks it again (I4), and the report is
+    /// answered as stale.
+    #[tokio::test]
+    async fn a_lease_taken_again_while_its_batch_waits_for_the_lock_is_not_completed() {
+        use stagecoach_coordinator::store::Report;
+        let (a, _, url) = two_stores_at().await;
+        let x = a
+            .create_migration(&one_task())
+            .await
+            .unwrap()
+            .0
+            .migration_id;
+        let lease = a.claim("w1", &kinds(&["noop"]), 1).await.unwrap()[0].lease;
+        let mut held = hold_migration(&url, x).await;
+        let store = a.clone();
+        let report = vec![("w1".to_string(), Report::Complete(done(lease)))];
+        let batch = tokio::spawn(async move { store.report_many(&report).await });
+        let watch = sqlx::PgPool::connect(&url).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&watch)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the batch never waited for the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sqlx::query("UPDATE tasks SET attempt = attempt + 1 WHERE id = $1")
+            .bind(lease.task_id)
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        held.commit().await.unwrap();
+        let results = tokio::time::timeout(Duration::from_secs(10), batch)
+            .await
+            .expect("the batch ends once the lock is free")
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&results[0], Err(Error::LeaseNotHeld(_))),
+            "{results:?}"
+        );
+        let events = kinds_of(&*a, x).await;
+        assert!(!events.contains(&EventKind::TaskSucceeded), "{events:?}");
+        let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+            .bind(lease.task_id)
+            .fetch_one(&watch)
+            .await
+            .unwrap();
+        assert_eq!(state, "leased", "still the new attempt's");
+    }
 }
