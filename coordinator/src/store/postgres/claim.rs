@@ -215,13 +215,31 @@ pub(super) async fn claim_in(
 
 /// Free slots of each request: its slots less its worker's live leases
 /// (I12), counted for all workers in one statement after their locks.
+///
+/// Each worker's leases are counted newest first and at most its slots (it
+/// never holds more, I12): a plain index scan, which stops once the worker
+/// is full and marks the entries of ended leases dead as it passes them, so
+/// the next count skips them. The bitmap scan the planner chose for one
+/// `lease_worker = ANY(…)` never marks them: it visited every lease ended
+/// since the last heartbeat or sweep, ~17,000 heap rows and 1.3 ms a pass.
 async fn free_slots(conn: &mut PgConnection, requests: &[ClaimRequest]) -> Result<Vec<i64>> {
-    let ids: Vec<&str> = requests.iter().map(|r| r.worker_id.as_str()).collect();
+    // Once per worker id, up to its largest slots: what any of its requests
+    // could take.
+    let mut most: HashMap<&str, i64> = HashMap::new();
+    for r in requests {
+        let m = most.entry(r.worker_id.as_str()).or_default();
+        *m = (*m).max(r.slots as i64);
+    }
+    let (ids, slots): (Vec<&str>, Vec<i64>) = most.into_iter().unzip();
     let held: HashMap<String, i64> = sqlx::query_as(
-        "SELECT lease_worker, count(*) FROM tasks
-         WHERE state = 'leased' AND lease_worker = ANY($1) GROUP BY lease_worker",
+        "SELECT w.id, (SELECT count(*) FROM (
+                           SELECT 1 FROM tasks t
+                           WHERE t.state = 'leased' AND t.lease_worker = w.id
+                           ORDER BY t.lease_expires_at DESC LIMIT w.slots) AS live)
+         FROM unnest($1::text[], $2::bigint[]) AS w(id, slots)",
     )
     .bind(&ids)
+    .bind(&slots)
     .fetch_all(conn)
     .await?
     .into_iter()
