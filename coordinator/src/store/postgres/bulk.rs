@@ -185,7 +185,14 @@ pub(super) async fn complete_live(
     let workers: Vec<&str> = taken.iter().map(|t| t.worker).collect();
     // The TaskSucceeded events go in with the update, in batch order. A
     // task still leased at the attempt read above is still leased to the
-    // worker read above: every lease bumps the attempt.
+    // worker read above: every lease bumps the attempt. The state test is
+    // written so that no partial index's predicate matches it: with a plain
+    // `state = 'leased'`, statistics from before any lease (the ANALYZE
+    // after a big insert) made the planner walk the lease index — every
+    // lease since the last vacuum — and test each entry against the whole
+    // batch: 51 ms instead of 2 for 250 completions in a 1,000,000-task
+    // migration, the fan-out's throughput cut by half. By primary key,
+    // nothing else is looked at.
     let sql = sqlx::AssertSqlSafe(format!(
         "WITH now AS (SELECT stagecoach_now_ms() AS ms),
          done AS (
@@ -194,7 +201,8 @@ pub(super) async fn complete_live(
                               lease_expires_at = NULL, attempt_deadline = NULL
              FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[])
                   WITH ORDINALITY AS u(id, output, attempt, worker, n)
-             WHERE tasks.id = u.id AND tasks.state = 'leased' AND tasks.attempt = u.attempt
+             WHERE tasks.id = u.id AND (tasks.state = 'leased') IS TRUE
+               AND tasks.attempt = u.attempt
              RETURNING tasks.id, tasks.migration_id, tasks.stage_idx, u.attempt, u.worker, u.n),
          numbered AS (
              SELECT e.*, nextval('events_id_seq') AS event_id
