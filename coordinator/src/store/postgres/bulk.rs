@@ -191,7 +191,7 @@ pub(super) async fn complete_live(
     // after a big insert) made the planner walk the lease index — every
     // lease since the last vacuum — and test each entry against the whole
     // batch: 51 ms instead of 2 for 250 completions in a 1,000,000-task
-    // migration, the fan-out's throughput cut by half. By primary key,
+    // migration, the fan-out's throughput cut by a third. By primary key,
     // nothing else is looked at.
     let sql = sqlx::AssertSqlSafe(format!(
         "WITH now AS (SELECT stagecoach_now_ms() AS ms),
