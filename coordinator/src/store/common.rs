@@ -13,6 +13,17 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::store::{ClaimRequest, Effects, Report};
 
+/// The error for a stored value this build does not know (a state or kind
+/// name written by another version, or a damaged row).
+pub(crate) fn corrupt(what: &str, value: &str) -> Error {
+    Error::Corrupt(format!("unknown {what} {value:?} in the database"))
+}
+
+/// A stored event kind, parsed.
+pub(crate) fn event_kind(kind: &str) -> Result<EventKind> {
+    EventKind::parse(kind).ok_or_else(|| corrupt("event kind", kind))
+}
+
 /// The state a new task starts in. Tasks wait pending until their stage
 /// starts, which makes them ready; a created migration's tasks go in after
 /// its admission, so the stage that admission started gets its tasks ready

@@ -3,13 +3,13 @@
 //! race on a unique index (I8) or a deadlock.
 
 use super::machine::{self, EventAt, event};
-use super::{PostgresStore, notify, pool_not_found, reads};
+use super::{PostgresStore, notify, pool_not_found};
 use super::{bulk, claim};
 use sqlx::PgConnection;
 
 use crate::domain::{EventKind, MigrationState, NewMigration, RetryPolicy, StageSpec};
 use crate::error::{Error, Result};
-use crate::store::common::created_tasks;
+use crate::store::common::{corrupt, created_tasks};
 use crate::store::{ClaimRequest, Created, Effects, Pass};
 
 impl PostgresStore {
@@ -139,8 +139,8 @@ impl PostgresStore {
         let (state, pool) = machine::lock_migration(conn, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("migration {id} does not exist")))?;
-        let state = MigrationState::parse(&state)
-            .ok_or_else(|| reads::corrupt("migration state", &state))?;
+        let state =
+            MigrationState::parse(&state).ok_or_else(|| corrupt("migration state", &state))?;
         Ok((state, pool))
     }
 

@@ -6,16 +6,12 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::domain::{
-    Event, EventKind, LeaseToken, Migration, MigrationFilter, MigrationState, PlanSpec, Pool,
-    StageProgress, StageState,
+    Event, LeaseToken, Migration, MigrationFilter, MigrationState, PlanSpec, Pool, StageProgress,
+    StageState,
 };
 use crate::error::{Error, Result};
 use crate::store::SubjectView;
-use crate::store::common;
-
-fn corrupt(what: &str, value: &str) -> Error {
-    Error::Corrupt(format!("unknown {what} {value:?} in the database"))
-}
+use crate::store::common::{self, corrupt, event_kind};
 
 fn decode_plan(spec: &str) -> Result<PlanSpec> {
     serde_json::from_str(spec).map_err(|e| Error::Corrupt(format!("stored plan: {e}")))
@@ -248,10 +244,6 @@ pub(super) async fn list_events(
     out.sort_unstable_by_key(|e| e.id);
     out.truncate(limit);
     Ok(out)
-}
-
-fn event_kind(kind: &str) -> Result<EventKind> {
-    EventKind::parse(kind).ok_or_else(|| corrupt("event kind", kind))
 }
 
 pub(super) async fn subject_status(db: &SqlitePool, subject: &str) -> Result<SubjectView> {
