@@ -1035,6 +1035,51 @@ async fn a_tailing_reader_misses_no_event_while_stages_advance(b: Backend) {
     assert_eq!(seen, all);
 }
 
+/// A report batch refills exactly the slots its completions freed, whether
+/// its store runs the pass in the batch's commit or leaves it to a later
+/// one (I12): a worker's slots are not freed by another worker's
+/// completions, nor counted twice.
+async fn a_report_batch_refills_exactly_the_slots_it_freed(b: Backend) {
+    use stagecoach_coordinator::store::{ClaimRequest, Report};
+    let db = store(b).await;
+    let s = &*db.store;
+    one_stage_of_noops(s, 8).await;
+    let request = ClaimRequest {
+        worker_id: W.into(),
+        kinds: kinds(&["noop"]),
+        slots: 3,
+    };
+    let held = s.claim(W, &request.kinds, 3).await.unwrap();
+    assert_eq!(held.len(), 3);
+    let theirs = s.claim("w2", &request.kinds, 1).await.unwrap();
+    // Completes `leases` of `worker` in one batch that also claims for W:
+    // how many tasks W got.
+    let refill = async |worker: &str, leases: &[LeaseToken]| {
+        let reports: Vec<_> = leases
+            .iter()
+            .map(|&l| (worker.to_string(), Report::Complete(done(l))))
+            .collect();
+        let (results, pass) = s
+            .report_and_claim(&reports, std::slice::from_ref(&request))
+            .await
+            .unwrap();
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let pass = match pass {
+            Some(pass) => pass,
+            None => s.claim_many(std::slice::from_ref(&request)).await.unwrap(),
+        };
+        pass.claimed[0].len()
+    };
+    assert_eq!(refill("w2", &[theirs[0].lease]).await, 0, "W is full");
+    let two = [held[0].lease, held[1].lease];
+    assert_eq!(refill(W, &two).await, 2, "one lease held, two freed");
+    assert_eq!(
+        refill(W, &[held[2].lease]).await,
+        1,
+        "three held, one freed"
+    );
+}
+
 /// Generates one `#[tokio::test]` per case and backend. A case left out of
 /// the list below is dead code, which clippy (`-D warnings`) refuses.
 macro_rules! on_both_backends {
@@ -1077,6 +1122,7 @@ on_both_backends!(
     the_event_log_pages_by_cursor_one_event_at_a_time,
     a_page_of_the_event_log_reads_through_many_small_batches,
     a_tailing_reader_misses_no_event_while_stages_advance,
+    a_report_batch_refills_exactly_the_slots_it_freed,
 );
 
 /// Several coordinators on one PostgreSQL database: the same transitions
@@ -1416,6 +1462,50 @@ mod shared_database {
         let err = a.create_migration(&bad).await.unwrap_err();
         assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
         assert!(err.to_string().contains("NUL"), "{err}");
+    }
+
+    /// A report commit publishes its batch's effects with the completions
+    /// and, when its dispatch pass touched more, at commit too: the other
+    /// coordinator hears of the completed migration and of the one whose
+    /// task the pass leased.
+    #[tokio::test]
+    async fn a_report_commit_is_heard_by_the_other_coordinator() {
+        use stagecoach_coordinator::store::{ClaimRequest, Report};
+        let (a, b) = two_stores().await;
+        let mut heard = b.remote_effects().await.unwrap().unwrap();
+        let mut x = one_task();
+        x.subject = "x".into();
+        let x = a.create_migration(&x).await.unwrap().0.migration_id;
+        let lease = a.claim("w1", &kinds(&["noop"]), 1).await.unwrap()[0].lease;
+        let mut y = one_task();
+        y.subject = "y".into();
+        let y = a.create_migration(&y).await.unwrap().0.migration_id;
+        // What the creates and the claim published is not this test's.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while heard.try_recv().is_ok() {}
+
+        let request = ClaimRequest {
+            worker_id: "w2".into(),
+            kinds: kinds(&["noop"]),
+            slots: 1,
+        };
+        let report = ("w1".to_string(), Report::Complete(done(lease)));
+        let (results, pass) = a
+            .report_and_claim(&[report], std::slice::from_ref(&request))
+            .await
+            .unwrap();
+        assert!(results[0].is_ok(), "{results:?}");
+        let got: Vec<i64> = pass.unwrap().claimed[0]
+            .iter()
+            .map(|t| t.migration_id)
+            .collect();
+        assert_eq!(got, vec![y]);
+        let mut touched = HashSet::new();
+        while !(touched.contains(&x) && touched.contains(&y)) {
+            let fx = receive(&mut heard, |_| true).await;
+            assert!(fx.dispatch, "{fx:?}");
+            touched.extend(fx.touched);
+        }
     }
 
     /// Admission skips a queued migration whose row another transaction

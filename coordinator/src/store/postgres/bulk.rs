@@ -3,15 +3,16 @@
 //! batch of plain completions is a handful of statements, instead of one
 //! round trip (or one transaction) per row.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
-use sqlx::PgConnection;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Postgres, Row};
 
-use super::machine;
+use super::{claim, machine, notify};
 use crate::domain::{EventKind, ReportAck, TaskSpec, task_override};
 use crate::error::Result;
-use crate::store::Effects;
 use crate::store::common::{LiveLease, NewEvent, NewTaskState, Plain, live_completions, recorded};
+use crate::store::{ClaimRequest, Effects};
 
 /// The end of a statement that leases or ends tasks set at a time: appends
 /// their events, of kind `$5`, from the `numbered` rows the statement
@@ -127,52 +128,80 @@ pub(super) async fn insert_events(conn: &mut PgConnection, events: &[NewEvent]) 
     Ok(())
 }
 
+/// What [`complete_live`] did: the completions it recorded, by batch index,
+/// what a dispatch pass after it need not ask again, and the effects it
+/// published for other coordinators (delivered at commit).
+#[derive(Default)]
+pub(super) struct Completed {
+    pub done: HashMap<usize, (ReportAck, Effects)>,
+    pub known: claim::Known,
+    pub published: Effects,
+}
+
 /// Records the completions of `batch` (indexes into the caller's reports)
 /// whose lease is live, set at a time in the caller's transaction, and
 /// returns their results by index. The rest — stale, repeated, or adding
-/// tasks — are left to the one-by-one path.
+/// tasks — are left to the one-by-one path. Takes the advisory locks of
+/// `workers` first (for a dispatch pass after it, in the lock order).
 ///
-/// The leases are read first, unlocked and by primary key: that read names
-/// the batch's migrations, whose row locks are taken next in id order (the
-/// lock order; the transaction holds no migration lock yet), so the stage
-/// transitions this makes are the only ones of those migrations (I1, I2).
-/// A lease can end between the read and the lock (a sweep, a release), so
-/// the update checks each token again in its `WHERE` (I4), and only what
-/// it changed is recorded. Reading by primary key matters: with
-/// `state = 'leased'` in a read's `WHERE`, the planner walked every live
-/// lease through a lease index and tested each against the whole id array
-/// — 3 µs per completion at 512 leases, growing with the fleet.
+/// Two statements. The first takes the worker locks, reads the leases by
+/// primary key, unlocked, and locks the migrations that read names, in id
+/// order, so the stage transitions this makes are the only ones of those
+/// migrations (I1, I2). A lease can end between that read and the lock (a
+/// sweep, a release), so the second, which records the completions and
+/// counts them in their stages, checks each token again in its `WHERE`
+/// (I4); only what it changed is recorded. Reading by primary key matters:
+/// with `state = 'leased'` in a read's `WHERE`, the planner walked every
+/// live lease through a lease index and tested each against the whole id
+/// array — 3 µs per completion at 512 leases, growing with the fleet.
+/// Every round trip saved matters as much: on a busy machine each one
+/// costs about as much as recording a few dozen completions.
 pub(super) async fn complete_live(
     conn: &mut PgConnection,
+    origin: &str,
     batch: &[Plain<'_>],
-) -> Result<HashMap<usize, (ReportAck, Effects)>> {
-    if batch.is_empty() {
-        return Ok(HashMap::new());
-    }
+    workers: &[ClaimRequest],
+) -> Result<Completed> {
     let ids: Vec<i64> = batch.iter().map(|(_, _, c)| c.lease.task_id).collect();
-    let rows: Vec<(i64, i64, Option<String>, i64, i64, String)> = sqlx::query_as(
-        "SELECT id, attempt, lease_worker, migration_id, stage_idx, state FROM tasks
-         WHERE id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *conn)
-    .await?;
-    let live: HashMap<i64, LiveLease> = rows
+    // The locks happen as the final row is made: after the read (an
+    // aggregate), the workers' (which `locked` waits for), then the
+    // migrations'.
+    let sql = sqlx::AssertSqlSafe(format!(
+        "WITH {},
+         leases AS (
+             SELECT id, attempt, lease_worker, migration_id, stage_idx, state FROM tasks
+             WHERE id = ANY($1)),
+         locked AS (
+             SELECT id FROM migrations
+             WHERE id IN (SELECT migration_id FROM leases WHERE state = 'leased')
+               AND (SELECT n FROM workers) >= 0
+             ORDER BY id
+             FOR NO KEY UPDATE)
+         SELECT (SELECT n FROM workers), (SELECT array_agg(id) FROM locked),
+                array_agg(l.id), array_agg(l.attempt), array_agg(l.lease_worker),
+                array_agg(l.migration_id), array_agg(l.stage_idx)
+         FROM leases l WHERE l.state = 'leased'",
+        claim::lock_workers_cte(2)
+    ));
+    let row = claim::bind_workers(sqlx::query(sql).bind(&ids), workers)
+        .fetch_one(&mut *conn)
+        .await?;
+    let (ids, attempts): (Vec<i64>, Vec<i64>) = (column(&row, 2)?, column(&row, 3)?);
+    let holders: Vec<Option<String>> = column(&row, 4)?;
+    let (migrations, stages): (Vec<i64>, Vec<i64>) = (column(&row, 5)?, column(&row, 6)?);
+    let live: HashMap<i64, LiveLease> = ids
         .into_iter()
-        .filter(|r| r.5 == "leased")
-        .map(|(id, attempt, worker, m, s, _)| (id, (attempt, worker, m, s)))
+        .zip(attempts)
+        .zip(holders)
+        .zip(migrations.into_iter().zip(stages))
+        .map(|(((id, attempt), worker), (m, s))| (id, (attempt, worker, m, s)))
         .collect();
+    let mut completed = Completed::default();
+    completed.known.locked = column(&row, 1)?;
     let mut taken = live_completions(batch, &live);
     if taken.is_empty() {
-        return Ok(HashMap::new());
+        return Ok(completed);
     }
-    let mut migrations: Vec<i64> = taken.iter().map(|t| t.migration_id).collect();
-    migrations.sort_unstable();
-    migrations.dedup();
-    sqlx::query("SELECT id FROM migrations WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(&migrations)
-        .execute(&mut *conn)
-        .await?;
     let task_ids: Vec<i64> = taken.iter().map(|t| t.completion.lease.task_id).collect();
     let outputs: Vec<String> = taken
         .iter()
@@ -182,7 +211,16 @@ pub(super) async fn complete_live(
         .iter()
         .map(|t| t.completion.lease.attempt as i64)
         .collect();
-    let workers: Vec<&str> = taken.iter().map(|t| t.worker).collect();
+    let reporters: Vec<&str> = taken.iter().map(|t| t.worker).collect();
+    // What this batch does, as other coordinators need to hear it: the
+    // statement publishes it, and the commit need not unless more happens.
+    completed.published = Effects {
+        touched: taken.iter().map(|t| t.migration_id).collect(),
+        dispatch: true,
+        ..Effects::default()
+    };
+    let notices = notify::payloads(origin, &completed.published);
+    let (pass_workers, pass_slots) = claim::worker_slots(workers);
     // The TaskSucceeded events go in with the update, in batch order. A
     // task still leased at the attempt read above is still leased to the
     // worker read above: every lease bumps the attempt. The state test is
@@ -192,7 +230,9 @@ pub(super) async fn complete_live(
     // lease since the last vacuum — and test each entry against the whole
     // batch: 51 ms instead of 2 for 250 completions in a 1,000,000-task
     // migration, the fan-out's throughput cut by a third. By primary key,
-    // nothing else is looked at.
+    // nothing else is looked at. The stages' counters go up in the same
+    // statement (the migration locks keep other writers of those rows
+    // away); what the counts make happen is up to `machine::counted`.
     let sql = sqlx::AssertSqlSafe(format!(
         "WITH now AS (SELECT stagecoach_now_ms() AS ms),
          done AS (
@@ -208,31 +248,69 @@ pub(super) async fn complete_live(
              SELECT e.*, nextval('events_id_seq') AS event_id
              FROM (SELECT migration_id, stage_idx, id AS task_id, attempt, worker AS worker_id
                    FROM done ORDER BY migration_id, stage_idx, n) AS e),
-         {LOG_EVENT_BATCHES}
-         SELECT id FROM done"
+         {LOG_EVENT_BATCHES},
+         counted AS (
+             UPDATE stages SET succeeded = stages.succeeded + c.n
+             FROM (SELECT migration_id, stage_idx, count(*) AS n FROM done
+                   GROUP BY migration_id, stage_idx) AS c
+             WHERE stages.migration_id = c.migration_id AND stages.idx = c.stage_idx
+             RETURNING stages.migration_id, stages.idx,
+                       stages.state = 'running' AND stages.succeeded = stages.total AS last,
+                       stages.serial),
+         notified AS (SELECT count(pg_notify($6, p)) AS n FROM unnest($7::text[]) AS p),
+         {}
+         SELECT (SELECT array_agg(id) FROM done), array_agg(migration_id ORDER BY migration_id, idx),
+                array_agg(idx ORDER BY migration_id, idx), array_agg(last ORDER BY migration_id, idx),
+                array_agg(serial ORDER BY migration_id, idx), (SELECT n FROM notified),
+                (SELECT array_agg(id) FROM leases_held), (SELECT array_agg(n) FROM leases_held)
+         FROM counted",
+        claim::count_leases_cte(8)
     ));
-    let done: HashSet<i64> = sqlx::query_scalar(sql)
+    let row = sqlx::query(sql)
         .bind(&task_ids)
         .bind(&outputs)
         .bind(&attempts)
-        .bind(&workers)
+        .bind(&reporters)
         .bind(EventKind::TaskSucceeded.as_str())
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect();
+        .bind(notify::CHANNEL)
+        .bind(&notices)
+        .bind(&pass_workers)
+        .bind(&pass_slots)
+        .fetch_one(&mut *conn)
+        .await?;
+    let done: HashSet<i64> = column(&row, 0)?.into_iter().collect();
     taken.retain(|t| done.contains(&t.completion.lease.task_id));
-    let mut per_stage: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+    // The count's snapshot is from before the update: the leases it ended
+    // were live then.
+    let mut leases: HashMap<String, i64> = column::<String>(&row, 6)?
+        .into_iter()
+        .zip(column::<i64>(&row, 7)?)
+        .collect();
     for t in &taken {
-        *per_stage.entry((t.migration_id, t.stage)).or_insert(0) += 1;
+        if let Some(n) = leases.get_mut(t.worker) {
+            *n -= 1;
+        }
     }
-    // Stage counters and transitions once per stage.
+    completed.known.leases = Some(leases);
+    // Stage transitions once per stage, in (migration, stage) order.
     let mut fx = Effects {
         dispatch: true,
         ..Effects::default()
     };
-    for (&(migration_id, stage), &n) in &per_stage {
-        machine::count_successes(&mut *conn, migration_id, stage, n, &mut fx).await?;
+    let (migrations, stages) = (column(&row, 1)?, column(&row, 2)?);
+    let (last, serial): (Vec<bool>, Vec<bool>) = (column(&row, 3)?, column(&row, 4)?);
+    for (((m, stage), last), serial) in migrations.into_iter().zip(stages).zip(last).zip(serial) {
+        machine::counted(&mut *conn, m, stage, last, serial, &mut fx).await?;
     }
-    Ok(recorded(&taken, fx))
+    completed.done = recorded(&taken, fx);
+    Ok(completed)
+}
+
+/// Column `i` of `row`, an array that SQL's `array_agg` of no rows leaves
+/// NULL: empty then.
+fn column<T>(row: &PgRow, i: usize) -> Result<Vec<T>>
+where
+    for<'r> Vec<T>: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    Ok(row.try_get::<Option<Vec<T>>, _>(i)?.unwrap_or_default())
 }

@@ -21,6 +21,13 @@
 //!    events (a data-modifying `WITH`). It touches no other table: planning
 //!    the joins it once had took longer than running it, for a few tasks.
 //!
+//! Fewer when the pass runs in a report batch's transaction: steps 1 and 2
+//! are parts of the batch's statements ([`Known`]), and steps 4 and 5 are
+//! one statement when the transaction holds those locks already, as it
+//! does when the batch's completions were of the migrations whose tasks
+//! the pass leases. On a busy machine each round trip costs about as much
+//! as leasing a few dozen tasks.
+//!
 //! Only the first round waits for migration locks, and only when the
 //! transaction holds none yet: waiting while holding some could close a
 //! cycle with another coordinator. Later rounds skip migrations others
@@ -36,8 +43,8 @@
 
 use std::collections::HashMap;
 
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::{PgConnection, PgPool, Postgres, Row};
 
 use super::bulk::LOG_EVENT_BATCHES;
 use super::notify;
@@ -66,7 +73,7 @@ pub(super) async fn claim_many(
     let mut tx = db.begin().await?;
     lock_workers(&mut tx, requests).await?;
     let mut fx = Effects::default();
-    let pass = claim_in(&mut tx, requests, limits, true, &mut fx).await?;
+    let pass = claim_in(&mut tx, requests, limits, true, &Known::default(), &mut fx).await?;
     // Other coordinators' dispatchers look again once the holders commit
     // (this one's caller does, from the pass).
     fx.dispatch |= pass.partial;
@@ -87,18 +94,36 @@ pub(super) fn wants_work(requests: &[ClaimRequest]) -> bool {
     requests.iter().any(|r| !r.kinds.is_empty() && r.slots > 0)
 }
 
-/// Takes the advisory locks of the requests' worker ids, in key order: the
-/// first locks of the lock order (module doc of the store).
-pub(super) async fn lock_workers(conn: &mut PgConnection, requests: &[ClaimRequest]) -> Result<()> {
-    let ids: Vec<&str> = requests.iter().map(|r| r.worker_id.as_str()).collect();
-    sqlx::query(
-        "SELECT count(pg_advisory_xact_lock($1, k.key))
-         FROM (SELECT DISTINCT hashtext(w) AS key FROM unnest($2::text[]) AS w ORDER BY 1) AS k",
+/// A `workers` CTE, whose one row's `n` is the number of worker locks taken:
+/// the advisory locks of the requests' worker ids (bound by [`bind_workers`]
+/// as parameters `$first` and `$first + 1`), in key order. For a statement
+/// that takes them before anything else it locks: they are the first locks
+/// of the lock order (module doc of the store).
+pub(super) fn lock_workers_cte(first: usize) -> String {
+    let ids = first + 1;
+    format!(
+        "workers AS (
+             SELECT count(pg_advisory_xact_lock(${first}, k.key)) AS n
+             FROM (SELECT DISTINCT hashtext(w) AS key FROM unnest(${ids}::text[]) AS w
+                   ORDER BY 1) AS k)"
     )
-    .bind(WORKER_LOCK)
-    .bind(&ids)
-    .execute(conn)
-    .await?;
+}
+
+/// Binds what [`lock_workers_cte`] takes.
+pub(super) fn bind_workers<'q>(
+    query: sqlx::query::Query<'q, Postgres, PgArguments>,
+    requests: &'q [ClaimRequest],
+) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+    let ids: Vec<&str> = requests.iter().map(|r| r.worker_id.as_str()).collect();
+    query.bind(WORKER_LOCK).bind(ids)
+}
+
+/// Takes the advisory locks of the requests' worker ids, in key order.
+pub(super) async fn lock_workers(conn: &mut PgConnection, requests: &[ClaimRequest]) -> Result<()> {
+    let sql = format!("WITH {} SELECT n FROM workers", lock_workers_cte(1));
+    bind_workers(sqlx::query(sqlx::AssertSqlSafe(sql)), requests)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -121,14 +146,26 @@ pub(super) async fn try_lock_workers(
     Ok((0..requests.len()).filter(|&i| locked[i]).collect())
 }
 
+/// What the transaction a pass runs in learned before it, which the pass
+/// need not ask again.
+#[derive(Default)]
+pub(super) struct Known {
+    /// Migrations whose row locks the transaction holds.
+    pub locked: Vec<i64>,
+    /// The live leases of the requests' workers (by id), counted after
+    /// their locks and after what the transaction ended since.
+    pub leases: Option<HashMap<String, i64>>,
+}
+
 /// A dispatch pass inside the caller's transaction, which holds the
-/// requests' worker locks. `wait`: the transaction holds no migration lock
-/// yet, so the first round may wait for the ones it needs.
+/// requests' worker locks and knows `known`. `wait`: the transaction holds
+/// no migration lock yet, so the first round may wait for the ones it needs.
 pub(super) async fn claim_in(
     conn: &mut PgConnection,
     requests: &[ClaimRequest],
     limits: Limits,
     mut wait: bool,
+    known: &Known,
     fx: &mut Effects,
 ) -> Result<Pass> {
     let mut pass = nothing(requests);
@@ -140,10 +177,14 @@ pub(super) async fn claim_in(
         .enumerate()
         .map(|(i, r)| (r.worker_id.as_str(), i))
         .collect();
-    let mut free = free_slots(conn, requests).await?;
+    let mut free = match &known.leases {
+        Some(leases) => common::free_slots(requests, leases),
+        None => free_slots(conn, requests).await?,
+    };
     // Migrations whose tasks this pass no longer looks at: held by others,
     // or not running.
     let mut passed: Vec<i64> = Vec::new();
+    let mut held = known.locked.clone();
     let mut stages: HashMap<(i64, i64), StageInfo> = HashMap::new();
     for _ in 0..CLAIM_ROUNDS {
         let wanted = wanted_per_kind(requests, &free);
@@ -161,7 +202,14 @@ pub(super) async fn claim_in(
         let mut migrations: Vec<i64> = candidates.iter().map(|c| c.migration_id).collect();
         migrations.sort_unstable();
         migrations.dedup();
-        let locked = lock_migrations(conn, &migrations, wait).await?;
+        let locked = if migrations.iter().all(|m| held.contains(m)) {
+            read_held(conn, &migrations, &mut stages, limits).await?
+        } else {
+            let locked = lock_migrations(conn, &migrations, wait).await?;
+            read_running_stages(conn, &locked, &mut stages, limits).await?;
+            held.extend(locked.iter().map(|m| m.id));
+            locked
+        };
         wait = false;
         for &m in &migrations {
             match locked.iter().find(|l| l.id == m) {
@@ -172,7 +220,6 @@ pub(super) async fn claim_in(
             }
             passed.push(m);
         }
-        read_running_stages(conn, locked, &mut stages, limits).await?;
         let usable: Vec<&Candidate> = candidates
             .iter()
             .filter(|c| stages.contains_key(&(c.migration_id, c.stage)))
@@ -215,6 +262,22 @@ pub(super) async fn claim_in(
 
 /// Free slots of each request: its slots less its worker's live leases
 /// (I12), counted for all workers in one statement after their locks.
+async fn free_slots(conn: &mut PgConnection, requests: &[ClaimRequest]) -> Result<Vec<i64>> {
+    let (ids, slots) = worker_slots(requests);
+    let sql = format!("WITH {} SELECT id, n FROM leases_held", count_leases_cte(1));
+    let held: HashMap<String, i64> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(&ids)
+        .bind(&slots)
+        .fetch_all(conn)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(common::free_slots(requests, &held))
+}
+
+/// A `leases_held` CTE: `(id, n)`, the live leases `n` of each worker id,
+/// given with its slots as parameters `$first` and `$first + 1` (see
+/// [`worker_slots`]). Run it after the workers' locks.
 ///
 /// Each worker's leases are counted newest first and at most its slots (it
 /// never holds more, I12): a plain index scan, which stops once the worker
@@ -222,29 +285,27 @@ pub(super) async fn claim_in(
 /// the next count skips them. The bitmap scan the planner chose for one
 /// `lease_worker = ANY(…)` never marks them: it visited every lease ended
 /// since the last heartbeat or sweep, ~17,000 heap rows and 1.3 ms a pass.
-async fn free_slots(conn: &mut PgConnection, requests: &[ClaimRequest]) -> Result<Vec<i64>> {
-    // Once per worker id, up to its largest slots: what any of its requests
-    // could take.
+pub(super) fn count_leases_cte(first: usize) -> String {
+    let slots = first + 1;
+    format!(
+        "leases_held AS (
+             SELECT w.id, (SELECT count(*) FROM (
+                               SELECT 1 FROM tasks t
+                               WHERE t.state = 'leased' AND t.lease_worker = w.id
+                               ORDER BY t.lease_expires_at DESC LIMIT w.slots) AS live) AS n
+             FROM unnest(${first}::text[], ${slots}::bigint[]) AS w(id, slots))"
+    )
+}
+
+/// The requests' worker ids, each once, with the largest slots of its
+/// requests: what any of them could take.
+pub(super) fn worker_slots(requests: &[ClaimRequest]) -> (Vec<&str>, Vec<i64>) {
     let mut most: HashMap<&str, i64> = HashMap::new();
     for r in requests {
         let m = most.entry(r.worker_id.as_str()).or_default();
         *m = (*m).max(r.slots as i64);
     }
-    let (ids, slots): (Vec<&str>, Vec<i64>) = most.into_iter().unzip();
-    let held: HashMap<String, i64> = sqlx::query_as(
-        "SELECT w.id, (SELECT count(*) FROM (
-                           SELECT 1 FROM tasks t
-                           WHERE t.state = 'leased' AND t.lease_worker = w.id
-                           ORDER BY t.lease_expires_at DESC LIMIT w.slots) AS live)
-         FROM unnest($1::text[], $2::bigint[]) AS w(id, slots)",
-    )
-    .bind(&ids)
-    .bind(&slots)
-    .fetch_all(conn)
-    .await?
-    .into_iter()
-    .collect();
-    Ok(common::free_slots(requests, &held))
+    most.into_iter().unzip()
 }
 
 /// A ready task a pass may lease.
@@ -329,19 +390,16 @@ struct StageInfo {
 /// statement of its own, so it sees what the previous holders committed.
 async fn read_running_stages(
     conn: &mut PgConnection,
-    locked: Vec<LockedMigration>,
+    locked: &[LockedMigration],
     stages: &mut HashMap<(i64, i64), StageInfo>,
     limits: Limits,
 ) -> Result<()> {
-    let running: Vec<LockedMigration> = locked
-        .into_iter()
-        .filter(|m| m.state == "running")
-        .collect();
+    let running: Vec<&LockedMigration> = locked.iter().filter(|m| m.state == "running").collect();
     if running.is_empty() {
         return Ok(());
     }
     let ids: Vec<i64> = running.iter().map(|m| m.id).collect();
-    let rows: Vec<(i64, i64, String, i64, i64)> = sqlx::query_as(
+    let rows: Vec<StageRow> = sqlx::query_as(
         "SELECT migration_id, idx, name, heartbeat_timeout_ms, attempt_timeout_ms FROM stages
          WHERE migration_id = ANY($1) AND state = 'running'",
     )
@@ -349,26 +407,116 @@ async fn read_running_stages(
     .fetch_all(&mut *conn)
     .await?;
     for m in running {
-        let parameters: serde_json::Value = serde_json::from_str(&m.parameters)
-            .map_err(|e| Error::Corrupt(format!("parameters: {e}")))?;
-        for (_, idx, name, heartbeat_ms, attempt_ms) in rows.iter().filter(|r| r.0 == m.id) {
-            stages.insert(
-                (m.id, *idx),
-                StageInfo {
-                    subject: m.subject.clone(),
-                    parameters: parameters.clone(),
-                    name: name.clone(),
-                    lease_ms: if *heartbeat_ms > 0 {
-                        *heartbeat_ms
-                    } else {
-                        limits.lease_ms
-                    },
-                    attempt_ms: *attempt_ms,
-                },
-            );
+        let parameters = parameters(m)?;
+        for row in rows.iter().filter(|r| r.migration_id == m.id) {
+            stages.insert((m.id, row.idx), StageInfo::new(m, &parameters, row, limits));
         }
     }
     Ok(())
+}
+
+/// [`read_running_stages`] of migrations whose locks the transaction holds
+/// already, with the migrations themselves: one statement, and no lock to
+/// take (in a group commit, the reported tasks' migrations are nearly
+/// always the ones whose tasks are ready). Returns the migrations.
+async fn read_held(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    stages: &mut HashMap<(i64, i64), StageInfo>,
+    limits: Limits,
+) -> Result<Vec<LockedMigration>> {
+    let rows: Vec<HeldRow> = sqlx::query_as(
+        "SELECT m.id, m.state, m.subject, m.parameters,
+                s.idx, s.name, s.heartbeat_timeout_ms, s.attempt_timeout_ms
+         FROM migrations m
+         LEFT JOIN stages s ON s.migration_id = m.id AND s.state = 'running'
+         WHERE m.id = ANY($1)
+         ORDER BY m.id",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut locked: Vec<LockedMigration> = Vec::new();
+    for row in rows {
+        if locked.last().is_none_or(|m| m.id != row.id) {
+            locked.push(LockedMigration {
+                id: row.id,
+                state: row.state,
+                subject: row.subject,
+                parameters: row.parameters,
+            });
+        }
+        let m = locked.last().expect("pushed above");
+        if let (Some(idx), Some(name), Some(heartbeat_timeout_ms), Some(attempt_timeout_ms)) = (
+            row.idx,
+            row.name,
+            row.heartbeat_timeout_ms,
+            row.attempt_timeout_ms,
+        ) && m.state == "running"
+        {
+            let stage = StageRow {
+                migration_id: m.id,
+                idx,
+                name,
+                heartbeat_timeout_ms,
+                attempt_timeout_ms,
+            };
+            stages.insert(
+                (m.id, idx),
+                StageInfo::new(m, &parameters(m)?, &stage, limits),
+            );
+        }
+    }
+    Ok(locked)
+}
+
+/// A row of [`read_held`]: a migration, and its running stage if any.
+#[derive(sqlx::FromRow)]
+struct HeldRow {
+    id: i64,
+    state: String,
+    subject: String,
+    parameters: String,
+    idx: Option<i64>,
+    name: Option<String>,
+    heartbeat_timeout_ms: Option<i64>,
+    attempt_timeout_ms: Option<i64>,
+}
+
+/// A running stage's row.
+#[derive(sqlx::FromRow)]
+struct StageRow {
+    migration_id: i64,
+    idx: i64,
+    name: String,
+    heartbeat_timeout_ms: i64,
+    attempt_timeout_ms: i64,
+}
+
+impl StageInfo {
+    fn new(
+        m: &LockedMigration,
+        parameters: &serde_json::Value,
+        row: &StageRow,
+        limits: Limits,
+    ) -> Self {
+        StageInfo {
+            subject: m.subject.clone(),
+            parameters: parameters.clone(),
+            name: row.name.clone(),
+            lease_ms: if row.heartbeat_timeout_ms > 0 {
+                row.heartbeat_timeout_ms
+            } else {
+                limits.lease_ms
+            },
+            attempt_ms: row.attempt_timeout_ms,
+        }
+    }
+}
+
+/// A locked migration's parameters, decoded.
+fn parameters(m: &LockedMigration) -> Result<serde_json::Value> {
+    serde_json::from_str(&m.parameters).map_err(|e| Error::Corrupt(format!("parameters: {e}")))
 }
 
 /// Leases the dealt tasks (`picked`, per request; all of `usable`) in one

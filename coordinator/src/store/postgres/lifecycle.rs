@@ -98,7 +98,7 @@ impl PostgresStore {
             machine::ready_next_serial(&mut tx, id, idx).await?;
         }
         let pass = if fx.dispatch && claim::wants_work(requests) {
-            Some(self.pass_in(&mut tx, requests, &mut fx).await?)
+            Some(self.pass_in(&mut tx, requests, id, &mut fx).await?)
         } else {
             None
         };
@@ -111,17 +111,23 @@ impl PostgresStore {
     }
 
     /// A dispatch pass at the end of a transaction that holds migration and
-    /// pool locks: for the workers whose locks are free (the rest, and
-    /// migrations others hold, make the pass partial).
+    /// pool locks and created migration `created` (no other transaction
+    /// sees it yet: as good as locked): for the workers whose locks are
+    /// free (the rest, and migrations others hold, make the pass partial).
     async fn pass_in(
         &self,
         conn: &mut sqlx::PgConnection,
         requests: &[ClaimRequest],
+        created: i64,
         fx: &mut Effects,
     ) -> Result<Pass> {
         let free = claim::try_lock_workers(conn, requests).await?;
         let mine: Vec<ClaimRequest> = free.iter().map(|&i| requests[i].clone()).collect();
-        let theirs = claim::claim_in(conn, &mine, self.limits, false, fx).await?;
+        let known = claim::Known {
+            locked: vec![created],
+            leases: None,
+        };
+        let theirs = claim::claim_in(conn, &mine, self.limits, false, &known, fx).await?;
         let mut pass = claim::nothing(requests);
         pass.partial = theirs.partial || free.len() < requests.len();
         for (i, batch) in free.into_iter().zip(theirs.claimed) {

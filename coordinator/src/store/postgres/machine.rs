@@ -283,11 +283,9 @@ async fn finish_stage(
     Ok(done == 1)
 }
 
-/// Counts `n` more successes of stage `idx` and acts on them: after the
-/// stage's last, the stage succeeds and the next one starts (I1), and a
-/// migration that succeeded frees its pool slot for the queue (I3); in a
-/// serial stage, the next task becomes ready. One statement when nothing
-/// else happens, which is nearly always.
+/// Counts `n` more successes of stage `idx` and acts on them
+/// ([`counted`]). One statement when nothing else happens, which is nearly
+/// always.
 pub(super) async fn count_successes(
     conn: &mut PgConnection,
     migration_id: i64,
@@ -304,6 +302,21 @@ pub(super) async fn count_successes(
     .bind(idx)
     .fetch_one(&mut *conn)
     .await?;
+    counted(conn, migration_id, idx, last, serial, fx).await
+}
+
+/// Acts on successes just counted in stage `idx`: after the stage's `last`,
+/// the stage succeeds and the next one starts (I1), and a migration that
+/// succeeded frees its pool slot for the queue (I3); in a `serial` stage,
+/// the next task becomes ready.
+pub(super) async fn counted(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    idx: i64,
+    last: bool,
+    serial: bool,
+    fx: &mut Effects,
+) -> Result<()> {
     fx.touch(migration_id);
     if last && finish_stage(conn, migration_id, idx, fx).await? {
         if enter_stage(conn, migration_id, idx + 1, fx).await? {

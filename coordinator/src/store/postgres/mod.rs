@@ -53,8 +53,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::domain::{
@@ -75,6 +75,11 @@ const ATTEMPTS: u32 = 5;
 /// Tasks one transition inserts that make the store refresh the planner's
 /// statistics of `tasks` at once (see [`PostgresStore::refresh_statistics`]).
 const ANALYZE_AFTER: usize = 10_000;
+
+/// How long a pooled connection may sit idle before it is pinged on
+/// acquire: one that was just used is live, or fails its first statement
+/// like any connection that drops mid-use.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(5);
 
 /// The PostgreSQL store.
 pub struct PostgresStore {
@@ -106,6 +111,19 @@ impl PostgresStore {
         let db = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(30))
+            // A connection is pinged before use only after it sat idle a
+            // while (a server restart or a proxy may have closed it
+            // meanwhile): sqlx's default pings on every acquire, a round
+            // trip added to every transaction of the hot path.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_AFTER_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&db).await?;

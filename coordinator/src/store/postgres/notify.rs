@@ -120,6 +120,27 @@ pub(super) async fn commit(
     Ok(())
 }
 
+/// [`commit`] for a transaction that published `early` already, from a
+/// statement of its own work (see `bulk::complete_live`): `fx` goes out
+/// too only if it says something `early` did not, so the common case
+/// spares a round trip.
+pub(super) async fn commit_after(
+    tx: Transaction<'static, Postgres>,
+    origin: &str,
+    fx: &Effects,
+    early: &Effects,
+) -> Result<()> {
+    let said = fx.touched.is_subset(&early.touched)
+        && fx.revoked.iter().all(|r| early.revoked.contains(r))
+        && (early.dispatch || !fx.dispatch);
+    if said {
+        tx.commit().await?;
+        Ok(())
+    } else {
+        commit(tx, origin, fx).await
+    }
+}
+
 /// Starts listening and returns the effects other stores commit, decoded.
 /// Returns once `LISTEN` is in place: nothing committed after that is missed
 /// unless the connection drops.

@@ -34,22 +34,27 @@ pub(super) async fn report_and_claim(
         return Ok((HashMap::new(), claim::nothing(requests)));
     }
     let mut tx = db.begin().await?;
-    if claiming {
-        claim::lock_workers(&mut tx, requests).await?;
-    }
-    let done = bulk::complete_live(&mut tx, plain).await?;
+    // The workers' locks come first; a batch takes them in its first
+    // statement.
+    let lock_first = if claiming { requests } else { &[] };
+    let completed = if plain.is_empty() {
+        claim::lock_workers(&mut tx, lock_first).await?;
+        bulk::Completed::default()
+    } else {
+        bulk::complete_live(&mut tx, origin, plain, lock_first).await?
+    };
     let mut fx = Effects::default();
-    for (_, effects) in done.values() {
+    for (_, effects) in completed.done.values() {
         merge(&mut fx, effects.clone());
     }
     let pass = if claiming {
         // Waiting for a migration lock is safe only while holding none.
         let wait = plain.is_empty();
-        claim::claim_in(&mut tx, requests, limits, wait, &mut fx).await?
+        claim::claim_in(&mut tx, requests, limits, wait, &completed.known, &mut fx).await?
     } else {
         claim::nothing(requests)
     };
     fx.dispatch |= pass.partial;
-    notify::commit(tx, origin, &fx).await?;
-    Ok((done, pass))
+    notify::commit_after(tx, origin, &fx, &completed.published).await?;
+    Ok((completed.done, pass))
 }
