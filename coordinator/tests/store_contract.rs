@@ -1040,18 +1040,43 @@ async fn a_tailing_reader_misses_no_event_while_stages_advance(b: Backend) {
 /// one (I12): a worker's slots are not freed by another worker's
 /// completions, nor counted twice.
 async fn a_report_batch_refills_exactly_the_slots_it_freed(b: Backend) {
+    refills(b, 3, 1, 2, 1).await;
+}
+
+/// The same with batches big enough that PostgreSQL counts the pass's
+/// leases in the completion statement.
+async fn a_big_report_batch_refills_exactly_the_slots_it_freed(b: Backend) {
+    refills(b, 150, 64, 70, 64).await;
+}
+
+/// W claims `slots` tasks and w2 `theirs`; w2 completes all of its, then W
+/// `first` and then `second` of its, each in one batch that also claims
+/// for W: W gets nothing, then `first`, then `second` tasks.
+async fn refills(b: Backend, slots: usize, theirs: usize, first: usize, second: usize) {
     use stagecoach_coordinator::store::{ClaimRequest, Report};
     let db = store(b).await;
     let s = &*db.store;
-    one_stage_of_noops(s, 8).await;
+    one_stage_of_noops(s, slots + theirs + first + second + 10).await;
     let request = ClaimRequest {
         worker_id: W.into(),
         kinds: kinds(&["noop"]),
-        slots: 3,
+        slots: slots as u32,
     };
-    let held = s.claim(W, &request.kinds, 3).await.unwrap();
-    assert_eq!(held.len(), 3);
-    let theirs = s.claim("w2", &request.kinds, 1).await.unwrap();
+    let held: Vec<LeaseToken> = s
+        .claim(W, &request.kinds, request.slots)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.lease)
+        .collect();
+    assert_eq!(held.len(), slots);
+    let other: Vec<LeaseToken> = s
+        .claim("w2", &request.kinds, theirs as u32)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.lease)
+        .collect();
     // Completes `leases` of `worker` in one batch that also claims for W:
     // how many tasks W got.
     let refill = async |worker: &str, leases: &[LeaseToken]| {
@@ -1070,14 +1095,10 @@ async fn a_report_batch_refills_exactly_the_slots_it_freed(b: Backend) {
         };
         pass.claimed[0].len()
     };
-    assert_eq!(refill("w2", &[theirs[0].lease]).await, 0, "W is full");
-    let two = [held[0].lease, held[1].lease];
-    assert_eq!(refill(W, &two).await, 2, "one lease held, two freed");
-    assert_eq!(
-        refill(W, &[held[2].lease]).await,
-        1,
-        "three held, one freed"
-    );
+    assert_eq!(refill("w2", &other).await, 0, "W is full");
+    assert_eq!(refill(W, &held[..first]).await, first, "W freed {first}");
+    let next = &held[first..first + second];
+    assert_eq!(refill(W, next).await, second, "W freed {second}");
 }
 
 /// Generates one `#[tokio::test]` per case and backend. A case left out of
@@ -1123,6 +1144,7 @@ on_both_backends!(
     a_page_of_the_event_log_reads_through_many_small_batches,
     a_tailing_reader_misses_no_event_while_stages_advance,
     a_report_batch_refills_exactly_the_slots_it_freed,
+    a_big_report_batch_refills_exactly_the_slots_it_freed,
 );
 
 /// Several coordinators on one PostgreSQL database: the same transitions
