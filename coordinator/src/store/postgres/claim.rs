@@ -280,19 +280,17 @@ async fn free_slots(conn: &mut PgConnection, requests: &[ClaimRequest]) -> Resul
 /// [`worker_slots`]). Run it after the workers' locks.
 ///
 /// Each worker's leases are counted newest first and at most its slots (it
-/// never holds more, I12): a plain index scan, which stops once the worker
-/// is full and marks the entries of ended leases dead as it passes them, so
-/// the next count skips them. The bitmap scan the planner chose for one
-/// `lease_worker = ANY(…)` never marks them: it visited every lease ended
-/// since the last heartbeat or sweep, ~17,000 heap rows and 1.3 ms a pass.
+/// never holds more, I12), by `stagecoach_live_leases` (migration 0009): a
+/// plain index scan, which stops once the worker is full and marks the
+/// entries of ended leases dead as it passes them, so the next count skips
+/// them. The bitmap scan the planner chose for one `lease_worker = ANY(…)`
+/// never marks them: it visited every lease ended since the last heartbeat
+/// or sweep, ~17,000 heap rows and 1.3 ms a pass.
 pub(super) fn count_leases_cte(first: usize) -> String {
     let slots = first + 1;
     format!(
         "leases_held AS (
-             SELECT w.id, (SELECT count(*) FROM (
-                               SELECT 1 FROM tasks t
-                               WHERE t.state = 'leased' AND t.lease_worker = w.id
-                               ORDER BY t.lease_expires_at DESC LIMIT w.slots) AS live) AS n
+             SELECT w.id, stagecoach_live_leases(w.id, w.slots) AS n
              FROM unnest(${first}::text[], ${slots}::bigint[]) AS w(id, slots))"
     )
 }
