@@ -392,11 +392,14 @@ async fn read_running_stages(
     stages: &mut HashMap<(i64, i64), StageInfo>,
     limits: Limits,
 ) -> Result<()> {
-    let running: Vec<&LockedMigration> = locked.iter().filter(|m| m.state == "running").collect();
-    if running.is_empty() {
+    let ids: Vec<i64> = locked
+        .iter()
+        .filter(|m| m.state == "running")
+        .map(|m| m.id)
+        .collect();
+    if ids.is_empty() {
         return Ok(());
     }
-    let ids: Vec<i64> = running.iter().map(|m| m.id).collect();
     let rows: Vec<StageRow> = sqlx::query_as(
         "SELECT migration_id, idx, name, heartbeat_timeout_ms, attempt_timeout_ms FROM stages
          WHERE migration_id = ANY($1) AND state = 'running'",
@@ -404,13 +407,7 @@ async fn read_running_stages(
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    for m in running {
-        let parameters = parameters(m)?;
-        for row in rows.iter().filter(|r| r.migration_id == m.id) {
-            stages.insert((m.id, row.idx), StageInfo::new(m, &parameters, row, limits));
-        }
-    }
-    Ok(())
+    add_stages(locked, &rows, stages, limits)
 }
 
 /// [`read_running_stages`] of migrations whose locks the transaction holds
@@ -435,7 +432,22 @@ async fn read_held(
     .fetch_all(&mut *conn)
     .await?;
     let mut locked: Vec<LockedMigration> = Vec::new();
+    let mut running = Vec::new();
     for row in rows {
+        if let (Some(idx), Some(name), Some(heartbeat_timeout_ms), Some(attempt_timeout_ms)) = (
+            row.idx,
+            row.name,
+            row.heartbeat_timeout_ms,
+            row.attempt_timeout_ms,
+        ) {
+            running.push(StageRow {
+                migration_id: row.id,
+                idx,
+                name,
+                heartbeat_timeout_ms,
+                attempt_timeout_ms,
+            });
+        }
         if locked.last().is_none_or(|m| m.id != row.id) {
             locked.push(LockedMigration {
                 id: row.id,
@@ -444,28 +456,26 @@ async fn read_held(
                 parameters: row.parameters,
             });
         }
-        let m = locked.last().expect("pushed above");
-        if let (Some(idx), Some(name), Some(heartbeat_timeout_ms), Some(attempt_timeout_ms)) = (
-            row.idx,
-            row.name,
-            row.heartbeat_timeout_ms,
-            row.attempt_timeout_ms,
-        ) && m.state == "running"
-        {
-            let stage = StageRow {
-                migration_id: m.id,
-                idx,
-                name,
-                heartbeat_timeout_ms,
-                attempt_timeout_ms,
-            };
-            stages.insert(
-                (m.id, idx),
-                StageInfo::new(m, &parameters(m)?, &stage, limits),
-            );
+    }
+    add_stages(&locked, &running, stages, limits)?;
+    Ok(locked)
+}
+
+/// Adds to `stages` the running stages (`rows`) of the `locked` migrations
+/// that are running.
+fn add_stages(
+    locked: &[LockedMigration],
+    rows: &[StageRow],
+    stages: &mut HashMap<(i64, i64), StageInfo>,
+    limits: Limits,
+) -> Result<()> {
+    for m in locked.iter().filter(|m| m.state == "running") {
+        let parameters = parameters(m)?;
+        for row in rows.iter().filter(|r| r.migration_id == m.id) {
+            stages.insert((m.id, row.idx), StageInfo::new(m, &parameters, row, limits));
         }
     }
-    Ok(locked)
+    Ok(())
 }
 
 /// A row of [`read_held`]: a migration, and its running stage if any.

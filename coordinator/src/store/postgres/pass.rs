@@ -36,11 +36,11 @@ pub(super) async fn report_and_claim(
     let mut tx = db.begin().await?;
     // The workers' locks come first; a batch takes them in its first
     // statement.
-    let lock_first = if claiming { requests } else { &[] };
     let completed = if plain.is_empty() {
-        claim::lock_workers(&mut tx, lock_first).await?;
+        claim::lock_workers(&mut tx, requests).await?;
         bulk::Completed::default()
     } else {
+        let lock_first = if claiming { requests } else { &[] };
         bulk::complete_live(&mut tx, origin, plain, lock_first).await?
     };
     let mut fx = Effects::default();
