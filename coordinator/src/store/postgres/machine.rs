@@ -170,41 +170,38 @@ async fn stage_count(conn: &mut PgConnection, migration_id: i64) -> Result<i64> 
 pub(super) async fn enter_stage(
     conn: &mut PgConnection,
     migration_id: i64,
-    mut idx: i64,
+    idx: i64,
     fx: &mut Effects,
 ) -> Result<bool> {
+    Ok(advance(conn, migration_id, None, idx, fx).await? == Some(true))
+}
+
+/// Succeeds stage `finish` if given, then starts stage `idx` as
+/// [`enter_stage`] does — only if `finish` succeeded now (I1). `None` when
+/// `finish` did not succeed (and nothing changed), else whether the
+/// migration succeeded.
+async fn advance(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    mut finish: Option<i64>,
+    mut idx: i64,
+    fx: &mut Effects,
+) -> Result<Option<bool>> {
     loop {
-        // The tasks of a parallel stage become ready in the same statement
-        // (a data-modifying CTE runs whether or not the query reads it): a
-        // stage start is one round trip, and it is on the path of every
-        // stage transition and every migration's start.
-        let started: Option<(i64, bool)> = sqlx::query_as(
-            "WITH started AS (
-                 UPDATE stages SET state = 'running', started_at = stagecoach_now_ms()
-                 -- I2: only a pending stage starts; a second caller changes nothing
-                 WHERE migration_id = $1 AND idx = $2 AND state = 'pending'
-                 RETURNING migration_id, idx, total, serial),
-             logged AS (
-                 INSERT INTO events (migration_id, at, kind, stage_idx)
-                 SELECT migration_id, stagecoach_now_ms(), $3, idx FROM started),
-             readied AS (
-                 UPDATE tasks SET state = 'ready', ready_at = stagecoach_now_ms()
-                 WHERE migration_id = $1 AND stage_idx = $2 AND state = 'pending'
-                   AND EXISTS (SELECT 1 FROM started WHERE NOT serial))
-             SELECT total, serial FROM started",
-        )
-        .bind(migration_id)
-        .bind(idx)
-        .bind(EventKind::StageStarted.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
+        let (finished, started) = finish_and_start(conn, migration_id, finish, idx).await?;
+        if finish.is_some() {
+            if !finished {
+                return Ok(None);
+            }
+            fx.touch(migration_id);
+        }
         let Some((total, serial)) = started else {
             // Past the last stage the migration is done; a stage that exists
             // had started already.
             if idx >= stage_count(conn, migration_id).await? {
-                return succeed_migration(conn, migration_id, fx).await;
+                return succeed_migration(conn, migration_id, fx).await.map(Some);
             }
-            return Ok(false);
+            return Ok(Some(false));
         };
         fx.touch(migration_id);
         if total > 0 {
@@ -212,13 +209,59 @@ pub(super) async fn enter_stage(
                 ready_next_serial(conn, migration_id, idx).await?;
             }
             fx.dispatch = true;
-            return Ok(false);
+            return Ok(Some(false));
         }
         // A dynamic stage that received no tasks: nothing can add work to it
-        // any more, so it is done.
-        finish_stage(conn, migration_id, idx, fx).await?;
+        // any more, so it is done, and the next one starts.
+        finish = Some(idx);
         idx += 1;
     }
+}
+
+/// One statement: stage `finish` (if given) succeeds if every task of it
+/// has, then stage `idx` starts — if pending (I2), and when `finish` is
+/// given only if it succeeded now (I1) — and the tasks of a parallel stage
+/// become ready. Their events go in in that order. One round trip for both
+/// is one less on the path of every stage transition; a data-modifying CTE
+/// runs whether or not the query reads it. Returns whether `finish`
+/// succeeded, and the started stage's task count and seriality.
+async fn finish_and_start(
+    conn: &mut PgConnection,
+    migration_id: i64,
+    finish: Option<i64>,
+    idx: i64,
+) -> Result<(bool, Option<(i64, bool)>)> {
+    let (finished, total, serial): (bool, Option<i64>, Option<bool>) = sqlx::query_as(
+        "WITH finished AS (
+             UPDATE stages SET state = 'succeeded', finished_at = stagecoach_now_ms()
+             WHERE migration_id = $1 AND idx = $2 AND state = 'running' AND succeeded = total
+             RETURNING migration_id, idx),
+         started AS (
+             UPDATE stages SET state = 'running', started_at = stagecoach_now_ms()
+             WHERE migration_id = $1 AND idx = $3 AND state = 'pending'
+               AND ($2::bigint IS NULL OR EXISTS (SELECT 1 FROM finished))
+             RETURNING migration_id, idx, total, serial),
+         logged AS (
+             INSERT INTO events (migration_id, at, kind, stage_idx)
+             SELECT migration_id, stagecoach_now_ms(), kind, idx
+             FROM (SELECT 0 AS o, migration_id, idx, $4::text AS kind FROM finished
+                   UNION ALL SELECT 1, migration_id, idx, $5::text FROM started) AS e
+             ORDER BY o),
+         readied AS (
+             UPDATE tasks SET state = 'ready', ready_at = stagecoach_now_ms()
+             WHERE migration_id = $1 AND stage_idx = $3 AND state = 'pending'
+               AND EXISTS (SELECT 1 FROM started WHERE NOT serial))
+         SELECT EXISTS (SELECT 1 FROM finished), (SELECT total FROM started),
+                (SELECT serial FROM started)",
+    )
+    .bind(migration_id)
+    .bind(finish)
+    .bind(idx)
+    .bind(EventKind::StageSucceeded.as_str())
+    .bind(EventKind::StageStarted.as_str())
+    .fetch_one(conn)
+    .await?;
+    Ok((finished, total.zip(serial)))
 }
 
 /// The migration's running stage, if one is: its index and whether it is
@@ -253,34 +296,6 @@ pub(super) async fn ready_next_serial(
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// Marks a running stage succeeded (once).
-async fn finish_stage(
-    conn: &mut PgConnection,
-    migration_id: i64,
-    idx: i64,
-    fx: &mut Effects,
-) -> Result<bool> {
-    // Rows affected: the events inserted, one if the stage succeeded now.
-    let done = sqlx::query(
-        "WITH done AS (
-             UPDATE stages SET state = 'succeeded', finished_at = stagecoach_now_ms()
-             WHERE migration_id = $1 AND idx = $2 AND state = 'running' AND succeeded = total
-             RETURNING migration_id, idx)
-         INSERT INTO events (migration_id, at, kind, stage_idx)
-         SELECT migration_id, stagecoach_now_ms(), $3, idx FROM done",
-    )
-    .bind(migration_id)
-    .bind(idx)
-    .bind(EventKind::StageSucceeded.as_str())
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if done == 1 {
-        fx.touch(migration_id);
-    }
-    Ok(done == 1)
 }
 
 /// Counts `n` more successes of stage `idx` and acts on them
@@ -318,18 +333,22 @@ pub(super) async fn counted(
     fx: &mut Effects,
 ) -> Result<()> {
     fx.touch(migration_id);
-    if last && finish_stage(conn, migration_id, idx, fx).await? {
-        if enter_stage(conn, migration_id, idx + 1, fx).await? {
+    let advanced = if last {
+        advance(conn, migration_id, Some(idx), idx + 1, fx).await?
+    } else {
+        None
+    };
+    match advanced {
+        Some(true) => {
             let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = $1")
                 .bind(migration_id)
                 .fetch_one(&mut *conn)
                 .await?;
-            admit(conn, &pool, fx).await?;
+            admit(conn, &pool, fx).await
         }
-    } else if serial {
-        ready_next_serial(conn, migration_id, idx).await?;
+        None if serial => ready_next_serial(conn, migration_id, idx).await,
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 async fn succeed_migration(
