@@ -5,9 +5,8 @@
 use super::machine::{self, EventAt, event};
 use super::{PostgresStore, notify, pool_not_found};
 use super::{bulk, claim};
-use sqlx::PgConnection;
 
-use crate::domain::{EventKind, MigrationState, NewMigration, RetryPolicy, StageSpec};
+use crate::domain::{EventKind, MigrationState, NewMigration, RetryPolicy};
 use crate::error::{Error, Result};
 use crate::store::common::{corrupt, created_tasks};
 use crate::store::{ClaimRequest, Created, Effects, Pass};
@@ -61,32 +60,8 @@ impl PostgresStore {
         }
         // A concurrent create of the same subject or key that commits first
         // makes this insert fail on a unique index; `transact` runs the whole
-        // create again and the checks above answer. The MigrationCreated
-        // event goes in with the row, unlocked: nobody else sees the row
-        // before this transaction commits.
-        let id: i64 = sqlx::query_scalar(
-            "WITH created AS (
-                 INSERT INTO migrations (plan_name, plan_version, subject, parameters, pool, state,
-                                         idempotency_key, deadline, created_at, queued_at)
-                 VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, stagecoach_now_ms(),
-                         stagecoach_now_ms())
-                 RETURNING id),
-             logged AS (
-                 INSERT INTO events (migration_id, at, kind, message)
-                 SELECT id, stagecoach_now_ms(), $8, $3 FROM created)
-             SELECT id FROM created",
-        )
-        .bind(&m.plan.name)
-        .bind(m.plan.version as i64)
-        .bind(&m.subject)
-        .bind(m.parameters.to_string())
-        .bind(&m.pool)
-        .bind(&m.idempotency_key)
-        .bind(m.deadline_ms)
-        .bind(EventKind::MigrationCreated.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-        insert_stages(&mut tx, id, &m.plan.stages).await?;
+        // create again and the checks above answer.
+        let id = insert_migration(&mut tx, m).await?;
         fx.touch(id);
         machine::admit(&mut tx, &m.pool, &mut fx).await?;
         // The tasks go in after the admission: see `NewTaskState`.
@@ -220,29 +195,48 @@ impl PostgresStore {
     }
 }
 
-/// Inserts a new migration's stages, all pending, in one statement.
-async fn insert_stages(
-    conn: &mut PgConnection,
-    migration_id: i64,
-    stages: &[StageSpec],
-) -> Result<()> {
+/// Inserts a new migration, queued, with its MigrationCreated event and its
+/// stages, all pending, in one statement, and returns its id. Unlocked:
+/// nobody else sees the row before the transaction commits. The stages'
+/// foreign key is checked at the end of the statement, when the row is in.
+async fn insert_migration(conn: &mut sqlx::PgConnection, m: &NewMigration) -> Result<i64> {
+    let stages = &m.plan.stages;
     let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
     let serial: Vec<bool> = stages.iter().map(|s| s.serial).collect();
     let totals: Vec<i64> = stages.iter().map(|s| s.tasks.len() as i64).collect();
     let retry: Vec<_> = stages.iter().map(|s| s.retry.resolved()).collect();
     let column =
         |f: fn(&RetryPolicy) -> u32| -> Vec<i64> { retry.iter().map(|r| f(r) as i64).collect() };
-    sqlx::query(
-        "INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
-                             initial_backoff_ms, max_backoff_ms, attempt_timeout_ms,
-                             heartbeat_timeout_ms)
-         SELECT $1, u.n - 1, u.name, u.serial, 'pending', u.total, u.attempts, u.ib, u.mb, u.at,
-                u.ht
-         FROM UNNEST($2::text[], $3::bool[], $4::bigint[], $5::bigint[], $6::bigint[],
-                     $7::bigint[], $8::bigint[], $9::bigint[])
-              WITH ORDINALITY AS u(name, serial, total, attempts, ib, mb, at, ht, n)",
+    Ok(sqlx::query_scalar(
+        "WITH created AS (
+             INSERT INTO migrations (plan_name, plan_version, subject, parameters, pool, state,
+                                     idempotency_key, deadline, created_at, queued_at)
+             VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, stagecoach_now_ms(),
+                     stagecoach_now_ms())
+             RETURNING id),
+         logged AS (
+             INSERT INTO events (migration_id, at, kind, message)
+             SELECT id, stagecoach_now_ms(), $8, $3 FROM created),
+         staged AS (
+             INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
+                                 initial_backoff_ms, max_backoff_ms, attempt_timeout_ms,
+                                 heartbeat_timeout_ms)
+             SELECT created.id, u.n - 1, u.name, u.serial, 'pending', u.total, u.attempts,
+                    u.ib, u.mb, u.at, u.ht
+             FROM created,
+                  UNNEST($9::text[], $10::bool[], $11::bigint[], $12::bigint[], $13::bigint[],
+                         $14::bigint[], $15::bigint[], $16::bigint[])
+                  WITH ORDINALITY AS u(name, serial, total, attempts, ib, mb, at, ht, n))
+         SELECT id FROM created",
     )
-    .bind(migration_id)
+    .bind(&m.plan.name)
+    .bind(m.plan.version as i64)
+    .bind(&m.subject)
+    .bind(m.parameters.to_string())
+    .bind(&m.pool)
+    .bind(&m.idempotency_key)
+    .bind(m.deadline_ms)
+    .bind(EventKind::MigrationCreated.as_str())
     .bind(&names)
     .bind(&serial)
     .bind(&totals)
@@ -251,7 +245,6 @@ async fn insert_stages(
     .bind(column(|r| r.max_backoff_ms))
     .bind(column(|r| r.attempt_timeout_ms))
     .bind(column(|r| r.heartbeat_timeout_ms))
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await?)
 }

@@ -118,33 +118,29 @@ pub(super) async fn admit(conn: &mut PgConnection, pool: &str, fx: &mut Effects)
         }
         let mut finished_any = false;
         for id in ids {
-            // Rows affected: the events inserted, one if admitted now.
-            let admitted = sqlx::query(
+            // Admitted now or not, and with the same round trip the first
+            // stage not yet succeeded (a retried migration's may not be the
+            // first), or past the last one.
+            let (admitted, first, count): (bool, Option<i64>, i64) = sqlx::query_as(
                 "WITH admitted AS (
                      UPDATE migrations SET state = 'running', admitted_at = stagecoach_now_ms()
                      WHERE id = $1 AND state = 'queued'
-                     RETURNING id)
-                 INSERT INTO events (migration_id, at, kind)
-                 SELECT id, stagecoach_now_ms(), $2 FROM admitted",
-            )
-            .bind(id)
-            .bind(EventKind::MigrationAdmitted.as_str())
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            if admitted == 0 {
-                continue;
-            }
-            fx.touch(id);
-            // The first stage not yet succeeded (a retried migration's may
-            // not be the first), or past the last one.
-            let (first, count): (Option<i64>, i64) = sqlx::query_as(
-                "SELECT min(idx) FILTER (WHERE state <> 'succeeded'), count(*)
+                     RETURNING id),
+                 logged AS (
+                     INSERT INTO events (migration_id, at, kind)
+                     SELECT id, stagecoach_now_ms(), $2 FROM admitted)
+                 SELECT EXISTS (SELECT 1 FROM admitted),
+                        min(idx) FILTER (WHERE state <> 'succeeded'), count(*)
                  FROM stages WHERE migration_id = $1",
             )
             .bind(id)
+            .bind(EventKind::MigrationAdmitted.as_str())
             .fetch_one(&mut *conn)
             .await?;
+            if !admitted {
+                continue;
+            }
+            fx.touch(id);
             finished_any |= enter_stage(conn, id, first.unwrap_or(count), fx).await?;
         }
         if !finished_any {
