@@ -1,3 +1,5 @@
 //! Helpers shared by the coordinator's test crates.
+#![allow(dead_code)]
 
+pub mod contract;
 pub mod postgres;
