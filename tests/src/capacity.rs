@@ -213,6 +213,7 @@ pub fn check_worker_slots(
                 | EventKind::TaskDead
                 | EventKind::TaskLeaseExpired
                 | EventKind::TaskCanceled
+                | EventKind::TaskHandedBack
         );
         if ends && let Some(w) = holder.remove(&e.task_id) {
             *held.entry(w).or_default() -= 1;

@@ -17,20 +17,27 @@
 //!   (a run begins at MIGRATION_ADMITTED), at most one STAGE_SUCCEEDED per
 //!   stage ever.
 //! - **I4 fencing** — an outcome naming an attempt names the task's latest
-//!   assigned attempt.
+//!   assigned attempt, and a task is assigned again only after an event
+//!   ended its live attempt (TASK_RETRYING, TASK_LEASE_EXPIRED,
+//!   TASK_HANDED_BACK): every attempt is explained.
 //! - **I5 one outcome** — at most one terminal task event (TASK_SUCCEEDED,
 //!   TASK_DEAD, TASK_CANCELED) per task per run, nothing assigned after it,
 //!   and at most one TASK_SUCCEEDED ever; a succeeded migration has every
 //!   task and stage succeeded and counters that match the log; a finished
 //!   stage's counters add up (total = succeeded + failed + canceled).
 //! - **I7 bounded retries** — within a run a task's attempts strictly increase
-//!   from 1, so it was assigned at most as often as its highest attempt;
+//!   from 1, except that an attempt handed back (TASK_HANDED_BACK: it never
+//!   reached its worker) is assigned again with the same number, so it was
+//!   assigned at most as often as its highest attempt plus its hand-backs;
 //!   [`check_attempt_bound`] also checks a known `max_attempts`.
 //! - **I9 cancel** — nothing is assigned after the migration was canceled
 //!   or failed, until a MIGRATION_RETRIED opens a new run.
 //! - **I10 deadline** — a migration that failed with reason `deadline
 //!   exceeded` has a deadline, and its MIGRATION_FAILED is not earlier than
-//!   the deadline.
+//!   the deadline; and past a migration's deadline nothing moves forward: no
+//!   MIGRATION_ADMITTED, STAGE_STARTED, TASK_ASSIGNED, TASK_SUCCEEDED,
+//!   STAGE_SUCCEEDED or MIGRATION_SUCCEEDED is later than the deadline (the
+//!   event's `at` and the deadline are read from the same clock).
 //!
 //! Rules across migrations (capacity, worker slots) are in
 //! [`crate::capacity`].
@@ -47,6 +54,7 @@ pub fn check_invariants(migration: &Migration, events: &[Event]) -> Result<(), V
     let mut walk = Walk::new(migration, events);
     walk.run();
     let mut errors = walk.errors;
+    check_nothing_after_deadline(migration, events, &mut errors);
     check_outcome(migration, events, &walk.succeeded_tasks, &mut errors);
     if errors.is_empty() {
         Ok(())
@@ -59,13 +67,21 @@ pub fn check_invariants(migration: &Migration, events: &[Event]) -> Result<(), V
 /// (I7), for tests that know the plan's retry policy.
 pub fn check_attempt_bound(events: &[Event], max_attempts: u32) -> Result<(), Vec<String>> {
     let mut counts: HashMap<i64, u32> = HashMap::new();
+    let mut handed_back: HashSet<(i64, u32)> = HashSet::new();
     let mut errors = Vec::new();
     for e in events {
         match e.kind() {
             EventKind::MigrationAdmitted => counts.clear(),
+            EventKind::TaskHandedBack => {
+                handed_back.insert((e.task_id, e.attempt));
+            }
             EventKind::TaskAssigned => {
                 let n = counts.entry(e.task_id).or_default();
-                *n += 1;
+                // An attempt handed back did not run: its new assignment
+                // is the same attempt.
+                if !handed_back.remove(&(e.task_id, e.attempt)) {
+                    *n += 1;
+                }
                 if *n > max_attempts || e.attempt > max_attempts {
                     errors.push(format!(
                         "I7: task {} assigned {n} times (attempt {}), max_attempts is {max_attempts}: {}",
@@ -158,6 +174,10 @@ struct Walk<'a> {
     started: HashSet<u32>,
     task_terminal: HashMap<i64, i64>,
     attempts: HashMap<i64, Vec<u32>>,
+    /// Each task's live attempt: assigned, and no event has ended it yet.
+    live: HashMap<i64, u32>,
+    /// Attempts handed back and not assigned again yet, by task.
+    handed_back: HashMap<i64, u32>,
 }
 
 impl<'a> Walk<'a> {
@@ -202,6 +222,8 @@ impl<'a> Walk<'a> {
             started: HashSet::new(),
             task_terminal: HashMap::new(),
             attempts: HashMap::new(),
+            live: HashMap::new(),
+            handed_back: HashMap::new(),
         }
     }
 
@@ -260,6 +282,8 @@ impl<'a> Walk<'a> {
                 self.started.clear();
                 self.task_terminal.clear();
                 self.attempts.clear();
+                self.live.clear();
+                self.handed_back.clear();
             }
             EventKind::MigrationRetried => {
                 if self.phase != Phase::Finished {
@@ -290,11 +314,15 @@ impl<'a> Walk<'a> {
             }
             EventKind::TaskAssigned => self.task_assigned(e),
             k if is_task_terminal(k) => self.task_finished(e, k),
-            EventKind::TaskRetrying | EventKind::TaskLeaseExpired => {
+            EventKind::TaskRetrying | EventKind::TaskLeaseExpired | EventKind::TaskHandedBack => {
                 if self.task_terminal.contains_key(&e.task_id) {
                     self.err(e, "I5", "attempt ended after the task's terminal outcome");
                 }
                 self.check_fencing(e);
+                self.live.remove(&e.task_id);
+                if kind == EventKind::TaskHandedBack {
+                    self.handed_back.insert(e.task_id, e.attempt);
+                }
             }
             _ => {}
         }
@@ -358,11 +386,22 @@ impl<'a> Walk<'a> {
         {
             self.err(e, "I5", "assigned again after it succeeded");
         }
+        if let Some(live) = self.live.insert(e.task_id, e.attempt) {
+            self.err(
+                e,
+                "I4",
+                format!("assigned while attempt {live} is live: no event ended it"),
+            );
+        }
+        // An attempt handed back never ran: it is assigned again as itself.
+        let reused = self.handed_back.remove(&e.task_id) == Some(e.attempt);
         let seen = self.attempts.entry(e.task_id).or_default();
         let last = seen.last().copied().unwrap_or(0);
-        seen.push(e.attempt);
+        if !reused {
+            seen.push(e.attempt);
+        }
         let (count, max) = (seen.len(), seen.iter().copied().max().unwrap_or(0));
-        if e.attempt <= last {
+        if e.attempt <= last && !reused {
             self.err(
                 e,
                 "I7",
@@ -379,6 +418,7 @@ impl<'a> Walk<'a> {
     }
 
     fn task_finished(&mut self, e: &Event, kind: EventKind) {
+        self.live.remove(&e.task_id);
         if let Some(prev) = self.task_terminal.insert(e.task_id, e.id) {
             self.err(
                 e,
@@ -523,8 +563,27 @@ fn check_outcome(
 /// The reason the coordinator gives a migration that ran past its deadline.
 pub const DEADLINE_EXCEEDED: &str = "deadline exceeded";
 
-/// I10, as far as one log can tell: failing for the deadline happens only
-/// once it has passed.
+/// I10 on a migration in any state: nothing moves forward after its
+/// deadline.
+fn check_nothing_after_deadline(m: &Migration, events: &[Event], errors: &mut Vec<String>) {
+    let Some(deadline) = m.deadline.as_ref().map(millis) else {
+        return;
+    };
+    for e in events.iter().filter(|e| moves_forward(e.kind())) {
+        if let Some(at) = e.at.as_ref().map(millis)
+            && at > deadline
+        {
+            errors.push(format!(
+                "I10: {} ms after the deadline: {}",
+                at - deadline,
+                describe_event(e)
+            ));
+        }
+    }
+}
+
+/// I10 on a finished migration, as far as one log can tell: failing for the
+/// deadline happens only once it has passed.
 fn check_deadline(m: &Migration, events: &[Event], errors: &mut Vec<String>) {
     if m.state() != MigrationState::Failed || m.reason != DEADLINE_EXCEEDED {
         return;
@@ -549,6 +608,19 @@ fn check_deadline(m: &Migration, events: &[Event], errors: &mut Vec<String>) {
             describe_event(e)
         ));
     }
+}
+
+/// Events that move a migration forward, which its deadline ends.
+fn moves_forward(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::MigrationAdmitted
+            | EventKind::StageStarted
+            | EventKind::StageSucceeded
+            | EventKind::TaskAssigned
+            | EventKind::TaskSucceeded
+            | EventKind::MigrationSucceeded
+    )
 }
 
 /// Milliseconds since the Unix epoch.

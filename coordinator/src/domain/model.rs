@@ -93,6 +93,7 @@ string_enum!(
         TaskAdded = "task_added",
         ReportRejected = "report_rejected",
         TaskCanceled = "task_canceled",
+        TaskHandedBack = "task_handed_back",
     }
 );
 

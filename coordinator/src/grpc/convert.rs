@@ -207,6 +207,7 @@ fn event_kind_to_pb(k: EventKind) -> pb::EventKind {
         EventKind::TaskAdded => P::TaskAdded,
         EventKind::ReportRejected => P::ReportRejected,
         EventKind::TaskCanceled => P::TaskCanceled,
+        EventKind::TaskHandedBack => P::TaskHandedBack,
     }
 }
 

@@ -15,6 +15,10 @@ use crate::store::{ClaimRequest, Effects, Report};
 
 /// The error for a stored value this build does not know (a state or kind
 /// name written by another version, or a damaged row).
+/// The message of a TaskHandedBack event.
+pub(crate) const HANDED_BACK: &str =
+    "the worker's stream closed before the assignment reached it; the attempt did not count";
+
 pub(crate) fn corrupt(what: &str, value: &str) -> Error {
     Error::Corrupt(format!("unknown {what} {value:?} in the database"))
 }

@@ -185,8 +185,12 @@ pub trait Store: Send + Sync + 'static {
             partial: false,
         })
     }
-    /// Puts a lease that could not be delivered back to `ready` without
-    /// counting an attempt against the task.
+    /// Hands back a lease whose assignment could not be delivered (the
+    /// worker's stream closed first): the task is `ready` again in its old
+    /// place in the queue, a TaskHandedBack event ends the attempt, and the
+    /// attempt number goes back one, so the hand-back costs the task nothing
+    /// and its next assignment never says more than `max_attempts`. Reusing
+    /// the number is safe: the token never left the coordinator.
     async fn release(&self, worker_id: &str, lease: LeaseToken) -> Result<Effects>;
     /// Renews the worker's live leases and records progress; leases no longer
     /// held come back as cancel notices (I4, I9).

@@ -457,3 +457,69 @@ fn i10_a_queued_migration_may_fail_for_its_deadline() {
     log.0[1].message = "something else".into();
     assert_violates(&m, &log, "log");
 }
+
+/// `valid_log` with task 1's first assignment handed back and given again.
+fn handed_back_log() -> Log {
+    let mut log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskHandedBack, 0, 1, 1);
+    log.0.extend(valid_log().0.into_iter().skip(3).map(|mut e| {
+        e.id += 2;
+        e
+    }));
+    log
+}
+
+#[test]
+fn a_handed_back_attempt_is_assigned_again_as_itself() {
+    let log = handed_back_log();
+    assert_eq!(check_invariants(&succeeded(), &log.0), Ok(()));
+    // It did not run: it does not count against max_attempts.
+    assert_eq!(check_attempt_bound(&log.0, 2), Ok(()));
+}
+
+#[test]
+fn i4_every_attempt_is_explained() {
+    // Attempt 1 is assigned again without an event that ended it.
+    let log = Log::default()
+        .m(MigrationCreated)
+        .m(MigrationAdmitted)
+        .stage(StageStarted, 0)
+        .task(TaskAssigned, 0, 1, 1)
+        .task(TaskAssigned, 0, 1, 2)
+        .task(TaskSucceeded, 0, 1, 2)
+        .stage(StageSucceeded, 0)
+        .stage(StageStarted, 1)
+        .task(TaskAssigned, 1, 2, 1)
+        .task(TaskSucceeded, 1, 2, 1)
+        .stage(StageSucceeded, 1)
+        .m(MigrationSucceeded);
+    assert_violates(&succeeded(), &log, "I4");
+}
+
+#[test]
+fn i10_nothing_moves_forward_after_the_deadline() {
+    let at = |ms: i64| prost_types::Timestamp {
+        seconds: ms / 1000,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    };
+    let mut log = valid_log();
+    for (i, e) in log.0.iter_mut().enumerate() {
+        e.at = Some(at(1_000 + i as i64));
+    }
+    let last = 1_000 + log.0.len() as i64 - 1;
+    let mut m = succeeded();
+    m.deadline = Some(at(last));
+    assert_eq!(check_invariants(&m, &log.0), Ok(()));
+    // The migration succeeded 1 ms after its deadline.
+    m.deadline = Some(at(last - 1));
+    assert_violates(&m, &log, "I10");
+    // And so does a running one whose task was assigned after it.
+    let mut running = migration(MigrationState::Running, vec![]);
+    running.deadline = Some(at(1_002));
+    let early = Log(log.0[..4].to_vec());
+    assert_violates(&running, &early, "I10");
+}

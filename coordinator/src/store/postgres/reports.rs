@@ -18,7 +18,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::{
-    NewEvent, NewTaskState, StageRow, backoff_ms, dead_reason, plan_added_tasks,
+    HANDED_BACK, NewEvent, NewTaskState, StageRow, backoff_ms, dead_reason, plan_added_tasks,
 };
 use crate::store::{Effects, Limits};
 
@@ -30,18 +30,36 @@ pub(super) async fn release(
 ) -> Result<Effects> {
     let mut fx = Effects::default();
     let mut tx = db.begin().await?;
-    // The attempt number stays bumped so the undelivered token stays stale.
+    let migration: Option<i64> = sqlx::query_scalar("SELECT migration_id FROM tasks WHERE id = $1")
+        .bind(lease.task_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(migration_id) = migration else {
+        return Ok(fx);
+    };
+    // The event goes in under the migration's lock, like every other.
+    machine::lock_migration(&mut tx, migration_id).await?;
     let released = sqlx::query(
-        "UPDATE tasks SET state = 'ready', lease_worker = NULL, lease_expires_at = NULL
-         WHERE id = $1 AND attempt = $2 AND state = 'leased' AND lease_worker = $3",
+        "WITH released AS (
+             UPDATE tasks SET state = 'ready', attempt = attempt - 1, lease_worker = NULL,
+                              lease_expires_at = NULL, attempt_deadline = NULL
+             WHERE id = $1 AND attempt = $2 AND state = 'leased' AND lease_worker = $3
+             RETURNING migration_id, stage_idx)
+         INSERT INTO events (migration_id, at, kind, stage_idx, task_id, attempt, worker_id, message)
+         SELECT migration_id, stagecoach_now_ms(), $4, stage_idx, $1, $2, $3, $5 FROM released",
     )
     .bind(lease.task_id)
     .bind(lease.attempt as i64)
     .bind(worker_id)
+    .bind(EventKind::TaskHandedBack.as_str())
+    .bind(HANDED_BACK)
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    fx.dispatch = released > 0;
+    if released > 0 {
+        fx.touch(migration_id);
+        fx.dispatch = true;
+    }
     notify::commit(tx, origin, &fx).await?;
     Ok(fx)
 }

@@ -21,10 +21,11 @@ use std::sync::{Arc, Mutex};
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
 use super::bulk::insert_task_events;
+use super::machine::{EventAt, event};
 use crate::clock::now_ms;
-use crate::domain::{Assignment, HeartbeatOutcome, LeaseStatus, LeaseToken};
+use crate::domain::{Assignment, EventKind, HeartbeatOutcome, LeaseStatus, LeaseToken};
 use crate::error::{Error, Result};
-use crate::store::common::{self, NewEvent, deal, wanted_per_kind};
+use crate::store::common::{self, HANDED_BACK, NewEvent, deal, wanted_per_kind};
 use crate::store::{ClaimRequest, Effects, Limits, Pass};
 
 /// What every assignment of one stage of one migration shares, read once
@@ -329,18 +330,31 @@ pub(super) async fn release(
     lease: LeaseToken,
 ) -> Result<Effects> {
     let mut fx = Effects::default();
-    // The attempt number stays bumped so the undelivered token stays stale.
-    let released = sqlx::query(
-        "UPDATE tasks SET state = 'ready', lease_worker = NULL, lease_expires_at = NULL
-         WHERE id = ? AND attempt = ? AND state = 'leased' AND lease_worker = ?",
+    let mut tx = db.begin().await?;
+    let released: Option<(i64, i64)> = sqlx::query_as(
+        "UPDATE tasks SET state = 'ready', attempt = attempt - 1, lease_worker = NULL,
+                          lease_expires_at = NULL, attempt_deadline = NULL
+         WHERE id = ? AND attempt = ? AND state = 'leased' AND lease_worker = ?
+         RETURNING migration_id, stage_idx",
     )
     .bind(lease.task_id)
     .bind(lease.attempt as i64)
     .bind(worker_id)
-    .execute(db)
-    .await?
-    .rows_affected();
-    fx.dispatch = released > 0;
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((migration_id, stage)) = released {
+        let at = EventAt {
+            stage: Some(stage),
+            task_id: lease.task_id,
+            attempt: lease.attempt as i64,
+            worker: worker_id,
+            message: HANDED_BACK,
+        };
+        event(&mut tx, migration_id, EventKind::TaskHandedBack, at).await?;
+        fx.touch(migration_id);
+        fx.dispatch = true;
+    }
+    tx.commit().await?;
     Ok(fx)
 }
 
