@@ -2,7 +2,9 @@
 //!
 //! - a migration past its deadline fails with reason "deadline exceeded",
 //!   whether running (its worker is told to stop: the task's cancel marker
-//!   appears) or still queued;
+//!   appears) or still queued; a create whose deadline has passed is
+//!   INVALID_ARGUMENT naming `deadline`; a report after the deadline is
+//!   FAILED_PRECONDITION and moves nothing forward, even before any sweep;
 //! - one unfinished migration per subject: a second create is ALREADY_EXISTS
 //!   naming the running one; the same idempotency key returns the same
 //!   migration with `created = false`;
@@ -33,6 +35,7 @@ use tonic::Code;
 
 on_both_backends!(
     a_migration_past_its_deadline_fails,
+    nothing_moves_forward_after_the_deadline,
     one_unfinished_migration_per_subject_and_idempotent_creates,
     a_second_run_of_a_finished_subject_is_regenerating,
     a_serial_stage_runs_one_task_at_a_time_in_order,
@@ -103,6 +106,54 @@ async fn a_migration_past_its_deadline_fails(backend: Backend) {
         marker.exists().then_some(())
     })
     .await;
+}
+
+/// Without a sweep (its interval is a minute), only the transitions'
+/// own checks keep a migration from moving past its deadline.
+async fn nothing_moves_forward_after_the_deadline(backend: Backend) {
+    let cluster = Cluster::start_with(backend, &["--sweep-interval-ms", "60000"], 0, 1).await;
+    let client = cluster.client().await;
+    let url = cluster.coordinator.url();
+    let f = FakeWorker::subscribe(&url, "f1", &["fake.step"], 4).await;
+    let mut f = f;
+    let step = || task("fake.step", json!({}));
+    let p = plan(
+        "p",
+        vec![stage("one", vec![step()]), stage("two", vec![step()])],
+    );
+
+    let past = prost_types::Timestamp::from(SystemTime::now() - Duration::from_secs(5));
+    let refused = client
+        .create(stagecoach_proto::v1::CreateMigrationRequest {
+            deadline: Some(past),
+            ..create_inline(p.clone(), "deadline/past")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().starts_with("deadline:"), "{refused:?}");
+
+    let m = client
+        .create(stagecoach_proto::v1::CreateMigrationRequest {
+            deadline: Some(in_a_second()),
+            ..create_inline(p, "deadline/late-report")
+        })
+        .await
+        .unwrap();
+    let a = f.next_assignment(WAIT).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let late = f.complete(vec![completion(a.lease.unwrap())]).await;
+    let late = late.unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    assert!(late.message().contains("deadline"), "{late:?}");
+    // Nothing moved: the first stage is still running, the second pending,
+    // and the invariant checker (I10) finds nothing after the deadline.
+    let (m, events) = client.check(m.id).await;
+    assert_eq!(m.state(), MigrationState::Running);
+    assert_eq!(m.stages[0].succeeded, 0);
+    assert_eq!(m.stages[1].state(), StageState::Pending);
+    assert!(of_kind(&events, EventKind::TaskSucceeded).is_empty());
+    assert_eq!(of_kind(&events, EventKind::ReportRejected).len(), 1);
 }
 
 async fn one_unfinished_migration_per_subject_and_idempotent_creates(backend: Backend) {

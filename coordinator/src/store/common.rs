@@ -15,6 +15,35 @@ use crate::store::{ClaimRequest, Effects, Report};
 
 /// The error for a stored value this build does not know (a state or kind
 /// name written by another version, or a damaged row).
+/// Why a report on a migration past its deadline changes nothing (I10):
+/// after its deadline a migration moves no further, and the sweeper fails it
+/// with reason "deadline exceeded".
+pub(crate) fn past_deadline(migration_id: i64, late_ms: i64) -> String {
+    format!(
+        "migration {migration_id} passed its deadline {late_ms} ms ago: it records no more results \
+         and fails with reason \"deadline exceeded\"; drop this report"
+    )
+}
+
+/// A create whose deadline is not in the future (I10), `late_ms` after it.
+pub(crate) fn deadline_not_ahead(late_ms: i64) -> Error {
+    Error::invalid(
+        "deadline",
+        format!(
+            "the deadline passed {late_ms} ms ago by the coordinator's clock; give a time in the \
+             future, or none"
+        ),
+    )
+}
+
+/// A retry of a migration whose deadline has passed (I10).
+pub(crate) fn retry_past_deadline(migration_id: i64, late_ms: i64) -> Error {
+    Error::FailedPrecondition(format!(
+        "migration {migration_id} passed its deadline {late_ms} ms ago and cannot run again; \
+         create a new migration with a later deadline"
+    ))
+}
+
 /// The message of a TaskHandedBack event.
 pub(crate) const HANDED_BACK: &str =
     "the worker's stream closed before the assignment reached it; the attempt did not count";

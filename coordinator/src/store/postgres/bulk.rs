@@ -176,14 +176,15 @@ pub(super) async fn complete_live(
              SELECT id, attempt, lease_worker, migration_id, stage_idx, state FROM tasks
              WHERE id = ANY($1)),
          locked AS (
-             SELECT id FROM migrations
+             SELECT id, deadline < stagecoach_now_ms() AS late FROM migrations
              WHERE id IN (SELECT migration_id FROM leases WHERE state = 'leased')
                AND (SELECT n FROM workers) >= 0
              ORDER BY id
              FOR NO KEY UPDATE)
          SELECT (SELECT n FROM workers), (SELECT array_agg(id) FROM locked),
                 array_agg(l.id), array_agg(l.attempt), array_agg(l.lease_worker),
-                array_agg(l.migration_id), array_agg(l.stage_idx)
+                array_agg(l.migration_id), array_agg(l.stage_idx),
+                (SELECT array_agg(id) FROM locked WHERE late)
          FROM leases l WHERE l.state = 'leased'",
         claim::lock_workers_cte(2)
     ));
@@ -193,11 +194,15 @@ pub(super) async fn complete_live(
     let (ids, attempts): (Vec<i64>, Vec<i64>) = (column(&row, 2)?, column(&row, 3)?);
     let holders: Vec<Option<String>> = column(&row, 4)?;
     let (migrations, stages): (Vec<i64>, Vec<i64>) = (column(&row, 5)?, column(&row, 6)?);
+    // A migration past its deadline records nothing more (I10): its reports
+    // go the one-by-one way, which rejects them and says why.
+    let late: HashSet<i64> = column(&row, 7)?.into_iter().collect();
     let live: HashMap<i64, LiveLease> = ids
         .into_iter()
         .zip(attempts)
         .zip(holders)
         .zip(migrations.into_iter().zip(stages))
+        .filter(|(_, (m, _))| !late.contains(m))
         .map(|(((id, attempt), worker), (m, s))| (id, (attempt, worker, m, s)))
         .collect();
     let mut completed = Completed::default();

@@ -213,7 +213,7 @@ pub(super) async fn claim_in(
         wait = false;
         for &m in &migrations {
             match locked.iter().find(|l| l.id == m) {
-                Some(l) if l.state == "running" => continue,
+                Some(l) if l.running => continue,
                 Some(_) => {}
                 // Skipped, not ended: another transaction holds it right now.
                 None => pass.partial = true,
@@ -350,10 +350,17 @@ async fn oldest_ready(
 #[derive(sqlx::FromRow)]
 struct LockedMigration {
     id: i64,
-    state: String,
+    /// Running and not past its deadline (see [`RUNNING`]).
+    running: bool,
     subject: String,
     parameters: String,
 }
+
+/// Whether a migration `m` may have tasks leased: running (I9) and not past
+/// its deadline (I10: the sweeper fails it), by the transaction's clock,
+/// which also times the leases and their events.
+const RUNNING: &str =
+    "m.state = 'running' AND (m.deadline IS NULL OR m.deadline >= stagecoach_now_ms()) AS running";
 
 /// Locks the migrations `ids` in id order and returns the locked ones:
 /// waiting for each, or skipping those another transaction holds.
@@ -362,14 +369,16 @@ async fn lock_migrations(
     ids: &[i64],
     wait: bool,
 ) -> Result<Vec<LockedMigration>> {
-    let sql = if wait {
-        "SELECT id, state, subject, parameters FROM migrations WHERE id = ANY($1) ORDER BY id
-         FOR NO KEY UPDATE"
-    } else {
-        "SELECT id, state, subject, parameters FROM migrations WHERE id = ANY($1) ORDER BY id
-         FOR NO KEY UPDATE SKIP LOCKED"
-    };
-    Ok(sqlx::query_as(sql).bind(ids).fetch_all(conn).await?)
+    let sql = format!(
+        "SELECT m.id, {RUNNING}, m.subject, m.parameters FROM migrations m
+         WHERE m.id = ANY($1) ORDER BY m.id
+         FOR NO KEY UPDATE{}",
+        if wait { "" } else { " SKIP LOCKED" }
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(ids)
+        .fetch_all(conn)
+        .await?)
 }
 
 /// What every assignment of one running stage shares.
@@ -392,11 +401,7 @@ async fn read_running_stages(
     stages: &mut HashMap<(i64, i64), StageInfo>,
     limits: Limits,
 ) -> Result<()> {
-    let ids: Vec<i64> = locked
-        .iter()
-        .filter(|m| m.state == "running")
-        .map(|m| m.id)
-        .collect();
+    let ids: Vec<i64> = locked.iter().filter(|m| m.running).map(|m| m.id).collect();
     if ids.is_empty() {
         return Ok(());
     }
@@ -426,7 +431,7 @@ async fn read_held(
     // more than running it), its length unknown to a generic plan.
     let one = ids.len() == 1;
     let sql = format!(
-        "SELECT m.id, m.state, m.subject, m.parameters,
+        "SELECT m.id, {RUNNING}, m.subject, m.parameters,
                 s.idx, s.name, s.heartbeat_timeout_ms, s.attempt_timeout_ms
          FROM migrations m
          LEFT JOIN stages s ON s.migration_id = m.id AND s.state = 'running'
@@ -461,7 +466,7 @@ async fn read_held(
         if locked.last().is_none_or(|m| m.id != row.id) {
             locked.push(LockedMigration {
                 id: row.id,
-                state: row.state,
+                running: row.running,
                 subject: row.subject,
                 parameters: row.parameters,
             });
@@ -479,7 +484,7 @@ fn add_stages(
     stages: &mut HashMap<(i64, i64), StageInfo>,
     limits: Limits,
 ) -> Result<()> {
-    for m in locked.iter().filter(|m| m.state == "running") {
+    for m in locked.iter().filter(|m| m.running) {
         let parameters = parameters(m)?;
         for row in rows.iter().filter(|r| r.migration_id == m.id) {
             stages.insert((m.id, row.idx), StageInfo::new(m, &parameters, row, limits));
@@ -492,7 +497,7 @@ fn add_stages(
 #[derive(sqlx::FromRow)]
 struct HeldRow {
     id: i64,
-    state: String,
+    running: bool,
     subject: String,
     parameters: String,
     idx: Option<i64>,

@@ -8,7 +8,7 @@ use super::{bulk, claim};
 
 use crate::domain::{EventKind, MigrationState, NewMigration, RetryPolicy};
 use crate::error::{Error, Result};
-use crate::store::common::{corrupt, created_tasks};
+use crate::store::common::{corrupt, created_tasks, deadline_not_ahead, retry_past_deadline};
 use crate::store::{ClaimRequest, Created, Effects, Pass};
 
 impl PostgresStore {
@@ -24,21 +24,23 @@ impl PostgresStore {
         // One statement, one snapshot: checked one by one, a create that
         // another coordinator commits in between could be seen by the
         // subject check and missed by the key check before it.
-        let (existing, pool_exists, busy_id, busy_state): (
+        let (existing, pool_exists, busy_id, busy_state, late_ms): (
             Option<i64>,
             bool,
             Option<i64>,
             Option<String>,
+            Option<i64>,
         ) = sqlx::query_as(
             "SELECT (SELECT id FROM migrations WHERE idempotency_key = $1),
                     EXISTS (SELECT 1 FROM pools WHERE name = $2),
-                    busy.id, busy.state
+                    busy.id, busy.state, stagecoach_now_ms() - $4::bigint
              FROM (SELECT 1) AS one
              LEFT JOIN migrations busy ON busy.subject = $3 AND busy.state IN ('queued', 'running')",
         )
         .bind(&m.idempotency_key)
         .bind(&m.pool)
         .bind(&m.subject)
+        .bind(m.deadline_ms)
         .fetch_one(&mut *tx)
         .await?;
         if let Some(id) = existing {
@@ -51,6 +53,10 @@ impl PostgresStore {
         }
         if !pool_exists {
             return Err(pool_not_found(&m.pool));
+        }
+        // I10, after the idempotency lookup, as on SQLite.
+        if let Some(late_ms) = late_ms.filter(|&ms| ms > 0) {
+            return Err(deadline_not_ahead(late_ms));
         }
         if let (Some(id), Some(state)) = (busy_id, busy_state) {
             return Err(Error::AlreadyExists(format!(
@@ -152,6 +158,16 @@ impl PostgresStore {
             return Err(Error::FailedPrecondition(format!(
                 "migration {id} is {state}; only failed or canceled migrations can be retried"
             )));
+        }
+        let late: Option<i64> = sqlx::query_scalar(
+            "SELECT stagecoach_now_ms() - deadline FROM migrations
+             WHERE id = $1 AND deadline < stagecoach_now_ms()",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(late_ms) = late {
+            return Err(retry_past_deadline(id, late_ms));
         }
         let requeued = sqlx::query(
             "UPDATE migrations SET state = 'queued', reason = '', finished_at = NULL,

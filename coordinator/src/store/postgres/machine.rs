@@ -101,6 +101,8 @@ pub(super) async fn admit(conn: &mut PgConnection, pool: &str, fx: &mut Effects)
         // wait, and miss what the previous admitter committed.
         let ids: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM migrations WHERE pool = $1 AND state = 'queued'
+               -- I10: one past its deadline is not admitted; the sweeper fails it
+               AND (deadline IS NULL OR deadline >= stagecoach_now_ms())
              ORDER BY queued_at, id
              LIMIT greatest($2 - (SELECT count(*) FROM migrations
                                   WHERE pool = $1 AND state = 'running'), 0)

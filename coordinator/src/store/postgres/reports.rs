@@ -18,7 +18,8 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::{
-    HANDED_BACK, NewEvent, NewTaskState, StageRow, backoff_ms, dead_reason, plan_added_tasks,
+    HANDED_BACK, NewEvent, NewTaskState, StageRow, backoff_ms, dead_reason, past_deadline,
+    plan_added_tasks,
 };
 use crate::store::{Effects, Limits};
 
@@ -155,6 +156,8 @@ pub(super) struct Reported {
     pub failures: i64,
     pub max_attempts: i64,
     pub worker: Option<String>,
+    /// How long ago its migration's deadline passed, if it has (I10).
+    pub late_ms: Option<i64>,
 }
 
 /// Locks the task's migration, then the task, and reads the task. The
@@ -174,8 +177,10 @@ pub(super) async fn reported(conn: &mut PgConnection, lease: LeaseToken) -> Resu
         .ok_or_else(not_found)?;
     machine::lock_migration(conn, migration_id).await?;
     let row = sqlx::query(
-        "SELECT migration_id, stage_idx, kind, state, attempt, failures, max_attempts, lease_worker
-         FROM tasks WHERE id = $1 FOR UPDATE",
+        "SELECT migration_id, stage_idx, kind, state, attempt, failures, max_attempts, lease_worker,
+                (SELECT stagecoach_now_ms() - m.deadline FROM migrations m
+                 WHERE m.id = tasks.migration_id AND m.deadline < stagecoach_now_ms())
+         FROM tasks WHERE id = $1 FOR UPDATE OF tasks",
     )
     .bind(lease.task_id)
     .fetch_optional(conn)
@@ -190,6 +195,7 @@ pub(super) async fn reported(conn: &mut PgConnection, lease: LeaseToken) -> Resu
         failures: row.try_get(5)?,
         max_attempts: row.try_get(6)?,
         worker: row.try_get(7)?,
+        late_ms: row.try_get(8)?,
     })
 }
 
@@ -212,6 +218,10 @@ async fn check_lease(
     let t = reported(conn, lease).await?;
     let same_attempt = t.attempt == lease.attempt as i64;
     if same_attempt && t.state == "leased" && t.worker.as_deref() == Some(worker_id) {
+        if let Some(late_ms) = t.late_ms {
+            let why = past_deadline(t.migration_id, late_ms);
+            return Ok(LeaseCheck::Stale { task: t, why });
+        }
         return Ok(LeaseCheck::Live(t));
     }
     if same_attempt && t.state == repeat_state {

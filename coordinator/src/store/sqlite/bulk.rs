@@ -179,12 +179,18 @@ pub(super) async fn complete_plain(
     // Ids in and rows out as one JSON value each: one statement text for
     // every batch size (prepared once), and one row to hand over from
     // sqlx's SQLite thread instead of one per task.
+    // A migration past its deadline records nothing more (I10): its
+    // reports go the one-by-one way, which rejects them and says why.
     let ids: Vec<i64> = batch.iter().map(|(_, _, c)| c.lease.task_id).collect();
+    let now = now_ms();
     let packed: String = sqlx::query_scalar(
         "SELECT json_group_array(json_array(id, attempt, lease_worker, migration_id, stage_idx))
-         FROM tasks WHERE state = 'leased' AND id IN (SELECT value FROM json_each(?))",
+         FROM tasks WHERE state = 'leased' AND id IN (SELECT value FROM json_each(?1))
+           AND NOT EXISTS (SELECT 1 FROM migrations m
+                           WHERE m.id = tasks.migration_id AND m.deadline < ?2)",
     )
     .bind(serde_json::Value::from(ids).to_string())
+    .bind(now)
     .fetch_one(&mut *conn)
     .await?;
     let rows: Vec<(i64, i64, Option<String>, i64, i64)> =
@@ -199,7 +205,6 @@ pub(super) async fn complete_plain(
     }
 
     // One UPDATE for every task, from one JSON array of [id, output] pairs.
-    let now = now_ms();
     let done: Vec<(i64, &serde_json::Value)> = taken
         .iter()
         .map(|t| (t.completion.lease.task_id, &t.completion.output))

@@ -149,9 +149,15 @@ async fn oldest_ready(
         .push_bind(*kind)
         .push(" AND t.ready_at <= ")
         .push_bind(now)
-        // I1/I9: only tasks of a running stage of a running migration
+        // I1/I9: only tasks of a running stage of a running migration;
+        // I10: not past its deadline
         .push(
             " AND s.state = 'running' AND m.state = 'running'
+               AND (m.deadline IS NULL OR m.deadline >= ",
+        )
+        .push_bind(now)
+        .push(
+            ")
              ORDER BY t.ready_at, t.id LIMIT (",
         )
         .push_bind(*n)

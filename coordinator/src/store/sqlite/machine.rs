@@ -64,11 +64,14 @@ pub(super) async fn admit(conn: &mut SqliteConnection, pool: &str, fx: &mut Effe
         if paused || running >= slots {
             return Ok(());
         }
+        // I10: one past its deadline is not admitted; the sweeper fails it.
         let ids: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM migrations WHERE pool = ? AND state = 'queued'
+               AND (deadline IS NULL OR deadline >= ?)
              ORDER BY queued_at, id LIMIT (? + 0)",
         )
         .bind(pool)
+        .bind(now_ms())
         .bind(slots - running)
         .fetch_all(&mut *conn)
         .await?;

@@ -21,14 +21,14 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use crate::clock::now_ms;
+use crate::clock::{now_ms, one_instant};
 use crate::domain::{
     Assignment, Completion, Event, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken,
     Migration, MigrationFilter, MigrationState, NewMigration, PlanSpec, Pool, ReportAck,
     SweepReport,
 };
 use crate::error::{Error, Result};
-use crate::store::common::created_tasks;
+use crate::store::common::{created_tasks, deadline_not_ahead, retry_past_deadline};
 use crate::store::{ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView};
 use machine::{EventAt, event};
 
@@ -156,20 +156,20 @@ impl Store for SqliteStore {
     }
 
     async fn set_pool_slots(&self, name: &str, slots: u32) -> Result<(Pool, Effects)> {
-        self.update_pool(
+        one_instant(self.update_pool(
             name,
             "UPDATE pools SET slots = ? WHERE name = ?",
             slots as i64,
-        )
+        ))
         .await
     }
 
     async fn set_pool_paused(&self, name: &str, paused: bool) -> Result<(Pool, Effects)> {
-        self.update_pool(
+        one_instant(self.update_pool(
             name,
             "UPDATE pools SET paused = ? WHERE name = ?",
             paused as i64,
-        )
+        ))
         .await
     }
 
@@ -182,7 +182,7 @@ impl Store for SqliteStore {
         m: &NewMigration,
         requests: &[ClaimRequest],
     ) -> Result<(Created, Effects, Option<Pass>)> {
-        self.create(m, requests).await
+        one_instant(self.create(m, requests)).await
     }
 
     async fn get_migration(&self, id: i64) -> Result<Option<Migration>> {
@@ -217,30 +217,91 @@ impl Store for SqliteStore {
             kinds: kinds.to_vec(),
             slots,
         };
-        let mut pass =
-            claim::claim_many(&self.writer, &[request], self.limits, &self.contexts).await?;
+        let mut pass = one_instant(claim::claim_many(
+            &self.writer,
+            &[request],
+            self.limits,
+            &self.contexts,
+        ))
+        .await?;
         Ok(pass.claimed.pop().unwrap_or_default())
     }
 
     async fn release(&self, worker_id: &str, lease: LeaseToken) -> Result<Effects> {
-        claim::release(&self.writer, worker_id, lease).await
+        one_instant(claim::release(&self.writer, worker_id, lease)).await
     }
 
     async fn heartbeat(&self, worker_id: &str, leases: &[LeaseStatus]) -> Result<HeartbeatOutcome> {
-        claim::heartbeat(&self.writer, worker_id, leases, self.limits).await
+        one_instant(claim::heartbeat(
+            &self.writer,
+            worker_id,
+            leases,
+            self.limits,
+        ))
+        .await
     }
 
     async fn complete(&self, worker_id: &str, c: &Completion) -> Result<(ReportAck, Effects)> {
         let report = [(worker_id.to_string(), Report::Complete(c.clone()))];
-        single(reports::report_many(&self.writer, &report, self.limits).await?)
+        single(self.report_many(&report).await?)
     }
 
     async fn fail(&self, worker_id: &str, f: &Failure) -> Result<(ReportAck, Effects)> {
         let report = [(worker_id.to_string(), Report::Fail(f.clone()))];
-        single(reports::report_many(&self.writer, &report, self.limits).await?)
+        single(self.report_many(&report).await?)
     }
 
     async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Effects> {
+        one_instant(self.cancel(id, reason)).await
+    }
+
+    async fn retry_migration(&self, id: i64) -> Result<Effects> {
+        one_instant(self.retry(id)).await
+    }
+
+    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Pass> {
+        one_instant(claim::claim_many(
+            &self.writer,
+            requests,
+            self.limits,
+            &self.contexts,
+        ))
+        .await
+    }
+
+    async fn report_and_claim(
+        &self,
+        reports: &[(String, Report)],
+        requests: &[ClaimRequest],
+    ) -> Result<(Vec<Result<(ReportAck, Effects)>>, Option<Pass>)> {
+        one_instant(async {
+            let mut tx = self.writer.begin().await?;
+            let results = reports::record(&mut tx, reports, self.limits).await?;
+            let pass = claim::claim_in(&mut tx, requests, self.limits, &self.contexts).await?;
+            tx.commit().await?;
+            Ok((results, Some(pass)))
+        })
+        .await
+    }
+
+    async fn report_many(
+        &self,
+        reports: &[(String, Report)],
+    ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
+        one_instant(reports::report_many(&self.writer, reports, self.limits)).await
+    }
+
+    async fn sweep(&self) -> Result<(SweepReport, Effects)> {
+        one_instant(sweep::sweep(&self.writer, self.limits)).await
+    }
+
+    async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>> {
+        reads::live_leases(&self.reader, worker_id).await
+    }
+}
+
+impl SqliteStore {
+    async fn cancel(&self, id: i64, reason: &str) -> Result<Effects> {
         let mut fx = Effects::default();
         let mut tx = self.writer.begin().await?;
         let state = reads::migration_state(&mut tx, id).await?;
@@ -259,7 +320,7 @@ impl Store for SqliteStore {
         Ok(fx)
     }
 
-    async fn retry_migration(&self, id: i64) -> Result<Effects> {
+    async fn retry(&self, id: i64) -> Result<Effects> {
         let mut fx = Effects::default();
         let mut tx = self.writer.begin().await?;
         let state = reads::migration_state(&mut tx, id).await?;
@@ -267,6 +328,16 @@ impl Store for SqliteStore {
             return Err(Error::FailedPrecondition(format!(
                 "migration {id} is {state}; only failed or canceled migrations can be retried"
             )));
+        }
+        let late: Option<i64> = sqlx::query_scalar(
+            "SELECT ?1 - deadline FROM migrations WHERE id = ?2 AND deadline < ?1",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(late_ms) = late {
+            return Err(retry_past_deadline(id, late_ms));
         }
         let requeued = sqlx::query(
             "UPDATE migrations SET state = 'queued', reason = '', finished_at = NULL, queued_at = ?
@@ -312,39 +383,6 @@ impl Store for SqliteStore {
         Ok(fx)
     }
 
-    async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Pass> {
-        claim::claim_many(&self.writer, requests, self.limits, &self.contexts).await
-    }
-
-    async fn report_and_claim(
-        &self,
-        reports: &[(String, Report)],
-        requests: &[ClaimRequest],
-    ) -> Result<(Vec<Result<(ReportAck, Effects)>>, Option<Pass>)> {
-        let mut tx = self.writer.begin().await?;
-        let results = reports::record(&mut tx, reports, self.limits).await?;
-        let pass = claim::claim_in(&mut tx, requests, self.limits, &self.contexts).await?;
-        tx.commit().await?;
-        Ok((results, Some(pass)))
-    }
-
-    async fn report_many(
-        &self,
-        reports: &[(String, Report)],
-    ) -> Result<Vec<Result<(ReportAck, Effects)>>> {
-        reports::report_many(&self.writer, reports, self.limits).await
-    }
-
-    async fn sweep(&self) -> Result<(SweepReport, Effects)> {
-        sweep::sweep(&self.writer, self.limits).await
-    }
-
-    async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>> {
-        reads::live_leases(&self.reader, worker_id).await
-    }
-}
-
-impl SqliteStore {
     /// Creates a migration and, when it was admitted, claims for `requests`
     /// in the same transaction.
     async fn create(
@@ -377,6 +415,14 @@ impl SqliteStore {
             .await?;
         if pool_exists.is_none() {
             return Err(pool_not_found(&m.pool));
+        }
+        // I10: a deadline that has passed would fail the migration before
+        // it did anything; the caller is told instead (after the
+        // idempotency lookup, so a repeated create still finds its run).
+        if let Some(deadline) = m.deadline_ms
+            && deadline < now_ms()
+        {
+            return Err(deadline_not_ahead(now_ms() - deadline));
         }
         let busy: Option<(i64, String)> = sqlx::query_as(
             "SELECT id, state FROM migrations WHERE subject = ? AND state IN ('queued', 'running')",

@@ -12,7 +12,8 @@ use crate::clock::now_ms;
 use crate::domain::{Completion, EventKind, Failure, LeaseToken, MigrationState, ReportAck};
 use crate::error::{Error, Result};
 use crate::store::common::{
-    NewEvent, NewTaskState, StageRow, backoff_ms, dead_reason, plain_completions, plan_added_tasks,
+    NewEvent, NewTaskState, StageRow, backoff_ms, dead_reason, past_deadline, plain_completions,
+    plan_added_tasks,
 };
 use crate::store::{Effects, Limits, Report};
 
@@ -94,13 +95,18 @@ pub(super) struct Reported {
     pub(super) failures: i64,
     pub(super) max_attempts: i64,
     pub(super) worker: Option<String>,
+    /// How long ago its migration's deadline passed, if it has (I10).
+    pub(super) late_ms: Option<i64>,
 }
 
 pub(super) async fn reported(conn: &mut SqliteConnection, lease: LeaseToken) -> Result<Reported> {
     let row = sqlx::query(
-        "SELECT migration_id, stage_idx, kind, state, attempt, failures, max_attempts, lease_worker
-         FROM tasks WHERE id = ?",
+        "SELECT migration_id, stage_idx, kind, state, attempt, failures, max_attempts, lease_worker,
+                (SELECT ?1 - m.deadline FROM migrations m
+                 WHERE m.id = tasks.migration_id AND m.deadline < ?1)
+         FROM tasks WHERE id = ?2",
     )
+    .bind(now_ms())
     .bind(lease.task_id)
     .fetch_optional(conn)
     .await?
@@ -119,6 +125,7 @@ pub(super) async fn reported(conn: &mut SqliteConnection, lease: LeaseToken) -> 
         failures: row.get(5),
         max_attempts: row.get(6),
         worker: row.get(7),
+        late_ms: row.get(8),
     })
 }
 /// Whether a report names the live lease of this worker (`Ok(None)`: it is
@@ -132,6 +139,10 @@ async fn check_lease(
     let t = reported(conn, lease).await?;
     let same_attempt = t.attempt == lease.attempt as i64;
     if same_attempt && t.state == "leased" && t.worker.as_deref() == Some(worker_id) {
+        if let Some(late_ms) = t.late_ms {
+            let why = past_deadline(t.migration_id, late_ms);
+            return Ok(Err(Outcome::Stale { task: t, why }));
+        }
         return Ok(Ok(Some(t)));
     }
     if same_attempt && t.state == repeat_state {
