@@ -49,6 +49,14 @@ pub struct Config {
     /// Lease expiries a task survives before it is dead.
     #[arg(long, env = "STAGECOACH_MAX_REASSIGNMENTS", default_value_t = 5)]
     pub max_reassignments: u32,
+    /// Largest request message a client or worker may send, in bytes; a
+    /// larger one is refused with `RESOURCE_EXHAUSTED`.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_REQUEST_BYTES",
+        default_value_t = crate::grpc::DEFAULT_MAX_REQUEST_BYTES
+    )]
+    pub max_request_bytes: usize,
     /// Log format.
     #[arg(
         long,
@@ -58,6 +66,10 @@ pub struct Config {
     )]
     pub log_format: LogFormat,
 }
+
+/// The smallest `--max-request-bytes`: a worker's report or a small plan
+/// must always fit.
+const MIN_REQUEST_BYTES: usize = 64 << 10;
 
 /// A setting that makes no sense, named with how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +103,16 @@ impl Config {
         }
         if self.max_reassignments == 0 {
             return err("max-reassignments", "must be at least 1".into());
+        }
+        if self.max_request_bytes < MIN_REQUEST_BYTES {
+            return err(
+                "max-request-bytes",
+                format!(
+                    "{} is less than {MIN_REQUEST_BYTES}, too small for ordinary requests; the default is {}",
+                    self.max_request_bytes,
+                    crate::grpc::DEFAULT_MAX_REQUEST_BYTES
+                ),
+            );
         }
         Ok(())
     }

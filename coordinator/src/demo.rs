@@ -58,6 +58,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         sweep_interval_ms: 250,
         default_pool_slots: 10,
         max_reassignments: 5,
+        max_request_bytes: crate::grpc::DEFAULT_MAX_REQUEST_BYTES,
         log_format: LogFormat::Text,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;

@@ -13,7 +13,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::engine::{Coordinator, run_dispatcher, run_remote_effects, run_sweeper};
-use crate::grpc::{AdminApi, MigrationApi, WorkerApi};
+use crate::grpc::{AdminApi, MigrationApi, RequestLimit, WorkerApi};
 use crate::store::Store;
 
 /// Why a coordinator could not start or stopped with an error.
@@ -76,6 +76,9 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    // One limit for the three services; an over-limit request is answered
+    // RESOURCE_EXHAUSTED naming it (see `grpc::RequestLimit`).
+    let limit = config.max_request_bytes;
     on_ready();
     let drain = {
         let core = core.clone();
@@ -89,9 +92,19 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(MigrationServiceServer::new(MigrationApi::new(core.clone())))
-        .add_service(WorkerServiceServer::new(WorkerApi::new(core.clone())))
-        .add_service(AdminServiceServer::new(AdminApi::new(core.clone())))
+        .add_service(RequestLimit::new(
+            MigrationServiceServer::new(MigrationApi::new(core.clone()))
+                .max_decoding_message_size(limit),
+            limit,
+        ))
+        .add_service(RequestLimit::new(
+            WorkerServiceServer::new(WorkerApi::new(core.clone())).max_decoding_message_size(limit),
+            limit,
+        ))
+        .add_service(RequestLimit::new(
+            AdminServiceServer::new(AdminApi::new(core.clone())).max_decoding_message_size(limit),
+            limit,
+        ))
         .serve_with_incoming_shutdown(
             // TCP_NODELAY: without it Nagle's algorithm meets delayed ACKs and
             // every small reply (an assignment, a report's answer) waits ~40 ms.

@@ -353,6 +353,211 @@ async fn pools_are_managed_through_the_admin_service(backend: Backend) {
     assert_eq!(missing.code(), Code::NotFound);
 }
 
+/// A change to a good request that makes one field bad.
+type Edit<T> = fn(&mut T);
+
+/// Asserts `result` is `INVALID_ARGUMENT` naming `field` and the NUL.
+#[track_caller]
+fn refuses_nul<T>(result: Result<T, tonic::Status>, field: &str) {
+    let Err(err) = result else {
+        panic!("{field}: a NUL was accepted");
+    };
+    assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+    assert!(
+        err.message().starts_with(&format!("{field}: ")) && err.message().contains("NUL character"),
+        "{field}: message {:?}",
+        err.message()
+    );
+}
+
+async fn nul_in_any_string_is_invalid_argument_naming_the_field(backend: Backend) {
+    let a = apis(backend).await;
+    let m = &a.migrations;
+    let nul = || "x\0y".to_string();
+    let plan = |description: String, stage: &str| pb::Plan {
+        name: "p".into(),
+        description,
+        stages: vec![noop_stage(stage)],
+        ..Default::default()
+    };
+    let put = |p| {
+        Request::new(pb::PutPlanRequest {
+            source: Some(pb::put_plan_request::Source::Plan(p)),
+        })
+    };
+    refuses_nul(m.put_plan(put(plan(nul(), "a"))).await, "description");
+    refuses_nul(
+        m.put_plan(put(plan(String::new(), "a\0"))).await,
+        "stages[0].name",
+    );
+    refuses_nul(
+        m.put_plan(json_plan(
+            r#"{"name":"p","description":"\u0000","stages":[]}"#,
+        ))
+        .await,
+        "description",
+    );
+    refuses_nul(m.put_plan(json_plan("{\0}")).await, "plan_json");
+    let get = pb::GetPlanRequest { name: nul() };
+    refuses_nul(m.get_plan(Request::new(get)).await, "name");
+    use pb::create_migration_request::PlanSource;
+    let create = |f: Edit<pb::CreateMigrationRequest>| {
+        let mut r = pb::CreateMigrationRequest {
+            plan_source: Some(PlanSource::PlanName("p".into())),
+            subject: "s".into(),
+            ..Default::default()
+        };
+        f(&mut r);
+        Request::new(r)
+    };
+    let cases: [(Edit<pb::CreateMigrationRequest>, &str); 5] = [
+        (
+            |r| r.plan_source = Some(PlanSource::PlanName("p\0".into())),
+            "plan_name",
+        ),
+        (|r| r.subject = "s\0".into(), "subject"),
+        (|r| r.pool = "default\0".into(), "pool"),
+        (|r| r.idempotency_key = "k\0".into(), "idempotency_key"),
+        (
+            |r| {
+                r.plan_source = Some(PlanSource::InlinePlan(pb::Plan {
+                    name: "p".into(),
+                    description: "\0".into(),
+                    stages: vec![noop_stage("a")],
+                    ..Default::default()
+                }))
+            },
+            "inline_plan.description",
+        ),
+    ];
+    for (f, field) in cases {
+        refuses_nul(m.create_migration(create(f)).await, field);
+    }
+    for (r, field) in [
+        (
+            pb::ListMigrationsRequest {
+                subject: nul(),
+                ..Default::default()
+            },
+            "subject",
+        ),
+        (
+            pb::ListMigrationsRequest {
+                pool: nul(),
+                ..Default::default()
+            },
+            "pool",
+        ),
+        (
+            pb::ListMigrationsRequest {
+                page_token: nul(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+    ] {
+        refuses_nul(m.list_migrations(Request::new(r)).await, field);
+    }
+    let cancel = pb::CancelMigrationRequest {
+        migration_id: 1,
+        reason: nul(),
+    };
+    refuses_nul(m.cancel_migration(Request::new(cancel)).await, "reason");
+    let status = pb::GetSubjectStatusRequest { subject: nul() };
+    refuses_nul(m.get_subject_status(Request::new(status)).await, "subject");
+
+    let ad = &a.admin;
+    let create = pb::CreatePoolRequest {
+        name: nul(),
+        slots: 1,
+    };
+    refuses_nul(ad.create_pool(Request::new(create)).await, "name");
+    let slots = pb::SetPoolSlotsRequest {
+        name: nul(),
+        slots: 1,
+    };
+    refuses_nul(ad.set_pool_slots(Request::new(slots)).await, "name");
+    let pause = pb::PausePoolRequest { name: nul() };
+    refuses_nul(ad.pause_pool(Request::new(pause)).await, "name");
+    let resume = pb::ResumePoolRequest { name: nul() };
+    refuses_nul(ad.resume_pool(Request::new(resume)).await, "name");
+    let drain = pb::DrainWorkerRequest { worker_id: nul() };
+    refuses_nul(ad.drain_worker(Request::new(drain)).await, "worker_id");
+
+    let w = &a.workers;
+    let subscribe = |f: Edit<pb::SubscribeRequest>| {
+        let mut r = pb::SubscribeRequest {
+            worker_id: "w".into(),
+            kinds: vec!["noop".into()],
+            slots: 1,
+            name: String::new(),
+        };
+        f(&mut r);
+        Request::new(r)
+    };
+    let cases: [(Edit<pb::SubscribeRequest>, &str); 3] = [
+        (|r| r.worker_id = "w\0".into(), "worker_id"),
+        (|r| r.name = "host\0".into(), "name"),
+        (|r| r.kinds.push("k\0".into()), "kinds[1]"),
+    ];
+    for (f, field) in cases {
+        refuses_nul(w.subscribe(subscribe(f)).await.map(|_| ()), field);
+    }
+    let heartbeat = pb::HeartbeatRequest {
+        worker_id: nul(),
+        leases: vec![],
+    };
+    refuses_nul(w.heartbeat(Request::new(heartbeat)).await, "worker_id");
+    let lease = Some(pb::LeaseToken {
+        task_id: 1,
+        attempt: 1,
+    });
+    let add = |stage: &str, kind: &str| pb::CompleteRequest {
+        worker_id: "w".into(),
+        completions: vec![pb::Completion {
+            lease,
+            add_tasks: vec![pb::NewTask {
+                stage: stage.into(),
+                kind: kind.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let complete = pb::CompleteRequest {
+        worker_id: nul(),
+        ..add("b", "noop")
+    };
+    refuses_nul(w.complete(Request::new(complete)).await, "worker_id");
+    refuses_nul(
+        w.complete(Request::new(add("b\0", "noop"))).await,
+        "completions[0].add_tasks[0].stage",
+    );
+    refuses_nul(
+        w.complete(Request::new(add("b", "noop\0"))).await,
+        "completions[0].add_tasks[0].kind",
+    );
+    let fail = |worker_id: String, error: String| pb::FailRequest {
+        worker_id,
+        failures: vec![pb::Failure {
+            lease,
+            error,
+            retryable: true,
+        }],
+    };
+    refuses_nul(
+        w.fail(Request::new(fail(nul(), "boom".into()))).await,
+        "worker_id",
+    );
+    refuses_nul(
+        w.fail(Request::new(fail("w".into(), nul()))).await,
+        "failures[0].error",
+    );
+
+    assert_eq!(plan_count(&a).await, 0, "nothing is stored");
+    assert_eq!(migration_count(&a).await, 0, "nothing is stored");
+}
+
 /// Each case on both backends.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -375,5 +580,6 @@ on_both_backends!(
     bad_plans_are_invalid_argument_naming_the_field_and_store_nothing,
     bad_creates_store_nothing,
     worker_reports_with_stale_tokens_are_failed_precondition,
-    pools_are_managed_through_the_admin_service
+    pools_are_managed_through_the_admin_service,
+    nul_in_any_string_is_invalid_argument_naming_the_field
 );

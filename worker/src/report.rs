@@ -137,11 +137,13 @@ fn completion(token: LeaseToken, output: &TaskOutput) -> Completion {
 }
 
 fn failure(token: LeaseToken, error: &TaskError) -> Failure {
-    // The coordinator refuses an empty error (and with it the whole batch).
+    // The coordinator refuses an empty error, and a NUL character in any
+    // string, and with it the whole batch: a handler's text (a driver's
+    // message, bytes read as text) should not lose the report.
     let message = if error.message.trim().is_empty() {
         "the handler failed without a message".to_string()
     } else {
-        error.message.clone()
+        error.message.replace('\0', "\u{FFFD}")
     };
     Failure {
         lease: Some(token),
@@ -199,6 +201,16 @@ mod tests {
                 Verdict::Transient(_)
             ));
         }
+    }
+
+    #[test]
+    fn an_error_with_nul_is_still_reported() {
+        let token = LeaseToken {
+            task_id: 7,
+            attempt: 2,
+        };
+        let f = failure(token, &TaskError::fatal("bad\0byte"));
+        assert_eq!(f.error, "bad\u{FFFD}byte");
     }
 
     #[test]

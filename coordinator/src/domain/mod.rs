@@ -7,4 +7,5 @@ mod plan;
 pub use model::*;
 pub use plan::{
     PlanSpec, RetryPolicy, StageSpec, TaskSpec, task_override, validate_name, validate_task,
+    validate_text,
 };

@@ -160,6 +160,7 @@ impl PlanSpec {
             }
         };
         validate_name(&at("name"), &self.name, "plan name")?;
+        validate_text(&at("description"), &self.description)?;
         if self.stages.is_empty() {
             return Err(Error::invalid(
                 at("stages"),
@@ -305,6 +306,7 @@ fn validate_retry(field: &str, r: &RetryPolicy, min_heartbeat_timeout_ms: u32) -
 /// Names of plans, stages, task kinds and pools: 1-100 characters of
 /// `[A-Za-z0-9._-]`, so they are safe in URLs, logs and metric labels.
 pub fn validate_name(field: &str, value: &str, what: &str) -> Result<()> {
+    validate_text(field, value)?;
     if value.is_empty() {
         return Err(Error::invalid(field, format!("the {what} is required")));
     }
@@ -319,6 +321,22 @@ pub fn validate_name(field: &str, value: &str, what: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The rule for every string a client or worker sends: no NUL character.
+/// PostgreSQL `text` cannot hold one and SQLite can, so refusing it wherever
+/// it arrives makes both backends answer alike. (JSON payloads may hold NUL:
+/// they are stored as JSON text, where it is the escape `\u0000`.)
+pub fn validate_text(field: &str, value: &str) -> Result<()> {
+    match value.find('\0') {
+        None => Ok(()),
+        Some(at) => Err(Error::invalid(
+            field,
+            format!(
+                "contains a NUL character (\\0) at byte {at}; no text field may hold one, remove it"
+            ),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -375,6 +393,12 @@ mod tests {
                 r#"{"name":"p","stages":[{"name":"a","tasks":[{"kind":"x","payload":[1]}]}]}"#
             )),
             "stages[0].tasks[0].payload"
+        );
+        assert_eq!(
+            field_of(plan(
+                r#"{"name":"p","description":"a\u0000","stages":[{"name":"a","tasks":[{"kind":"x"}]}]}"#
+            )),
+            "description"
         );
     }
 

@@ -6,6 +6,7 @@ use stagecoach_proto::v1::{self as pb, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
 use super::convert::{pool_to_pb, worker_to_pb};
+use super::text::checked;
 use crate::engine::Coordinator;
 
 /// The operator API.
@@ -35,7 +36,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<pb::CreatePoolRequest>,
     ) -> Result<Response<pb::CreatePoolResponse>, Status> {
-        let r = req.into_inner();
+        let r = checked(req)?;
         let pool = self.core.create_pool(&r.name, r.slots).await?;
         Ok(Response::new(pb::CreatePoolResponse {
             pool: Some(pool_to_pb(&pool)),
@@ -46,7 +47,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<pb::SetPoolSlotsRequest>,
     ) -> Result<Response<pb::SetPoolSlotsResponse>, Status> {
-        let r = req.into_inner();
+        let r = checked(req)?;
         let pool = self.core.set_pool_slots(&r.name, r.slots).await?;
         Ok(Response::new(pb::SetPoolSlotsResponse {
             pool: Some(pool_to_pb(&pool)),
@@ -57,10 +58,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<pb::PausePoolRequest>,
     ) -> Result<Response<pb::PausePoolResponse>, Status> {
-        let pool = self
-            .core
-            .set_pool_paused(&req.into_inner().name, true)
-            .await?;
+        let pool = self.core.set_pool_paused(&checked(req)?.name, true).await?;
         Ok(Response::new(pb::PausePoolResponse {
             pool: Some(pool_to_pb(&pool)),
         }))
@@ -72,7 +70,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::ResumePoolResponse>, Status> {
         let pool = self
             .core
-            .set_pool_paused(&req.into_inner().name, false)
+            .set_pool_paused(&checked(req)?.name, false)
             .await?;
         Ok(Response::new(pb::ResumePoolResponse {
             pool: Some(pool_to_pb(&pool)),
@@ -95,7 +93,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<pb::DrainWorkerRequest>,
     ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
-        let id = req.into_inner().worker_id;
+        let id = checked(req)?.worker_id;
         let w = self.core.drain_worker(&id)?;
         let leases = self.core.store().live_leases(&id).await?;
         Ok(Response::new(pb::DrainWorkerResponse {

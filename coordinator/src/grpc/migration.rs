@@ -10,6 +10,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, migration_to_pb, plan_from_pb, plan_to_pb};
+use super::text::checked;
 use crate::domain::{MigrationFilter, PlanSpec};
 use crate::engine::{Coordinator, CreateRequest, PlanSource};
 use crate::error::Error;
@@ -35,7 +36,7 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::PutPlanRequest>,
     ) -> Result<Response<pb::PutPlanResponse>, Status> {
-        let plan = match req.into_inner().source {
+        let plan = match checked(req)?.source {
             Some(pb::put_plan_request::Source::Plan(p)) => plan_from_pb(p),
             Some(pb::put_plan_request::Source::PlanJson(json)) => PlanSpec::from_json(&json)?,
             None => {
@@ -54,7 +55,7 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::GetPlanRequest>,
     ) -> Result<Response<pb::GetPlanResponse>, Status> {
-        let name = req.into_inner().name;
+        let name = checked(req)?.name;
         if name.is_empty() {
             return Err(Error::invalid("name", "the plan name is required").into());
         }
@@ -78,7 +79,7 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::CreateMigrationRequest>,
     ) -> Result<Response<pb::CreateMigrationResponse>, Status> {
-        let r = req.into_inner();
+        let r = checked(req)?;
         let plan = match r.plan_source {
             Some(pb::create_migration_request::PlanSource::PlanName(name)) => {
                 PlanSource::Named(name)
@@ -133,7 +134,7 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::ListMigrationsRequest>,
     ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
-        let r = req.into_inner();
+        let r = checked(req)?;
         let limit = match r.page_size {
             0 => 100,
             n @ 1..=1000 => n,
@@ -188,7 +189,7 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::CancelMigrationRequest>,
     ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
-        let r = req.into_inner();
+        let r = checked(req)?;
         let m = self
             .core
             .cancel_migration(r.migration_id, &r.reason)
@@ -215,7 +216,7 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::GetSubjectStatusRequest>,
     ) -> Result<Response<pb::GetSubjectStatusResponse>, Status> {
-        let view = self.core.subject_status(&req.into_inner().subject).await?;
+        let view = self.core.subject_status(&checked(req)?.subject).await?;
         Ok(Response::new(pb::GetSubjectStatusResponse {
             status: convert::subject_status_to_pb(view.status) as i32,
             latest: view.latest.as_ref().map(migration_to_pb),

@@ -4,11 +4,14 @@
 
 mod admin;
 pub mod convert;
+mod limit;
 mod migration;
 mod status;
+mod text;
 mod worker;
 
 pub use admin::AdminApi;
+pub use limit::{DEFAULT_MAX_REQUEST_BYTES, RequestLimit};
 pub use migration::MigrationApi;
 pub use status::code_of;
 pub use worker::WorkerApi;

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, lease_to_pb};
 use super::status::code_of;
+use super::text::checked;
 use crate::domain::{LeaseToken, ReportAck};
 use crate::engine::{Coordinator, WorkerEvent, WorkerSpec};
 use crate::error::{Error, Result};
@@ -112,7 +113,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let r = req.into_inner();
+        let r = checked(req)?;
         let spec = WorkerSpec {
             worker_id: r.worker_id,
             name: r.name,
@@ -140,7 +141,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let r = req.into_inner();
+        let r = checked(req)?;
         require_worker_id(&r.worker_id)?;
         let leases = r
             .leases
@@ -173,7 +174,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        let r = req.into_inner();
+        let r = checked(req)?;
         require_worker_id(&r.worker_id)?;
         if r.completions.is_empty() {
             return Err(Error::invalid("completions", "send at least one completion").into());
@@ -193,7 +194,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::FailRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        let r = req.into_inner();
+        let r = checked(req)?;
         require_worker_id(&r.worker_id)?;
         if r.failures.is_empty() {
             return Err(Error::invalid("failures", "send at least one failure").into());

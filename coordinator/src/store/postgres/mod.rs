@@ -189,10 +189,12 @@ fn conflict(e: &Error) -> bool {
 /// Errors that are the request's fault, said so.
 fn explain(e: Error) -> Error {
     match sqlstate(&e) {
-        // character_not_in_repertoire: PostgreSQL text cannot hold NUL.
+        // character_not_in_repertoire: PostgreSQL text cannot hold NUL. The
+        // gRPC edge refuses NUL in every field by name (`grpc::text`); this
+        // is the last line of defence, for a caller of the store that skipped it.
         Some((code, _)) if code == "22021" => Error::invalid(
-            "text",
-            "contains a NUL character (\\0), which PostgreSQL cannot store; remove it",
+            "request",
+            "a string contains a NUL character (\\0), which PostgreSQL cannot store; remove it",
         ),
         Some((code, Some("migrations_one_unfinished_per_subject"))) if code == "23505" => {
             Error::AlreadyExists(
@@ -234,6 +236,8 @@ pub(super) fn merge(fx: &mut Effects, more: Effects) {
 
 /// Text a worker or client sent that the store writes as is: PostgreSQL
 /// cannot store NUL, so it becomes U+FFFD instead of failing the report.
+/// Requests never get here with one (the gRPC edge refuses NUL in every
+/// field); this only keeps a direct caller of the store from failing.
 fn storable(text: &str) -> Cow<'_, str> {
     if text.contains('\0') {
         Cow::Owned(text.replace('\0', "\u{FFFD}"))
