@@ -7,7 +7,9 @@
 //! the database alone:
 //!
 //! - **One clock.** Every time is `stagecoach_now_ms()`, the database's
-//!   clock, evaluated inside the statements (DESIGN.md, "Leases").
+//!   clock, evaluated inside the statements (DESIGN.md, "Leases"): the
+//!   start of the transaction (migration 0011), so a transition's checks
+//!   against time (a deadline, I10) and the times it writes are one instant.
 //! - **The migration row lock** (`FOR NO KEY UPDATE`) guards everything of
 //!   one migration: its stages, its tasks' transitions, its events. Reports,
 //!   cancel, retry, the sweeper and claims take it before they touch the
