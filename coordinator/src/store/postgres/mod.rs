@@ -230,6 +230,7 @@ pub(super) fn merge(fx: &mut Effects, more: Effects) {
     fx.touched.extend(more.touched);
     fx.revoked.extend(more.revoked);
     fx.dispatch |= more.dispatch;
+    fx.lost.extend(more.lost);
 }
 
 /// Text a worker or client sent that the store writes as is: PostgreSQL
