@@ -305,6 +305,22 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_worker_travels_and_older_notices_without_one_still_decode() {
+        let mut fx = Effects::default();
+        fx.lost.insert("w1".into());
+        let p = payloads("me", &fx);
+        assert_eq!(p.len(), 1, "a lost worker alone is worth a notice");
+        assert_eq!(decode(&p[0], "other"), Some(fx));
+        let older = r#"{"origin":"old","effects":{"touched":[3],"revoked":[],"dispatch":true}}"#;
+        let fx = decode(older, "me").unwrap();
+        assert!(fx.lost.is_empty() && fx.dispatch);
+        assert!(
+            !payloads("me", &missed())[0].contains("lost"),
+            "no empty list on the wire"
+        );
+    }
+
+    #[test]
     fn large_effects_are_split_into_parts_that_fit_and_lose_nothing() {
         let mut fx = Effects {
             dispatch: true,
