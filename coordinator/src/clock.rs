@@ -7,7 +7,7 @@
 //! a transaction makes against time (a deadline, a lease's expiry) and the
 //! times it writes (its events, a lease's start) agree exactly. The
 //! PostgreSQL store gets the same from the database: its clock is the
-//! transaction's start (`migrations/postgres/0011_transaction_clock.sql`).
+//! transaction's start (`migrations/postgres/0012_transaction_clock.sql`).
 
 use std::cell::Cell;
 use std::future::Future;

@@ -46,7 +46,11 @@ pub struct Config {
     /// Slots of the `default` pool when it is first created.
     #[arg(long, env = "STAGECOACH_DEFAULT_POOL_SLOTS", default_value_t = 10)]
     pub default_pool_slots: u32,
-    /// Lease expiries a task survives before it is dead.
+    /// Lease expiries a task survives: after each of the first N it is
+    /// assigned again (N + 1 assignments at most), and the next expiry makes
+    /// it dead, failing its migration with "lost its worker N+1 times". 0:
+    /// the first expiry does. Reported failures count separately (a stage's
+    /// `max_attempts`).
     #[arg(long, env = "STAGECOACH_MAX_REASSIGNMENTS", default_value_t = 5)]
     pub max_reassignments: u32,
     /// Largest request message a client or worker may send, in bytes; a
@@ -100,9 +104,6 @@ impl Config {
         }
         if self.default_pool_slots == 0 {
             return err("default-pool-slots", "must be at least 1".into());
-        }
-        if self.max_reassignments == 0 {
-            return err("max-reassignments", "must be at least 1".into());
         }
         if self.max_request_bytes < MIN_REQUEST_BYTES {
             return err(

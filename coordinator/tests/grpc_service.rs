@@ -558,6 +558,68 @@ async fn nul_in_any_string_is_invalid_argument_naming_the_field(backend: Backend
     assert_eq!(migration_count(&a).await, 0, "nothing is stored");
 }
 
+/// A worker that subscribes and never heartbeats stops getting work after
+/// three heartbeat intervals (100 ms here), and ListWorkers says so and
+/// why; a Complete is no heartbeat, a Heartbeat makes it eligible again.
+async fn list_workers_says_who_gets_no_work_and_why(backend: Backend) {
+    let a = apis(backend).await;
+    let sub = pb::SubscribeRequest {
+        worker_id: "quiet".into(),
+        kinds: vec!["noop".into()],
+        slots: 1,
+        name: String::new(),
+    };
+    let _stream = a.workers.subscribe(Request::new(sub)).await.unwrap();
+    let list = async || {
+        let workers = a
+            .admin
+            .list_workers(Request::new(pb::ListWorkersRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        assert_eq!(workers.len(), 1);
+        workers.into_iter().next().unwrap()
+    };
+    let fresh = list().await;
+    assert!(fresh.eligible, "a new stream is a sign of life: {fresh:?}");
+    assert_eq!(
+        (fresh.last_heartbeat, fresh.ineligible_reason.as_str()),
+        (None, "")
+    );
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let complete = pb::CompleteRequest {
+        worker_id: "quiet".into(),
+        completions: vec![pb::Completion {
+            lease: Some(pb::LeaseToken {
+                task_id: 1,
+                attempt: 1,
+            }),
+            ..Default::default()
+        }],
+    };
+    let _ = a.workers.complete(Request::new(complete)).await;
+    let starved = list().await;
+    assert!(!starved.eligible, "{starved:?}");
+    let reason = &starved.ineligible_reason;
+    assert!(
+        reason.starts_with("no heartbeat since it subscribed ")
+            && reason.contains("workers must send Heartbeat every 100 ms"),
+        "{reason}"
+    );
+
+    let beat = pb::HeartbeatRequest {
+        worker_id: "quiet".into(),
+        leases: vec![],
+    };
+    a.workers.heartbeat(Request::new(beat)).await.unwrap();
+    let alive = list().await;
+    assert!(alive.eligible, "{alive:?}");
+    assert!(alive.last_heartbeat.is_some());
+    assert_eq!(alive.ineligible_reason, "");
+}
+
 /// Each case on both backends.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -581,5 +643,6 @@ on_both_backends!(
     bad_creates_store_nothing,
     worker_reports_with_stale_tokens_are_failed_precondition,
     pools_are_managed_through_the_admin_service,
-    nul_in_any_string_is_invalid_argument_naming_the_field
+    nul_in_any_string_is_invalid_argument_naming_the_field,
+    list_workers_says_who_gets_no_work_and_why,
 );

@@ -35,6 +35,7 @@
 //! | `reports.rs` | duplicate, late, premature and batched reports (I2, I4) |
 //! | `capacity.rs` | pool slots, immediate admission, pause and resume (I3) |
 //! | `worker_crash.rs` | `kill -9` of a worker: reassignment, stale late report (I4, I6) |
+//! | `frozen_worker.rs` | a worker frozen (`SIGSTOP`) past its lease: its task goes to the healthy worker, ListWorkers says why it gets none (I6, I7) |
 //! | `coordinator_crash.rs` | `kill -9` of the coordinator mid-stage, twice (I2, I6, I11) |
 //! | `handler_faults.rs` | panicking and hanging handlers: bounded retries, timeouts (I7) |
 //! | `cancel_retry.rs` | cancel mid-stage and retry after a failure (I9) |

@@ -314,6 +314,17 @@ impl Worker {
         terminate(&self.child);
     }
 
+    /// Freezes it with SIGSTOP: its stream stays open, but it sends nothing
+    /// (a stalled host, a long GC pause) until [`Self::resume`].
+    pub fn freeze(&self) {
+        signal(&self.child, libc::SIGSTOP);
+    }
+
+    /// Lets a frozen worker run again (SIGCONT).
+    pub fn resume(&self) {
+        signal(&self.child, libc::SIGCONT);
+    }
+
     /// Waits until it exits, at most `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         tokio::time::timeout(timeout, self.child.wait())
@@ -343,13 +354,17 @@ async fn kill9(child: &mut Child) {
 }
 
 fn terminate(child: &Child) {
+    signal(child, libc::SIGTERM);
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
     if let Some(pid) = child.id() {
         let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
         // SAFETY: kill(2) only sends a signal; `pid` is our own child, which
         // has not been reaped (its id is still known), so it names no other
         // process.
         unsafe {
-            libc::kill(pid, libc::SIGTERM);
+            libc::kill(pid, signal);
         }
     }
 }

@@ -6,9 +6,10 @@
 //! - the dead worker's late report (a raw Complete, then a raw Fail, with its
 //!   worker id and the attempt-1 token) is FAILED_PRECONDITION and changes
 //!   nothing;
-//! - with `--max-reassignments 1`, a worker dying with two leases of one
-//!   migration makes the first task dead and fails the migration once: the
-//!   log stays consistent (both leases expire in the same sweep).
+//! - with `--max-reassignments 0` (no expiry survived), a worker dying
+//!   with two leases of one migration makes the first task dead and fails
+//!   the migration once: the log stays consistent (both leases expire in
+//!   the same sweep).
 //!
 //! - a stage's own `heartbeat_timeout_ms` (1.5 s) decides how soon a killed
 //!   worker's task moves on, not the coordinator's 10-minute default lease;
@@ -131,7 +132,7 @@ async fn a_killed_workers_task_moves_on_and_its_late_report_is_rejected(backend:
 }
 
 async fn a_worker_dying_with_two_leases_fails_the_migration_once(backend: Backend) {
-    let mut cluster = Cluster::start_fast(backend, &["--max-reassignments", "1"], 1, 2).await;
+    let mut cluster = Cluster::start_fast(backend, &["--max-reassignments", "0"], 1, 2).await;
     let client = cluster.client().await;
     let long = || task("sleep", json!({"ms": 60_000}));
     let p = plan("doomed", vec![stage("only", vec![long(), long()])]);
@@ -147,7 +148,8 @@ async fn a_worker_dying_with_two_leases_fails_the_migration_once(backend: Backen
     let log: Vec<String> = events.iter().map(describe_event).collect();
     assert_eq!(m.state(), MigrationState::Failed, "{}", log.join("\n"));
     assert!(
-        m.reason.contains("(sleep) lost its worker 1 times"),
+        m.reason
+            .contains("(sleep) lost its worker 1 time (at most 0 reassignments)"),
         "reason {:?}",
         m.reason
     );

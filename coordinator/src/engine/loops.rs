@@ -58,10 +58,9 @@ pub async fn dispatch_once(core: &Coordinator) -> crate::error::Result<usize> {
 
 /// The workers that may get work now, and their claims.
 pub(super) fn claim_requests(core: &Coordinator) -> (Vec<Eligible>, Vec<ClaimRequest>) {
-    // A worker that missed three heartbeats gets no new work; its leases are
-    // only reclaimed when they expire (a longer threshold).
-    let recent = core.timing.heartbeat_interval * 3;
-    let workers = core.registry.eligible(recent);
+    // Stream open, not draining, heard from within three heartbeat
+    // intervals and not since lost a lease (registry module doc).
+    let workers = core.registry.eligible();
     let requests = workers
         .iter()
         .map(|w| ClaimRequest {

@@ -23,7 +23,7 @@ use crate::store::{Effects, Report, Store, SubjectView};
 use group_commit::GroupCommit;
 
 pub use loops::{run_dispatcher, run_remote_effects, run_sweeper};
-pub use registry::{Registry, WorkerEvent, WorkerSpec, WorkerView};
+pub use registry::{Ineligible, Registry, WorkerEvent, WorkerSpec, WorkerView};
 
 /// Timing of the worker protocol.
 #[derive(Debug, Clone, Copy)]
@@ -72,7 +72,7 @@ impl Coordinator {
     pub fn new(store: Arc<dyn Store>, timing: Timing, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             store,
-            registry: Registry::default(),
+            registry: Registry::new(timing.heartbeat_interval),
             wake: Notify::new(),
             changes: broadcast::channel(4096).0,
             timing,
@@ -96,6 +96,10 @@ impl Coordinator {
 
     /// Acts on what a committed transition changed.
     fn apply(&self, fx: Effects) {
+        // Before any wake-up: the pass it triggers must not pick them.
+        for worker_id in &fx.lost {
+            self.registry.lost_lease(worker_id);
+        }
         for lease in fx.revoked {
             let event = WorkerEvent::Cancel {
                 lease: lease.lease,
@@ -306,12 +310,18 @@ impl Coordinator {
         self.registry.disconnect(worker_id, conn);
     }
 
+    /// Renews the worker's leases. Only this counts as the worker's sign of
+    /// life for eligibility (Complete and Fail do not): a worker held back
+    /// since a lease of it expired gets work again from the next pass,
+    /// which this wakes.
     pub async fn heartbeat(
         &self,
         worker_id: &str,
         leases: &[LeaseStatus],
     ) -> Result<HeartbeatOutcome> {
-        self.registry.seen(worker_id);
+        if self.registry.seen(worker_id) {
+            self.wake.notify_one();
+        }
         self.store.heartbeat(worker_id, leases).await
     }
 

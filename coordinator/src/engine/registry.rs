@@ -2,10 +2,37 @@
 //!
 //! Leases live in the database; this map only says which open stream to push
 //! an assignment or a cancel notice down, and which workers are eligible for
-//! new work (stream open, heartbeat recent, not draining). It is rebuilt by
-//! workers reconnecting after a restart.
+//! new work. It is rebuilt by workers reconnecting after a restart.
+//!
+//! # Eligibility
+//!
+//! A worker gets new work only while all of these hold ([`Ineligible`] says
+//! which one failed, in `ListWorkers` and in the log):
+//!
+//! - its stream is open and it is not draining;
+//! - it proved it is alive within three heartbeat intervals: a Heartbeat
+//!   call, or subscribing (a new stream). Complete and Fail do not count:
+//!   only a heartbeat renews leases, so a worker that reports but never
+//!   heartbeats would lose every lease it is given;
+//! - no lease of it expired since its last heartbeat. A stage's
+//!   `heartbeat_timeout_ms` may be as short as two intervals, so a frozen
+//!   worker's lease can expire while the worker still looks recent; without
+//!   this rule the task would often go straight back to it. The sweeper that
+//!   expired the lease names the worker in `Effects::lost`, which reaches
+//!   this coordinator through [`Registry::lost_lease`] whichever coordinator
+//!   swept (PostgreSQL `NOTIFY`). A heartbeat received after that clears it;
+//!   one that raced the notice only delays the worker by an interval.
+//!
+//! Correctness does not hang on this cache: a missed notice leaves the
+//! worker eligible, and the claim still deals a lost task to another
+//! worker first (`tasks.expired_worker`, `store::common::deal`).
+//!
+//! Each pass logs a worker's change of eligibility once: a warning when it
+//! stops getting work (info when it was drained), info when it gets work
+//! again.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -37,8 +64,66 @@ struct Connected {
     spec: WorkerSpec,
     tx: mpsc::UnboundedSender<WorkerEvent>,
     connected_at_ms: i64,
-    last_seen: Instant,
+    /// When the stream opened: a sign of life until the first heartbeat.
+    connected: Instant,
+    /// The last heartbeat received, and its wall-clock time for operators.
+    last_heartbeat: Option<(Instant, i64)>,
+    /// When this coordinator learned that a lease of it expired, if no
+    /// heartbeat arrived since.
+    lease_lost: Option<Instant>,
     draining: bool,
+    /// Whether the last pass found it ineligible: its change is logged once.
+    benched: bool,
+}
+
+/// Why a connected worker gets no new work.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ineligible {
+    /// An operator drained it.
+    Draining,
+    /// Its stream has closed; it is about to leave the registry.
+    StreamClosed,
+    /// A lease of it expired `ago`, and no heartbeat came since.
+    LeaseExpired { ago: Duration },
+    /// Nothing heard from it for `silent` (no heartbeat at all, when
+    /// `never`: `silent` counts from its Subscribe); workers must send a
+    /// Heartbeat every `interval`.
+    Silent {
+        silent: Duration,
+        never: bool,
+        interval: Duration,
+    },
+}
+
+impl fmt::Display for Ineligible {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ineligible::Draining => write!(f, "draining"),
+            Ineligible::StreamClosed => write!(f, "its Subscribe stream closed"),
+            Ineligible::LeaseExpired { ago } => write!(
+                f,
+                "a lease it held expired {:.1} s ago; waiting for a heartbeat",
+                ago.as_secs_f64()
+            ),
+            Ineligible::Silent {
+                silent,
+                never,
+                interval,
+            } => {
+                let secs = silent.as_secs_f64();
+                if *never {
+                    write!(f, "no heartbeat since it subscribed {secs:.1} s ago")?;
+                } else {
+                    write!(f, "no heartbeat for {secs:.1} s")?;
+                }
+                write!(
+                    f,
+                    "; workers must send Heartbeat every {} ms (Complete and Fail do not count)",
+                    interval.as_millis()
+                )
+            }
+        }
+    }
 }
 
 /// A connected worker, as operators see it.
@@ -47,6 +132,10 @@ pub struct WorkerView {
     pub spec: WorkerSpec,
     pub connected_at_ms: i64,
     pub draining: bool,
+    /// When its last heartbeat arrived (ms since the epoch); none yet: `None`.
+    pub last_heartbeat_ms: Option<i64>,
+    /// Why it gets no new work now; `None`: it is eligible.
+    pub ineligible: Option<Ineligible>,
 }
 
 /// A worker eligible for new work, for one dispatch pass.
@@ -55,27 +144,53 @@ pub(crate) struct Eligible {
     pub tx: mpsc::UnboundedSender<WorkerEvent>,
 }
 
+/// A worker whose eligibility changed since the previous pass.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Change {
+    pub worker_id: String,
+    /// Why it stopped getting work; `None`: it gets work again.
+    pub now: Option<Ineligible>,
+}
+
 /// The connected workers. A std mutex: it is never held across an await.
-#[derive(Default)]
 pub struct Registry {
     workers: Mutex<HashMap<String, Connected>>,
     next_conn: AtomicU64,
+    /// How often workers must heartbeat; three of these without a sign of
+    /// life and a worker gets no new work (its leases are reclaimed only
+    /// when they expire, a threshold of their own).
+    heartbeat_interval: Duration,
 }
 
 impl Registry {
+    /// An empty registry for workers that heartbeat every `heartbeat_interval`.
+    pub fn new(heartbeat_interval: Duration) -> Self {
+        Registry {
+            workers: Mutex::default(),
+            next_conn: AtomicU64::new(0),
+            heartbeat_interval,
+        }
+    }
+
     /// Registers a stream; a reconnect with the same id replaces the old
     /// stream (which then ends). Returns the connection number for `remove`.
+    /// A new stream is a sign of life, as a heartbeat is.
     pub(crate) fn connect(&self, spec: WorkerSpec, tx: mpsc::UnboundedSender<WorkerEvent>) -> u64 {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let mut map = self.lock();
+        let last_heartbeat = map.get(&spec.worker_id).and_then(|c| c.last_heartbeat);
         let entry = Connected {
             conn,
             spec: spec.clone(),
             tx,
             connected_at_ms: crate::clock::now_ms(),
-            last_seen: Instant::now(),
+            connected: Instant::now(),
+            last_heartbeat,
+            lease_lost: None,
             draining: false,
+            benched: false,
         };
-        self.lock().insert(spec.worker_id, entry);
+        map.insert(spec.worker_id, entry);
         conn
     }
 
@@ -87,11 +202,29 @@ impl Registry {
         }
     }
 
-    /// Records a sign of life (a heartbeat).
-    pub(crate) fn seen(&self, worker_id: &str) {
-        if let Some(c) = self.lock().get_mut(worker_id) {
-            c.last_seen = Instant::now();
-        }
+    /// Records a heartbeat. True when that may make the worker eligible
+    /// again (it was held back): worth a dispatch pass.
+    pub(crate) fn seen(&self, worker_id: &str) -> bool {
+        let mut map = self.lock();
+        let Some(c) = map.get_mut(worker_id) else {
+            return false;
+        };
+        c.last_heartbeat = Some((Instant::now(), crate::clock::now_ms()));
+        let held_back = c.benched || c.lease_lost.is_some();
+        c.lease_lost = None;
+        held_back
+    }
+
+    /// Records that a lease of the worker expired (a sweep's
+    /// `Effects::lost`): no new work until its next heartbeat. False if it
+    /// is not connected here.
+    pub(crate) fn lost_lease(&self, worker_id: &str) -> bool {
+        let mut map = self.lock();
+        let Some(c) = map.get_mut(worker_id) else {
+            return false;
+        };
+        c.lease_lost = Some(Instant::now());
+        true
     }
 
     /// Marks a worker as draining; false if it is not connected.
@@ -99,20 +232,77 @@ impl Registry {
         let mut map = self.lock();
         let c = map.get_mut(worker_id)?;
         c.draining = true;
-        Some(view(c))
+        Some(self.view(c, Instant::now()))
     }
 
-    /// Workers that may get new work: stream open, not draining, and heard
-    /// from within `recent`.
-    pub(crate) fn eligible(&self, recent: Duration) -> Vec<Eligible> {
-        self.lock()
-            .values()
-            .filter(|c| !c.draining && c.last_seen.elapsed() <= recent && !c.tx.is_closed())
-            .map(|c| Eligible {
-                spec: c.spec.clone(),
-                tx: c.tx.clone(),
+    /// Workers that may get new work now (module doc, "Eligibility"),
+    /// logging each worker whose eligibility changed since the last pass.
+    pub(crate) fn eligible(&self) -> Vec<Eligible> {
+        let (eligible, changes) = self.pass();
+        for change in changes {
+            let worker_id = change.worker_id.as_str();
+            match change.now {
+                None => tracing::info!(worker_id, "worker gets new work again"),
+                Some(Ineligible::Draining) => {
+                    tracing::info!(worker_id, "worker drained: it gets no new work")
+                }
+                Some(reason) => tracing::warn!(
+                    worker_id,
+                    reason = %reason,
+                    "worker gets no new work until it heartbeats"
+                ),
+            }
+        }
+        eligible
+    }
+
+    /// The eligible workers, and the changes since the last pass.
+    fn pass(&self) -> (Vec<Eligible>, Vec<Change>) {
+        let now = Instant::now();
+        let mut changes = Vec::new();
+        let mut map = self.lock();
+        let eligible = map
+            .values_mut()
+            .filter_map(|c| {
+                let status = self.status(c, now);
+                // A closing stream leaves the registry at once: nothing to say.
+                if c.benched != status.is_some() && status != Some(Ineligible::StreamClosed) {
+                    c.benched = status.is_some();
+                    changes.push(Change {
+                        worker_id: c.spec.worker_id.clone(),
+                        now: status.clone(),
+                    });
+                }
+                status.is_none().then(|| Eligible {
+                    spec: c.spec.clone(),
+                    tx: c.tx.clone(),
+                })
             })
-            .collect()
+            .collect();
+        (eligible, changes)
+    }
+
+    /// Why `c` gets no new work at `now`, if it does not.
+    fn status(&self, c: &Connected, now: Instant) -> Option<Ineligible> {
+        if c.tx.is_closed() {
+            return Some(Ineligible::StreamClosed);
+        }
+        if c.draining {
+            return Some(Ineligible::Draining);
+        }
+        if let Some(at) = c.lease_lost {
+            return Some(Ineligible::LeaseExpired {
+                ago: now.saturating_duration_since(at),
+            });
+        }
+        let heartbeat = c.last_heartbeat.map(|(at, _)| at);
+        let alive = heartbeat.map_or(c.connected, |at| at.max(c.connected));
+        let silent = now.saturating_duration_since(alive);
+        (silent > self.heartbeat_interval * 3).then_some(Ineligible::Silent {
+            silent,
+            never: heartbeat.is_none(),
+            interval: self.heartbeat_interval,
+        })
     }
 
     /// Sends an event to a worker if it is connected here.
@@ -122,9 +312,10 @@ impl Registry {
             .is_some_and(|c| c.tx.send(event).is_ok())
     }
 
-    /// Every connected worker, by id.
+    /// Every connected worker, by id, with its eligibility now.
     pub fn list(&self) -> Vec<WorkerView> {
-        let mut out: Vec<_> = self.lock().values().map(view).collect();
+        let now = Instant::now();
+        let mut out: Vec<_> = self.lock().values().map(|c| self.view(c, now)).collect();
         out.sort_by(|a, b| a.spec.worker_id.cmp(&b.spec.worker_id));
         out
     }
@@ -139,12 +330,128 @@ impl Registry {
         // update is a single insert or remove), so poisoning is ignored.
         self.workers.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn view(&self, c: &Connected, now: Instant) -> WorkerView {
+        WorkerView {
+            spec: c.spec.clone(),
+            connected_at_ms: c.connected_at_ms,
+            draining: c.draining,
+            last_heartbeat_ms: c.last_heartbeat.map(|(_, ms)| ms),
+            ineligible: self.status(c, now),
+        }
+    }
 }
 
-fn view(c: &Connected) -> WorkerView {
-    WorkerView {
-        spec: c.spec.clone(),
-        connected_at_ms: c.connected_at_ms,
-        draining: c.draining,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str) -> WorkerSpec {
+        WorkerSpec {
+            worker_id: id.into(),
+            name: String::new(),
+            kinds: vec!["noop".into()],
+            slots: 1,
+        }
+    }
+
+    fn ids(eligible: &[Eligible]) -> Vec<&str> {
+        let mut ids: Vec<_> = eligible.iter().map(|e| e.spec.worker_id.as_str()).collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn a_worker_whose_lease_expired_waits_for_its_next_heartbeat() {
+        let r = Registry::new(Duration::from_secs(60));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        r.connect(spec("a"), tx.clone());
+        r.connect(spec("b"), tx);
+        assert_eq!(
+            ids(&r.pass().0),
+            ["a", "b"],
+            "a new stream is a sign of life"
+        );
+
+        assert!(r.lost_lease("a"));
+        assert!(!r.lost_lease("elsewhere"), "not connected here");
+        let (eligible, changes) = r.pass();
+        assert_eq!(ids(&eligible), ["b"]);
+        assert_eq!(changes.len(), 1);
+        assert!(matches!(
+            changes[0].now,
+            Some(Ineligible::LeaseExpired { .. })
+        ));
+        let view = &r.list()[0];
+        let reason = view.ineligible.as_ref().unwrap().to_string();
+        assert!(
+            reason.starts_with("a lease it held expired")
+                && reason.ends_with("waiting for a heartbeat"),
+            "{reason}"
+        );
+        assert_eq!(r.pass().1, [], "logged once, not every pass");
+
+        assert!(r.seen("a"), "a heartbeat after the expiry: worth a pass");
+        let (eligible, changes) = r.pass();
+        assert_eq!(ids(&eligible), ["a", "b"]);
+        assert_eq!(
+            changes,
+            [Change {
+                worker_id: "a".into(),
+                now: None
+            }]
+        );
+        assert!(!r.seen("a"), "an ordinary heartbeat");
+        assert!(r.list()[0].last_heartbeat_ms.is_some());
+    }
+
+    #[test]
+    fn a_worker_that_never_heartbeats_stops_getting_work_and_says_why() {
+        let r = Registry::new(Duration::from_millis(1));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        r.connect(spec("quiet"), tx);
+        std::thread::sleep(Duration::from_millis(10));
+        let (eligible, changes) = r.pass();
+        assert!(eligible.is_empty());
+        assert_eq!(changes.len(), 1);
+        let view = &r.list()[0];
+        assert_eq!(view.last_heartbeat_ms, None);
+        let reason = view.ineligible.as_ref().unwrap().to_string();
+        assert!(
+            reason.starts_with("no heartbeat since it subscribed")
+                && reason.contains("workers must send Heartbeat every 1 ms"),
+            "{reason}"
+        );
+        assert_eq!(r.pass().1, [], "logged once");
+        assert!(r.seen("quiet"));
+        assert_eq!(r.pass().0.len(), 1);
+        std::thread::sleep(Duration::from_millis(10));
+        let reason = r.list()[0].ineligible.as_ref().unwrap().to_string();
+        assert!(reason.starts_with("no heartbeat for "), "{reason}");
+    }
+
+    #[test]
+    fn drained_and_closed_workers_get_nothing() {
+        let r = Registry::new(Duration::from_secs(60));
+        let (tx, rx) = mpsc::unbounded_channel();
+        r.connect(spec("d"), tx);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        r.connect(spec("e"), tx);
+        r.drain("e");
+        drop(rx);
+        let (eligible, changes) = r.pass();
+        assert!(eligible.is_empty());
+        assert_eq!(
+            changes,
+            [Change {
+                worker_id: "e".into(),
+                now: Some(Ineligible::Draining)
+            }],
+            "a closed stream is not worth a log line"
+        );
+        assert_eq!(
+            r.list()[1].ineligible.as_ref().unwrap().to_string(),
+            "draining"
+        );
     }
 }

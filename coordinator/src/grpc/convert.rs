@@ -358,5 +358,12 @@ pub fn worker_to_pb(w: &WorkerView, leases: Vec<LeaseToken>) -> pb::WorkerInfo {
         leases: leases.into_iter().map(lease_to_pb).collect(),
         connected_at: Some(timestamp(w.connected_at_ms)),
         draining: w.draining,
+        last_heartbeat: w.last_heartbeat_ms.map(timestamp),
+        eligible: w.ineligible.is_none(),
+        ineligible_reason: w
+            .ineligible
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     }
 }

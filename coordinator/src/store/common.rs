@@ -285,28 +285,75 @@ pub(crate) fn wanted_per_kind<'a>(
     wanted
 }
 
-/// Deals ready tasks `(kind, id)`, oldest first, round-robin over the
-/// workers that run their kind and still have free slots; returns each
-/// request's task ids and takes what it deals from `free`.
+/// A ready task as a pass deals it: its kind, its id, and the worker its
+/// last lease expired on, if any (`tasks.expired_worker`).
+pub(crate) type Deal<'k> = (&'k str, i64, Option<&'k str>);
+
+/// Deals ready tasks, oldest first, round-robin over the workers that run
+/// their kind and still have free slots; returns each request's task ids
+/// and takes what it deals from `free`.
+///
+/// A task whose lease expired on a worker goes to another one when any
+/// with a free slot runs its kind, and back to that worker only when none
+/// does: a frozen worker that still looks eligible does not get back the
+/// task it just lost (and with a small `--max-reassignments`, lose it for
+/// good). It costs the pass nothing but the column.
 pub(crate) fn deal<'k>(
     requests: &[ClaimRequest],
     free: &mut [i64],
-    candidates: impl IntoIterator<Item = (&'k str, i64)>,
+    candidates: impl IntoIterator<Item = Deal<'k>>,
 ) -> Vec<Vec<i64>> {
     let n = requests.len();
     let mut picked: Vec<Vec<i64>> = vec![Vec::new(); n];
     let mut next = 0;
-    for (kind, id) in candidates {
-        if let Some(w) = (0..n)
-            .map(|k| (next + k) % n)
-            .find(|&w| free[w] > 0 && requests[w].kinds.iter().any(|k| k == kind))
-        {
+    for (kind, id, lost_on) in candidates {
+        let takes = |w: usize| free[w] > 0 && requests[w].kinds.iter().any(|k| k == kind);
+        let order = || (0..n).map(|k| (next + k) % n);
+        let other = order().find(|&w| takes(w) && Some(requests[w].worker_id.as_str()) != lost_on);
+        if let Some(w) = other.or_else(|| order().find(|&w| takes(w))) {
             free[w] -= 1;
             picked[w].push(id);
             next = (w + 1) % n;
         }
     }
     picked
+}
+
+/// What the sweep does with a lease that expired for the `expiries`-th
+/// time (counting this one): whether the task is dead, and the event's
+/// message. `--max-reassignments N` means N expiries survived, so N + 1
+/// assignments; the expiry after them kills the task.
+pub(crate) fn expiry(worker: &str, expiries: i64, max_reassignments: u32) -> (bool, String) {
+    let dead = expiries > i64::from(max_reassignments);
+    let then = if dead {
+        "the task is dead"
+    } else {
+        "the task is reassigned"
+    };
+    let message = format!(
+        "lease expired on worker {worker:?}: expiry {expiries}, {}; {then}",
+        reassignments(max_reassignments)
+    );
+    (dead, message)
+}
+
+/// The migration's reason when a task dies of lease expiries (I7).
+pub(crate) fn lost_reason(
+    task_id: i64,
+    kind: &str,
+    expiries: i64,
+    max_reassignments: u32,
+) -> String {
+    let times = if expiries == 1 { "time" } else { "times" };
+    format!(
+        "task {task_id} ({kind}) lost its worker {expiries} {times} ({}): its lease expired each time",
+        reassignments(max_reassignments)
+    )
+}
+
+fn reassignments(max: u32) -> String {
+    let s = if max == 1 { "" } else { "s" };
+    format!("at most {max} reassignment{s}")
 }
 
 /// A stage as fan-out sees it: index, name, state, and its `max_attempts`.
@@ -415,12 +462,48 @@ mod tests {
         let mut free = vec![2, 1];
         assert_eq!(wanted_per_kind(&requests, &free), vec![("x", 3), ("y", 2)]);
         let ready = [("x", 1), ("y", 2), ("x", 3), ("x", 4), ("y", 5)];
-        let picked = deal(&requests, &mut free, ready.iter().copied());
+        let picked = deal(&requests, &mut free, ready.map(|(k, id)| (k, id, None)));
         // b runs only x, so the y task after a's x1 goes to a as well.
         assert_eq!(picked, vec![vec![1, 2], vec![3]]);
         assert_eq!(free, vec![0, 0]);
         // A worker with no free slots asks for nothing.
         assert_eq!(wanted_per_kind(&requests, &[0, 4]), vec![("x", 4)]);
+    }
+
+    #[test]
+    fn a_task_lost_on_a_worker_goes_to_another_with_a_free_slot_first() {
+        let requests = [request("a", &["x"], 2), request("b", &["x"], 1)];
+        let mut free = vec![2, 1];
+        // 1 and 2 were lost on a: b takes one, a gets the other back
+        // rather than nobody; 3 was lost on b and goes to a.
+        let ready = [
+            ("x", 1, Some("a")),
+            ("x", 2, Some("a")),
+            ("x", 3, Some("b")),
+        ];
+        let picked = deal(&requests, &mut free, ready);
+        assert_eq!(picked, vec![vec![2, 3], vec![1]]);
+        // A worker not asking at all changes nothing.
+        let mut free = vec![1, 1];
+        let picked = deal(&requests, &mut free, [("x", 4, Some("gone"))]);
+        assert_eq!(picked, vec![vec![4], vec![]]);
+    }
+
+    #[test]
+    fn the_cap_counts_expiries_survived() {
+        let (dead, message) = expiry("w", 2, 2);
+        assert!(!dead);
+        assert_eq!(
+            message,
+            "lease expired on worker \"w\": expiry 2, at most 2 reassignments; the task is reassigned"
+        );
+        assert!(expiry("w", 3, 2).0);
+        assert!(expiry("w", 1, 0).0, "0: the first expiry kills");
+        assert_eq!(
+            lost_reason(7, "k", 2, 1),
+            "task 7 (k) lost its worker 2 times (at most 1 reassignment): its lease expired each time"
+        );
+        assert!(lost_reason(7, "k", 1, 0).contains("lost its worker 1 time ("));
     }
 
     #[test]

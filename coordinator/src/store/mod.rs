@@ -45,6 +45,13 @@ pub struct Effects {
     pub revoked: Vec<Revoked>,
     /// True when tasks became ready or worker slots freed: dispatch again.
     pub dispatch: bool,
+    /// Workers whose leases expired in this transition (the sweeper's). The
+    /// coordinator holding such a worker's stream gives it no new work
+    /// until it hears a heartbeat from it after this (the registry); sent
+    /// to the other coordinators with the rest, as any of them may sweep.
+    /// Absent from notices of older coordinators, hence the default.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub lost: BTreeSet<String>,
 }
 
 impl Effects {
@@ -62,7 +69,9 @@ pub struct Limits {
     /// How often workers send heartbeats: a heartbeat timeout must be at
     /// least twice this.
     pub heartbeat_interval_ms: i64,
-    /// Lease expiries a task survives before it is dead.
+    /// Lease expiries a task survives: it is assigned at most
+    /// `max_reassignments + 1` times by expiry, and the expiry after the
+    /// last of those makes it dead (0: the first expiry does).
     pub max_reassignments: u32,
 }
 

@@ -7,7 +7,10 @@
 //!    one worker id's claims queue behind each other, so two never count the
 //!    same free slots; hashtext collisions only make two workers wait);
 //! 2. one count of live leases for all of them;
-//! 3. the oldest ready tasks of every kind asked for, unlocked: a guess;
+//! 3. the oldest ready tasks of every kind asked for, unlocked: a guess,
+//!    with the worker each one's last lease expired on, so the deal gives
+//!    it to another worker first (`common::deal`; the column is read from
+//!    the heap rows this step reads anyway);
 //! 4. the row locks of those tasks' migrations, in id order, with their
 //!    state, subject and parameters. A claim appends TaskAssigned events, so
 //!    it holds the migration lock like every other writer of a migration's
@@ -227,7 +230,9 @@ pub(super) async fn claim_in(
         let picked = deal(
             requests,
             &mut free.clone(),
-            usable.iter().map(|c| (c.kind.as_str(), c.id)),
+            usable
+                .iter()
+                .map(|c| (c.kind.as_str(), c.id, c.expired_worker.as_deref())),
         );
         let dealt: usize = picked.iter().map(Vec::len).sum();
         let rows = lease(conn, requests, &picked, &usable, &stages).await?;
@@ -314,6 +319,8 @@ struct Candidate {
     migration_id: i64,
     #[sqlx(rename = "stage_idx")]
     stage: i64,
+    /// The worker its last lease expired on: [`deal`] prefers another.
+    expired_worker: Option<String>,
 }
 
 /// The oldest ready tasks of each wanted kind, at most its count, outside
@@ -328,10 +335,11 @@ async fn oldest_ready(
     let kinds: Vec<&str> = wanted.iter().map(|w| w.0).collect();
     let counts: Vec<i64> = wanted.iter().map(|w| w.1).collect();
     Ok(sqlx::query_as(
-        "SELECT r.kind, r.id, r.migration_id, r.stage_idx
+        "SELECT r.kind, r.id, r.migration_id, r.stage_idx, r.expired_worker
          FROM unnest($1::text[], $2::bigint[]) AS k(kind, n)
          CROSS JOIN LATERAL (
-             SELECT t.kind, t.id, t.migration_id, t.stage_idx, t.ready_at FROM tasks t
+             SELECT t.kind, t.id, t.migration_id, t.stage_idx, t.ready_at, t.expired_worker
+             FROM tasks t
              WHERE t.state = 'ready' AND t.kind = k.kind
                AND t.ready_at <= (SELECT stagecoach_now_ms())
                AND NOT (t.migration_id = ANY($3))

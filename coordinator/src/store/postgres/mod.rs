@@ -8,7 +8,7 @@
 //!
 //! - **One clock.** Every time is `stagecoach_now_ms()`, the database's
 //!   clock, evaluated inside the statements (DESIGN.md, "Leases"): the
-//!   start of the transaction (migration 0011), so a transition's checks
+//!   start of the transaction (migration 0012), so a transition's checks
 //!   against time (a deadline, I10) and the times it writes are one instant.
 //! - **The migration row lock** (`FOR NO KEY UPDATE`) guards everything of
 //!   one migration: its stages, its tasks' transitions, its events. Reports,
@@ -234,6 +234,7 @@ pub(super) fn merge(fx: &mut Effects, more: Effects) {
     fx.touched.extend(more.touched);
     fx.revoked.extend(more.revoked);
     fx.dispatch |= more.dispatch;
+    fx.lost.extend(more.lost);
 }
 
 /// Text a worker or client sent that the store writes as is: PostgreSQL

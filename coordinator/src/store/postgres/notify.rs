@@ -39,11 +39,14 @@ fn encode(origin: &str, effects: Effects) -> String {
 }
 
 /// The notification payloads of `fx`: one if it fits, else parts that each
-/// fit and together carry every touched id and revoked lease. A revoked
-/// lease too large for a notification on its own (a worker id of kilobytes)
-/// is left out: its worker still learns it from its next heartbeat answer.
+/// fit and together carry every touched id, revoked lease and worker that
+/// lost a lease. A revoked lease or lost worker too large for a
+/// notification on its own (a worker id of kilobytes) is left out: its
+/// worker still learns of a cancel from its next heartbeat answer, and a
+/// lost worker is still dealt other tasks than the one it lost first (the
+/// claim reads `expired_worker`).
 pub(super) fn payloads(origin: &str, fx: &Effects) -> Vec<String> {
-    if fx.touched.is_empty() && fx.revoked.is_empty() && !fx.dispatch {
+    if is_empty(fx) {
         return Vec::new();
     }
     let whole = encode(origin, fx.clone());
@@ -91,10 +94,31 @@ pub(super) fn payloads(origin: &str, fx: &Effects) -> Vec<String> {
         part.revoked.push(revoked.clone());
         size += more;
     }
-    if !part.touched.is_empty() || !part.revoked.is_empty() || part.dispatch {
+    // `"lost":[…]` the first time in a part, then `,"id"` each.
+    let lost_key = r#","lost":[]"#.len();
+    for worker in &fx.lost {
+        let more = serde_json::to_string(worker).map_or(usize::MAX, |s| s.len() + 1);
+        if empty.saturating_add(lost_key).saturating_add(more) >= MAX_PAYLOAD {
+            continue;
+        }
+        if size + lost_key + more >= MAX_PAYLOAD {
+            flush(&mut part, &mut size);
+        }
+        if part.lost.is_empty() {
+            size += lost_key;
+        }
+        size += more;
+        part.lost.insert(worker.clone());
+    }
+    if !is_empty(&part) {
         flush(&mut part, &mut size);
     }
     parts
+}
+
+/// Whether `fx` says nothing another coordinator would act on.
+fn is_empty(fx: &Effects) -> bool {
+    fx.touched.is_empty() && fx.revoked.is_empty() && fx.lost.is_empty() && !fx.dispatch
 }
 
 /// Publishes `fx` in the caller's transaction: delivered at its commit.
@@ -132,6 +156,7 @@ pub(super) async fn commit_after(
 ) -> Result<()> {
     let said = fx.touched.is_subset(&early.touched)
         && fx.revoked.iter().all(|r| early.revoked.contains(r))
+        && fx.lost.is_subset(&early.lost)
         && (early.dispatch || !fx.dispatch);
     if said {
         tx.commit().await?;
@@ -280,6 +305,22 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_worker_travels_and_older_notices_without_one_still_decode() {
+        let mut fx = Effects::default();
+        fx.lost.insert("w1".into());
+        let p = payloads("me", &fx);
+        assert_eq!(p.len(), 1, "a lost worker alone is worth a notice");
+        assert_eq!(decode(&p[0], "other"), Some(fx));
+        let older = r#"{"origin":"old","effects":{"touched":[3],"revoked":[],"dispatch":true}}"#;
+        let fx = decode(older, "me").unwrap();
+        assert!(fx.lost.is_empty() && fx.dispatch);
+        assert!(
+            !payloads("me", &missed())[0].contains("lost"),
+            "no empty list on the wire"
+        );
+    }
+
+    #[test]
     fn large_effects_are_split_into_parts_that_fit_and_lose_nothing() {
         let mut fx = Effects {
             dispatch: true,
@@ -288,6 +329,7 @@ mod tests {
         for n in 0..3_000 {
             fx.touched.insert(1_000_000 + n);
             fx.revoked.push(revoked(n));
+            fx.lost.insert(format!("worker-{n}"));
         }
         let parts = payloads("origin-id", &fx);
         assert!(parts.len() > 10);
@@ -297,6 +339,7 @@ mod tests {
             let part = decode(p, "someone else").unwrap();
             merged.touched.extend(part.touched);
             merged.revoked.extend(part.revoked);
+            merged.lost.extend(part.lost);
             merged.dispatch |= part.dispatch;
         }
         assert_eq!(merged, fx);

@@ -16,6 +16,7 @@ use super::reports::{Dead, kill_task, record_failure, reported};
 use super::{merge, notify, transact};
 use crate::domain::{EventKind, Failure, LeaseToken, MigrationState, Revoked, SweepReport};
 use crate::error::Result;
+use crate::store::common;
 use crate::store::{Effects, Limits};
 
 pub(super) async fn sweep(
@@ -147,8 +148,12 @@ async fn still_leased(conn: &mut PgConnection, lease: LeaseToken) -> Result<bool
     Ok(live == Some(true))
 }
 
-/// Leases past their expiry go back to `ready` (I6); a task that lost its
-/// worker `max_reassignments` times is dead instead of looping forever.
+/// Leases past their expiry go back to `ready` (I6), remembering the worker
+/// they expired on (`expired_worker`: a pass deals the task to another one
+/// first), and the effects name that worker (`Effects::lost`, published to
+/// every coordinator: the one holding its stream gives it no new work until
+/// it heartbeats again). A task survives `max_reassignments` expiries; the
+/// next one makes it dead instead of looping forever (I7).
 async fn expire_leases(
     conn: &mut PgConnection,
     migration_id: i64,
@@ -180,10 +185,7 @@ async fn expire_leases(
         }
         let expiries = expiries + 1;
         let worker = worker.unwrap_or_default();
-        let message = format!(
-            "lease expired on worker {worker:?} ({expiries} of {} allowed)",
-            limits.max_reassignments
-        );
+        let (dead, message) = common::expiry(&worker, expiries, limits.max_reassignments);
         let at = EventAt {
             stage: Some(stage),
             task_id,
@@ -201,8 +203,9 @@ async fn expire_leases(
         report.leases_expired += 1;
         fx.touch(migration_id);
         fx.dispatch = true;
-        if expiries >= limits.max_reassignments as i64 {
-            let reason = format!("task {task_id} ({kind}) lost its worker {expiries} times");
+        fx.lost.insert(worker.clone());
+        if dead {
+            let reason = common::lost_reason(task_id, &kind, expiries, limits.max_reassignments);
             let dead = Dead {
                 stage,
                 lease,
@@ -214,7 +217,7 @@ async fn expire_leases(
             report.tasks_dead += 1;
         } else {
             sqlx::query(
-                "UPDATE tasks SET state = 'ready', expiries = $1, ready_at = $2,
+                "UPDATE tasks SET state = 'ready', expiries = $1, ready_at = $2, expired_worker = $5,
                                   lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
                  WHERE id = $3 AND attempt = $4 AND state = 'leased'",
             )
@@ -222,6 +225,7 @@ async fn expire_leases(
             .bind(now)
             .bind(task_id)
             .bind(attempt)
+            .bind(&worker)
             .execute(&mut *conn)
             .await?;
         }

@@ -3,7 +3,9 @@
 //! A dispatch pass claims for every eligible worker in one transaction of a
 //! fixed handful of statements, however many workers and kinds there are:
 //! one count of live leases for all workers, one lookup of the oldest ready
-//! tasks of every kind asked for, one `UPDATE` leasing them to all workers,
+//! tasks of every kind asked for (with the worker each one's last lease
+//! expired on, which the deal avoids: `common::deal`), one `UPDATE`
+//! leasing them to all workers,
 //! one read of what it leased, their events as one row per stage. sqlx hands
 //! every statement, and every row a statement returns, to the connection's
 //! thread and back, so at tens of thousands of tasks per second the number of
@@ -80,7 +82,9 @@ pub(super) async fn claim_in(
     let picked = deal(
         requests,
         &mut free,
-        candidates.iter().map(|(kind, id)| (kind.as_str(), *id)),
+        candidates
+            .iter()
+            .map(|(kind, id, lost_on)| (kind.as_str(), *id, lost_on.as_deref())),
     );
     let mut events = Vec::new();
     let out = lease(
@@ -119,14 +123,15 @@ async fn free_slots(conn: &mut SqliteConnection, requests: &[ClaimRequest]) -> R
 
 /// The oldest claimable tasks of every kind some worker with free slots
 /// runs, at most as many per kind as those workers have free slots, oldest
-/// first. Each kind is a range of the `(kind, ready_at, id)` index, so kinds
+/// first, each with the worker its last lease expired on (for [`deal`]).
+/// Each kind is a range of the `(kind, ready_at, id)` index, so kinds
 /// with no ready work cost nothing however many other tasks are ready.
 async fn oldest_ready(
     conn: &mut SqliteConnection,
     requests: &[ClaimRequest],
     free: &[i64],
     now: i64,
-) -> Result<Vec<(String, i64)>> {
+) -> Result<Vec<(String, i64, Option<String>)>> {
     let wanted = wanted_per_kind(requests, free);
     if wanted.is_empty() {
         return Ok(Vec::new());
@@ -134,14 +139,15 @@ async fn oldest_ready(
     // One row holding every candidate as JSON: sqlx hands each result row
     // from its SQLite thread to ours separately, and a pass reads hundreds.
     // An aggregate's order is not the subquery's: sorted here.
-    let mut q: QueryBuilder<Sqlite> =
-        QueryBuilder::new("SELECT json_group_array(json_array(kind, id, ready_at)) FROM (");
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+        "SELECT json_group_array(json_array(kind, id, ready_at, expired_worker)) FROM (",
+    );
     for (i, (kind, n)) in wanted.iter().enumerate() {
         if i > 0 {
             q.push(" UNION ALL ");
         }
         q.push(
-            "SELECT * FROM (SELECT t.kind, t.id, t.ready_at FROM tasks t
+            "SELECT * FROM (SELECT t.kind, t.id, t.ready_at, t.expired_worker FROM tasks t
              JOIN stages s ON s.migration_id = t.migration_id AND s.idx = t.stage_idx
              JOIN migrations m ON m.id = t.migration_id
              WHERE t.state = 'ready' AND t.kind = ",
@@ -165,10 +171,13 @@ async fn oldest_ready(
     }
     q.push(")");
     let packed: String = q.build_query_scalar().fetch_one(&mut *conn).await?;
-    let mut ready: Vec<(String, i64, i64)> =
+    let mut ready: Vec<(String, i64, i64, Option<String>)> =
         serde_json::from_str(&packed).map_err(|e| Error::Corrupt(format!("ready tasks: {e}")))?;
-    ready.sort_unstable_by_key(|&(_, id, ready_at)| (ready_at, id));
-    Ok(ready.into_iter().map(|(kind, id, _)| (kind, id)).collect())
+    ready.sort_unstable_by_key(|&(_, id, ready_at, _)| (ready_at, id));
+    Ok(ready
+        .into_iter()
+        .map(|(kind, id, _, lost_on)| (kind, id, lost_on))
+        .collect())
 }
 
 /// A leased task, as the read after the lease returns it: one JSON array

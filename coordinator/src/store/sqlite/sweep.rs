@@ -9,6 +9,7 @@ use super::reports::{Dead, kill_task, record_failure, reported};
 use crate::clock::now_ms;
 use crate::domain::{EventKind, Failure, LeaseToken, MigrationState, Revoked, SweepReport};
 use crate::error::Result;
+use crate::store::common;
 use crate::store::{Effects, Limits};
 
 pub(super) async fn sweep(db: &SqlitePool, limits: Limits) -> Result<(SweepReport, Effects)> {
@@ -54,8 +55,11 @@ pub(super) async fn sweep(db: &SqlitePool, limits: Limits) -> Result<(SweepRepor
     Ok((report, fx))
 }
 
-/// Leases past their expiry go back to `ready` (I6); a task that lost its
-/// worker `max_reassignments` times is dead instead of looping forever.
+/// Leases past their expiry go back to `ready` (I6), remembering the worker
+/// they expired on (`expired_worker`: a pass deals the task to another one
+/// first), and the effects name that worker (`Effects::lost`: it gets no
+/// new work until it heartbeats again). A task survives `max_reassignments`
+/// expiries; the next one makes it dead instead of looping forever (I7).
 async fn expire_leases(
     conn: &mut SqliteConnection,
     now: i64,
@@ -90,10 +94,7 @@ async fn expire_leases(
             continue;
         }
         let worker: String = row.get::<Option<String>, _>(7).unwrap_or_default();
-        let message = format!(
-            "lease expired on worker {worker:?} ({expiries} of {} allowed)",
-            limits.max_reassignments
-        );
+        let (dead, message) = common::expiry(&worker, expiries, limits.max_reassignments);
         let at = EventAt {
             stage: Some(stage),
             task_id: lease.task_id,
@@ -111,11 +112,10 @@ async fn expire_leases(
         report.leases_expired += 1;
         fx.touch(migration_id);
         fx.dispatch = true;
-        if expiries >= limits.max_reassignments as i64 {
-            let reason = format!(
-                "task {} ({kind}) lost its worker {expiries} times",
-                lease.task_id
-            );
+        fx.lost.insert(worker.clone());
+        if dead {
+            let reason =
+                common::lost_reason(lease.task_id, &kind, expiries, limits.max_reassignments);
             let dead = Dead {
                 stage,
                 lease,
@@ -127,12 +127,13 @@ async fn expire_leases(
             report.tasks_dead += 1;
         } else {
             sqlx::query(
-                "UPDATE tasks SET state = 'ready', expiries = ?, ready_at = ?,
+                "UPDATE tasks SET state = 'ready', expiries = ?, ready_at = ?, expired_worker = ?,
                                   lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
                  WHERE id = ? AND attempt = ? AND state = 'leased'",
             )
             .bind(expiries)
             .bind(now)
+            .bind(&worker)
             .bind(lease.task_id)
             .bind(lease.attempt as i64)
             .execute(&mut *conn)
