@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use rand::Rng;
 
 use crate::domain::{
-    Completion, EventKind, Migration, MigrationState, NewTask, ReportAck, StageSpec, SubjectStatus,
-    TaskSpec, validate_task,
+    Completion, EventKind, LeaseToken, Migration, MigrationState, NewTask, ReportAck, Revoked,
+    StageSpec, SubjectStatus, TaskSpec, validate_task,
 };
 use crate::error::{Error, Result};
 use crate::store::{ClaimRequest, Effects, Report};
@@ -55,6 +55,22 @@ pub(crate) fn corrupt(what: &str, value: &str) -> Error {
 /// A stored event kind, parsed.
 pub(crate) fn event_kind(kind: &str) -> Result<EventKind> {
     EventKind::parse(kind).ok_or_else(|| corrupt("event kind", kind))
+}
+
+/// The leases a migration's end took back — `(task id, attempt, holder)`
+/// rows — as the cancel notices their workers get (I9), saying `why`.
+pub(crate) fn revoked(leases: Vec<(i64, i64, Option<String>)>, why: &str) -> Vec<Revoked> {
+    leases
+        .into_iter()
+        .map(|(task_id, attempt, worker)| Revoked {
+            worker_id: worker.unwrap_or_default(),
+            lease: LeaseToken {
+                task_id,
+                attempt: attempt as u32,
+            },
+            reason: why.to_string(),
+        })
+        .collect()
 }
 
 /// The state a new task starts in. Tasks wait pending until their stage
