@@ -4,12 +4,13 @@
 
 mod support;
 
-use std::sync::Arc;
+use support::contract::{Backend, Db, on_both_backends, store_with};
+
 use std::time::Duration;
 
 use stagecoach_coordinator::engine::{Coordinator, Timing};
 use stagecoach_coordinator::grpc::{AdminApi, MigrationApi, WorkerApi};
-use stagecoach_coordinator::store::{Limits, PostgresStore, SqliteStore, Store};
+use stagecoach_coordinator::store::Limits;
 use stagecoach_proto::v1::{
     self as pb, admin_service_server::AdminService, migration_service_server::MigrationService,
     worker_service_server::WorkerService,
@@ -21,33 +22,17 @@ struct Apis {
     migrations: MigrationApi,
     workers: WorkerApi,
     admin: AdminApi,
-    _dir: tempfile::TempDir,
-}
-
-#[derive(Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
+    _db: Db,
 }
 
 async fn apis(backend: Backend) -> Apis {
-    let dir = tempfile::tempdir().unwrap();
     let limits = Limits {
         lease_ms: 10_000,
         heartbeat_interval_ms: 100,
         max_reassignments: 3,
     };
-    let store: Arc<dyn Store> = match backend {
-        Backend::Sqlite => {
-            let url = format!("sqlite://{}", dir.path().join("t.db").display());
-            Arc::new(SqliteStore::open(&url, limits).await.unwrap())
-        }
-        Backend::Postgres => {
-            let url = support::postgres::fresh_database();
-            Arc::new(PostgresStore::open(&url, limits).await.unwrap())
-        }
-    };
-    store.ensure_pool("default", 10).await.unwrap();
+    let db = store_with(backend, limits).await;
+    let store = db.store.clone();
     let timing = Timing {
         heartbeat_interval: Duration::from_millis(100),
         lease_duration: Duration::from_secs(10),
@@ -58,7 +43,7 @@ async fn apis(backend: Backend) -> Apis {
         migrations: MigrationApi::new(core.clone()),
         workers: WorkerApi::new(core.clone()),
         admin: AdminApi::new(core),
-        _dir: dir,
+        _db: db,
     }
 }
 
@@ -618,24 +603,6 @@ async fn list_workers_says_who_gets_no_work_and_why(backend: Backend) {
     assert!(alive.eligible, "{alive:?}");
     assert!(alive.last_heartbeat.is_some());
     assert_eq!(alive.ineligible_reason, "");
-}
-
-/// Each case on both backends.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Sqlite).await
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Postgres).await
-            })*
-        }
-    };
 }
 
 on_both_backends!(
