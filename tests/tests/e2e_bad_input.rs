@@ -168,6 +168,7 @@ async fn bad_plans_and_requests_are_refused_and_store_nothing(backend: Backend) 
     );
 
     nul_is_refused_in_every_string_naming_the_field(&client).await;
+    json_too_deep_to_read_back_is_refused(&client).await;
     assert_refused(
         "a request over the default 4 MiB limit",
         client
@@ -189,6 +190,44 @@ async fn bad_plans_and_requests_are_refused_and_store_nothing(backend: Backend) 
     assert_eq!(
         migrations_after, migrations_before,
         "refused migrations must not be stored"
+    );
+
+    // As deep as allowed: stored, and every client can still read it back.
+    let deepest = nested(24);
+    client
+        .put_plan_json(&json!({"name": "deep", "stages": [
+            {"name": "a", "tasks": [{"kind": "noop", "payload": deepest}]}]}))
+        .await
+        .expect("a payload 24 levels deep is accepted");
+    let plans = client.list_plans().await.expect("ListPlans decodes");
+    assert!(plans.iter().any(|p| p.name == "deep"));
+}
+
+/// A JSON object nested `depth` levels: `{"a": {"a": … {} …}}`.
+fn nested(depth: usize) -> serde_json::Value {
+    (1..depth).fold(json!({}), |inner, _| json!({ "a": inner }))
+}
+
+/// Payloads and parameters nested deeper than protobuf decoders read back
+/// (a plan stored so would break every worker it is assigned to, and
+/// ListPlans for every client) are `INVALID_ARGUMENT` naming the field.
+async fn json_too_deep_to_read_back_is_refused(client: &Client) {
+    assert_refused(
+        "a payload nested 40 levels",
+        client
+            .put_plan_json(&json!({"name": "too-deep", "stages": [
+                {"name": "a", "tasks": [{"kind": "noop", "payload": nested(40)}]}]}))
+            .await,
+        Code::InvalidArgument,
+        &["stages[0].tasks[0].payload", "at most 24"],
+    );
+    assert_refused(
+        "parameters nested 25 levels",
+        client
+            .create_migration("good", "project/deep", &nested(25))
+            .await,
+        Code::InvalidArgument,
+        &["parameters", "at most 24"],
     );
 }
 

@@ -241,6 +241,7 @@ pub fn validate_task(field: &str, task: &TaskSpec, min_heartbeat_timeout_ms: u32
             "the payload must be a JSON object, e.g. {\"table\": \"users\"}",
         ));
     }
+    validate_json_depth(&format!("{field}.payload"), &task.payload)?;
     if task.max_attempts > MAX_ATTEMPTS {
         return Err(Error::invalid(
             format!("{field}.max_attempts"),
@@ -323,6 +324,44 @@ pub fn validate_name(field: &str, value: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// How deeply a payload, the parameters or an output may nest (objects and
+/// arrays, counted from the top object as 1). Not a flag: on the wire every
+/// JSON level is three protobuf messages (`Struct`, map entry, `Value`), and
+/// the decoders our workers and clients use (prost, Python's protobuf) stop
+/// at 100 nested messages, about 32 levels once the messages around a
+/// payload are counted. A value stored deeper could never be read back:
+/// every assignment of its task would break the receiving worker's stream,
+/// and `ListPlans` would fail for every client. 24 leaves room for the
+/// envelopes.
+pub const MAX_JSON_DEPTH: usize = 24;
+
+/// Refuses JSON nested deeper than [`MAX_JSON_DEPTH`].
+pub fn validate_json_depth(field: &str, value: &serde_json::Value) -> Result<()> {
+    // Iterative: the value may be as deep as its decoder allowed.
+    let mut deepest = 0;
+    let mut stack = vec![(value, 1)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Object(m) => Box::new(m.values()),
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            _ => continue,
+        };
+        deepest = deepest.max(depth);
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    if deepest > MAX_JSON_DEPTH {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "nests {deepest} levels of objects and arrays; at most {MAX_JSON_DEPTH} can be read \
+                 back by protobuf decoders (each level is three nested messages on the wire): \
+                 flatten it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The rule for every string a client or worker sends: no NUL character.
 /// PostgreSQL `text` cannot hold one and SQLite can, so refusing it wherever
 /// it arrives makes both backends answer alike. (JSON payloads may hold NUL:
@@ -342,6 +381,24 @@ pub fn validate_text(field: &str, value: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_depth_counts_objects_and_arrays() {
+        let nested = |depth: usize, wrap: fn(serde_json::Value) -> serde_json::Value| {
+            (1..depth).fold(serde_json::json!({}), |v, _| wrap(v))
+        };
+        let object = |v| serde_json::json!({ "k": v });
+        let array = |v| serde_json::json!([1, v]);
+        assert!(validate_json_depth("p", &nested(MAX_JSON_DEPTH, object)).is_ok());
+        assert!(validate_json_depth("p", &nested(MAX_JSON_DEPTH, array)).is_ok());
+        for too_deep in [
+            nested(MAX_JSON_DEPTH + 1, object),
+            nested(MAX_JSON_DEPTH + 1, array),
+        ] {
+            let e = validate_json_depth("p", &too_deep).unwrap_err();
+            assert!(e.to_string().starts_with("p: nests 25 levels"), "{e}");
+        }
+    }
 
     fn plan(json: &str) -> Result<PlanSpec> {
         let p = PlanSpec::from_json(json)?;

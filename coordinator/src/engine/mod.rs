@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{
     Completion, Event, Failure, HeartbeatOutcome, LeaseStatus, Migration, MigrationFilter,
-    NewMigration, PlanSpec, Pool, ReportAck, validate_name,
+    NewMigration, PlanSpec, Pool, ReportAck, validate_json_depth, validate_name,
 };
 use crate::error::{Error, Result};
 use crate::store::{Effects, Report, Store, SubjectView};
@@ -163,6 +163,7 @@ impl Coordinator {
                 "parameters must be a JSON object",
             ));
         }
+        validate_json_depth("parameters", &req.parameters)?;
         let pool = if req.pool.is_empty() {
             "default".to_string()
         } else {

@@ -9,7 +9,7 @@ use stagecoach_proto::v1 as pb;
 use crate::domain::{
     Assignment, Completion, Event, EventKind, Failure, LeaseStatus, LeaseToken, Migration,
     MigrationState, NewTask, PlanSpec, Pool, RetryPolicy, StageProgress, StageSpec, StageState,
-    SubjectStatus, TaskSpec,
+    SubjectStatus, TaskSpec, validate_json_depth,
 };
 use crate::engine::{WorkerEvent, WorkerView};
 use crate::error::{Error, Result};
@@ -315,9 +315,11 @@ pub fn lease_status_from_pb(i: usize, s: &pb::LeaseStatus) -> Result<LeaseStatus
 }
 
 pub fn completion_from_pb(i: usize, c: pb::Completion) -> Result<Completion> {
+    let output = struct_to_json(c.output.as_ref());
+    validate_json_depth(&format!("completions[{i}].output"), &output)?;
     Ok(Completion {
         lease: lease_from_pb(&format!("completions[{i}].lease"), c.lease.as_ref())?,
-        output: struct_to_json(c.output.as_ref()),
+        output,
         add_tasks: c
             .add_tasks
             .into_iter()
