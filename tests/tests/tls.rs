@@ -3,7 +3,8 @@
 //! health service and `worker health-check` on its one port, and refuses
 //! plaintext clients and clients that do not trust its CA. With
 //! `--tls-client-ca` (mutual TLS) it also refuses clients without a
-//! certificate, or with one its CA did not sign, and serves those with one.
+//! certificate, or with one its CA did not sign, and serves those with one:
+//! a worker process, a client, `worker health-check` and `worker sample`.
 //!
 //! Certificates are made at run time with rcgen: a CA, a server certificate
 //! for `localhost` and 127.0.0.1, a client certificate, and a second CA with
@@ -293,6 +294,33 @@ async fn mutual_tls_refuses_clients_without_a_certificate_of_its_ca(backend: Bac
     run_a_migration(&client, "project/mtls").await;
     let (ok, out) = health_check(&url, &identity).await;
     assert!(ok, "health-check with a certificate failed: {out}");
+
+    // `worker sample` (the compose file's client) with the same flags: the
+    // sample export, run by the worker above, succeeds.
+    let shared = dir.path().join("shared");
+    let out = tokio::process::Command::new(&binaries().worker)
+        .args([
+            "sample",
+            "--coordinator",
+            &url,
+            "--shared-dir",
+            arg(&shared),
+        ])
+        .args(["--subject", "project/sample-mtls", "--timeout-secs", "120"])
+        .args(identity)
+        .output()
+        .await
+        .expect("run worker sample");
+    assert!(
+        out.status.success(),
+        "worker sample over mutual TLS failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for m in client.list_migrations().await.expect("ListMigrations") {
+        let (m, _) = client.check(m.id).await;
+        assert_eq!(m.state(), MigrationState::Succeeded, "{m:?}");
+    }
 }
 
 /// A key that is not the certificate's stops the start, naming the flag;
