@@ -69,6 +69,9 @@ pub struct Config {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// TLS and mutual TLS (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// The smallest `--max-request-bytes`: a worker's report or a small plan

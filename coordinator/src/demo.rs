@@ -60,6 +60,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         max_reassignments: 5,
         max_request_bytes: crate::grpc::DEFAULT_MAX_REQUEST_BYTES,
         log_format: LogFormat::Text,
+        tls: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

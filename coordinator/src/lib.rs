@@ -14,6 +14,7 @@
 //! | [`store`] | the `Store` trait and its backends; each state change is one transaction with its precondition in SQL |
 //! | [`domain`] | plans and their validation, migration/stage/task states, leases, events — no protobuf, no SQL |
 //! | [`config`] | the typed configuration (flags, `STAGECOACH_…` environment) |
+//! | [`tls`] | TLS and mutual TLS on the gRPC port: the certificate files, read and checked at start |
 //! | [`demo`] | `coordinator demo`: a whole local system running the sample export |
 //!
 //! Correctness never depends on in-memory state: the registry and the
@@ -28,3 +29,4 @@ pub mod error;
 pub mod grpc;
 pub mod server;
 pub mod store;
+pub mod tls;

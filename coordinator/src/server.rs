@@ -1,5 +1,6 @@
 //! Assembles and runs a coordinator: store, core, background loops and the
-//! gRPC server (three services, health and reflection on one port).
+//! gRPC server (three services, health and reflection on one port, TLS
+//! on it when configured).
 //! Shutdown is a parameter, so tests and the demo drive it.
 
 use std::sync::Arc;
@@ -51,6 +52,9 @@ pub async fn run(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(),
 ) -> Result<(), ServeError> {
+    // The TLS files first: a wrong one stops the start before the
+    // database is touched.
+    let tls = config.tls.load()?;
     let store = open_store(&config).await?;
     let remote = store.remote_effects().await?;
     let core = Coordinator::new(store, config.timing(), shutdown.clone());
@@ -88,7 +92,15 @@ pub async fn run(
             core.close_streams();
         }
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        tracing::info!(
+            mutual = config.tls.tls_client_ca.is_some(),
+            "serving TLS only"
+        );
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -21,7 +21,7 @@ use stagecoach_proto::v1::{
     WorkerInfo, create_migration_request::PlanSource, put_plan_request::Source,
 };
 use tokio::time::Instant;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 use crate::checker::{check_invariants, describe_event};
@@ -42,10 +42,41 @@ pub struct Client {
 impl Client {
     /// Connects to `url` (`http://ADDR`), retrying for a few seconds.
     pub async fn connect(url: &str) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        Self::connect_endpoint(url, Self::endpoint(url, None)).await
+    }
+
+    /// Connects to `url` (`https://ADDR`) over TLS with `tls`, retrying for a
+    /// few seconds.
+    pub async fn connect_tls(url: &str, tls: ClientTlsConfig) -> Client {
+        Self::connect_endpoint(url, Self::endpoint(url, Some(tls))).await
+    }
+
+    /// One connection attempt to `url`, over TLS with `tls` when given: for
+    /// tests of who is refused. Note that a TLS 1.3 server may refuse a
+    /// client certificate only after the client considers the connection
+    /// made, on the first call.
+    pub async fn try_connect(
+        url: &str,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Client, tonic::transport::Error> {
+        let channel = Self::endpoint(url, tls).connect().await?;
+        Ok(Self::over(channel))
+    }
+
+    fn endpoint(url: &str, tls: Option<ClientTlsConfig>) -> Endpoint {
         let endpoint = Channel::from_shared(url.to_string())
             .unwrap_or_else(|e| panic!("bad coordinator url {url:?}: {e}"))
             .connect_timeout(Duration::from_secs(2));
+        match tls {
+            Some(tls) => endpoint
+                .tls_config(tls)
+                .unwrap_or_else(|e| panic!("bad TLS settings for {url}: {e:?}")),
+            None => endpoint,
+        }
+    }
+
+    async fn connect_endpoint(url: &str, endpoint: Endpoint) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(10);
         let channel = loop {
             match endpoint.connect().await {
                 Ok(c) => break c,
@@ -55,6 +86,10 @@ impl Client {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
+        Self::over(channel)
+    }
+
+    fn over(channel: Channel) -> Client {
         Client {
             migrations: MigrationServiceClient::new(channel.clone()),
             workers: WorkerServiceClient::new(channel.clone()),

@@ -32,6 +32,7 @@
 //! | `e2e_failure.rs` | a dead task fails its migration |
 //! | `e2e_bad_input.rs` | bad plans and requests are refused and store nothing |
 //! | `grpc_surface.rs` | health and reflection |
+//! | `tls.rs` | TLS end to end (a worker process, clients, `worker health-check`), plaintext and untrusting clients refused; mutual TLS refusing clients without a certificate of its CA; a wrong key stops the start |
 //! | `reports.rs` | duplicate, late, premature and batched reports (I2, I4) |
 //! | `capacity.rs` | pool slots, immediate admission, pause and resume (I3) |
 //! | `worker_crash.rs` | `kill -9` of a worker: reassignment, stale late report (I4, I6) |

@@ -145,9 +145,15 @@ impl Coordinator {
         self.addr
     }
 
-    /// `http://ADDR`, for gRPC clients and workers.
+    /// `http://ADDR`, for gRPC clients and workers; `https://ADDR` when it
+    /// was started with `--tls-cert` (its certificate must name 127.0.0.1).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.extra_args.iter().any(|a| a == "--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The directory holding its log (and its SQLite database).
@@ -223,6 +229,18 @@ impl Worker {
     /// its files in `shared_dir`. Its log is `worker-ID.log` beside
     /// `shared_dir`.
     pub fn start(coordinator: &str, slots: u32, shared_dir: &Path, id: &str) -> Worker {
+        Self::start_with(coordinator, slots, shared_dir, id, &[])
+    }
+
+    /// Like [`Worker::start`], passing `extra_args` to `worker` (e.g.
+    /// `--tls-ca FILE`).
+    pub fn start_with(
+        coordinator: &str,
+        slots: u32,
+        shared_dir: &Path,
+        id: &str,
+        extra_args: &[&str],
+    ) -> Worker {
         let shared_dir = std::path::absolute(shared_dir).expect("absolute shared dir");
         std::fs::create_dir_all(&shared_dir).expect("create shared dir");
         let log = shared_dir
@@ -245,6 +263,7 @@ impl Worker {
             .arg("--shared-dir")
             .arg(&shared_dir)
             .args(["--worker-id", id])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(append(&log))
             .stderr(append(&log))

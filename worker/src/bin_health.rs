@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use tonic::transport::Endpoint;
+use stagecoach_worker::tls::coordinator_endpoint;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -26,6 +26,9 @@ pub struct HealthArgs {
     /// Seconds the whole check may take, connecting included.
     #[arg(long, default_value_t = 5)]
     timeout_secs: u64,
+
+    #[command(flatten)]
+    tls: crate::bin_tls::TlsArgs,
 }
 
 /// Prints the status; success only for SERVING.
@@ -49,8 +52,9 @@ pub async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn check(args: &HealthArgs, timeout: Duration) -> anyhow::Result<ServingStatus> {
-    let endpoint = Endpoint::from_shared(args.coordinator.clone())
-        .with_context(|| format!("--coordinator {:?} is not a URL", args.coordinator))?
+    let tls = args.tls.load()?;
+    let endpoint = coordinator_endpoint(&args.coordinator, tls.as_ref())
+        .map_err(|reason| anyhow::anyhow!("--coordinator {:?}: {reason}", args.coordinator))?
         .connect_timeout(timeout)
         .timeout(timeout);
     let channel = endpoint

@@ -17,8 +17,9 @@ use anyhow::{Context, bail};
 use stagecoach_proto::json::json_to_struct;
 use stagecoach_proto::v1::{self as pb, migration_service_client::MigrationServiceClient};
 use stagecoach_worker::handlers::sample;
+use stagecoach_worker::tls::coordinator_endpoint;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 /// How long to keep trying to reach some coordinator at start.
@@ -62,6 +63,9 @@ pub struct SampleArgs {
     /// Bearer token, when the coordinator requires one.
     #[arg(long, env = "STAGECOACH_TOKEN", hide_env_values = true)]
     token: Option<String>,
+
+    #[command(flatten)]
+    tls: crate::bin_tls::TlsArgs,
 }
 
 /// Runs the sample; success only if the migration succeeded.
@@ -198,6 +202,7 @@ type Client = MigrationServiceClient<Channel>;
 
 impl Cluster {
     fn new(args: &SampleArgs) -> anyhow::Result<Self> {
+        let tls = args.tls.load()?;
         let mut channels = Vec::new();
         for url in args
             .coordinator
@@ -205,8 +210,8 @@ impl Cluster {
             .map(|u| u.trim())
             .filter(|u| !u.is_empty())
         {
-            let endpoint = Endpoint::from_shared(url.to_string())
-                .with_context(|| format!("--coordinator {url:?} is not a URL"))?
+            let endpoint = coordinator_endpoint(url, tls.as_ref())
+                .map_err(|reason| anyhow::anyhow!("--coordinator {url:?}: {reason}"))?
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(Duration::from_secs(30));
             channels.push((url.to_string(), endpoint.connect_lazy()));

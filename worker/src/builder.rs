@@ -12,6 +12,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Endpoint;
 
 use crate::handler::{Handler, TaskContext, TaskError, TaskOutput};
+use crate::tls::ClientTls;
 
 /// Default number of tasks a worker runs at once.
 pub const DEFAULT_SLOTS: u32 = 4;
@@ -130,6 +131,7 @@ pub struct WorkerBuilder {
     slots: Option<u32>,
     drain_timeout: Option<Duration>,
     token: Option<String>,
+    tls: Option<ClientTls>,
     handlers: Vec<(String, Arc<dyn Handler>)>,
 }
 
@@ -189,6 +191,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// TLS settings for `https://` addresses: the CA to trust (default: the
+    /// system's roots) and a client certificate for a coordinator that
+    /// requires one. An `https://` address uses TLS without this too; an
+    /// `http://` address with it is refused.
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Registers an `async fn` or closure as the handler of `kind`.
     pub fn handler<F, Fut>(self, kind: impl Into<String>, f: F) -> Self
     where
@@ -210,7 +221,7 @@ impl WorkerBuilder {
         let mut coordinators: Vec<Address> = Vec::with_capacity(self.coordinators.len());
         for url in self.coordinators {
             if coordinators.iter().all(|a| a.url != url) {
-                let endpoint = endpoint(&url)?;
+                let endpoint = endpoint(&url, self.tls.as_ref())?;
                 coordinators.push(Address { url, endpoint });
             }
         }
@@ -265,24 +276,13 @@ impl WorkerBuilder {
     }
 }
 
-fn endpoint(url: &str) -> Result<Endpoint, BuildError> {
-    let invalid = |reason: &str| BuildError::InvalidCoordinator {
-        url: url.to_string(),
-        reason: reason.to_string(),
-    };
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| invalid(&e.to_string()))?;
-    match endpoint.uri().scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(invalid(
-                "TLS is not supported by this worker yet; use http://",
-            ));
+fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, BuildError> {
+    let endpoint = crate::tls::coordinator_endpoint(url, tls).map_err(|reason| {
+        BuildError::InvalidCoordinator {
+            url: url.to_string(),
+            reason,
         }
-        _ => return Err(invalid("expected http://host:port")),
-    }
-    if endpoint.uri().host().is_none_or(str::is_empty) {
-        return Err(invalid("it has no host"));
-    }
+    })?;
     Ok(endpoint
         // Fail a connect attempt fast so the reconnect loop, not a hung
         // socket, decides when to try again.

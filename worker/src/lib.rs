@@ -88,6 +88,26 @@
 //! Each switch is logged at `warn` with both addresses. One address behind a
 //! load balancer works as well.
 //!
+//! # TLS
+//!
+//! An `https://` address connects over TLS (rustls), trusting the system's
+//! roots unless [`ClientTls`] names the CA; a coordinator that requires
+//! client certificates (mutual TLS) gets the one [`ClientTls`] carries:
+//!
+//! ```no_run
+//! # use stagecoach_worker::{ClientTls, TaskOutput, Worker};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let tls = ClientTls::new()
+//!     .ca_certificate_pem(std::fs::read("ca.pem")?)?
+//!     .identity_pem(std::fs::read("worker.pem")?, std::fs::read("worker.key")?)?;
+//! let worker = Worker::builder()
+//!     .coordinator("https://coordinator.internal:50051")
+//!     .tls(tls)
+//!     .handler("noop", |_ctx| async { Ok(TaskOutput::empty()) })
+//!     .build()?;
+//! # Ok(()) }
+//! ```
+//!
 //! # Layout
 //!
 //! | module | what it holds |
@@ -100,6 +120,7 @@
 //! | `heartbeat` | lease renewal, progress, cancel notices, local lease expiry |
 //! | `leases` | the table of held leases the loops above share |
 //! | `client` | one gRPC channel per coordinator address, failover of unary calls, per-call metadata |
+//! | [`tls`] | [`ClientTls`]: the CA to trust and the certificate to present to `https://` coordinators |
 //! | `backoff` | exponential backoff with jitter |
 //! | [`handlers`] | built-in handlers (`noop`, `sleep`, `fail`, `panic`, `hang`) and the sample project export |
 
@@ -114,6 +135,7 @@ mod leases;
 mod report;
 mod run;
 mod task;
+pub mod tls;
 
 pub use builder::{
     BuildError, DEFAULT_DRAIN_TIMEOUT, DEFAULT_SLOTS, MAX_SLOTS, Worker, WorkerBuilder,
@@ -122,3 +144,4 @@ pub use futures::future::BoxFuture;
 pub use handler::{Handler, NewTask, TaskContext, TaskError, TaskOutput};
 pub use run::WorkerError;
 pub use stagecoach_proto::v1::RetryPolicy;
+pub use tls::{ClientTls, TlsError};

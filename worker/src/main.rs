@@ -17,6 +17,7 @@ use tracing_subscriber::EnvFilter;
 
 mod bin_health;
 mod bin_sample;
+mod bin_tls;
 
 /// Runs Stagecoach tasks: subscribes to a coordinator, runs the built-in
 /// handlers (noop, sleep, fail, panic, hang, and the sample project export), and drains
@@ -83,6 +84,9 @@ struct Args {
     #[arg(long, env = "STAGECOACH_TOKEN", hide_env_values = true)]
     token: Option<String>,
 
+    #[command(flatten)]
+    tls: bin_tls::TlsArgs,
+
     /// Seconds in-flight tasks get to finish on shutdown before they are
     /// canceled.
     #[arg(long, env = "STAGECOACH_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
@@ -144,6 +148,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(token) = args.token {
         builder = builder.token(token);
+    }
+    if let Some(tls) = args.tls.load()? {
+        builder = builder.tls(tls);
     }
     let worker = handlers::register_builtin(builder, shared_dir.clone())
         .build()
