@@ -169,6 +169,36 @@ async fn bad_plans_and_requests_are_refused_and_store_nothing(backend: Backend) 
 
     nul_is_refused_in_every_string_naming_the_field(&client).await;
     json_too_deep_to_read_back_is_refused(&client).await;
+    // A 20 KB name is quoted by a prefix: the answer stays NOT_FOUND, not
+    // the client's RESOURCE_EXHAUSTED for an oversized header.
+    let long = "n".repeat(20_000);
+    for (case, answer) in [
+        (
+            "GetPlan of a 20 KB name",
+            client
+                .migrations
+                .clone()
+                .get_plan(GetPlanRequest { name: long.clone() })
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "DrainWorker of a 20 KB id",
+            client
+                .admin
+                .clone()
+                .drain_worker(DrainWorkerRequest {
+                    worker_id: long.clone(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+    ] {
+        let status = answer.expect_err(case);
+        assert_eq!(status.code(), Code::NotFound, "{case}: {status:?}");
+        assert!(status.message().len() < 300, "{case}: {}", status.message());
+        assert!(status.message().contains("(20000 bytes)"), "{case}");
+    }
     assert_refused(
         "a request over the default 4 MiB limit",
         client

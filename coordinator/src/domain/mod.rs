@@ -6,6 +6,6 @@ mod plan;
 
 pub use model::*;
 pub use plan::{
-    MAX_JSON_DEPTH, PlanSpec, RetryPolicy, StageSpec, TaskSpec, task_override, validate_json_depth,
-    validate_name, validate_task, validate_text,
+    MAX_JSON_DEPTH, PlanSpec, RetryPolicy, StageSpec, TaskSpec, shown, task_override,
+    validate_json_depth, validate_name, validate_task, validate_text,
 };

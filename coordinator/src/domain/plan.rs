@@ -318,7 +318,10 @@ pub fn validate_name(field: &str, value: &str, what: &str) -> Result<()> {
     {
         return Err(Error::invalid(
             field,
-            format!("{what} {value:?} must be 1-100 characters of A-Z, a-z, 0-9, '.', '_' or '-'"),
+            format!(
+                "{what} {} must be 1-100 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+                shown(value)
+            ),
         ));
     }
     Ok(())
@@ -360,6 +363,24 @@ pub fn validate_json_depth(field: &str, value: &serde_json::Value) -> Result<()>
         ));
     }
     Ok(())
+}
+
+/// How much of a client's string an error message quotes.
+const SHOWN_BYTES: usize = 64;
+
+/// `value` quoted for an error message: whole when short, else its first
+/// [`SHOWN_BYTES`] and its length. Messages travel in a response header,
+/// which clients cap (16 KiB is common): echoing a 20 KB name turned a
+/// NOT_FOUND into the client's RESOURCE_EXHAUSTED.
+pub fn shown(value: &str) -> String {
+    if value.len() <= SHOWN_BYTES {
+        return format!("{value:?}");
+    }
+    let mut end = SHOWN_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &value[..end], value.len())
 }
 
 /// The rule for every string a client or worker sends: no NUL character.

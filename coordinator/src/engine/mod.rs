@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{
     Completion, Event, Failure, HeartbeatOutcome, LeaseStatus, Migration, MigrationFilter,
-    NewMigration, PlanSpec, Pool, ReportAck, validate_json_depth, validate_name,
+    NewMigration, PlanSpec, Pool, ReportAck, shown, validate_json_depth, validate_name,
 };
 use crate::error::{Error, Result};
 use crate::store::{Effects, Report, Store, SubjectView};
@@ -387,7 +387,8 @@ impl Coordinator {
     pub fn drain_worker(&self, worker_id: &str) -> Result<WorkerView> {
         self.registry.drain(worker_id).ok_or_else(|| {
             Error::NotFound(format!(
-                "worker {worker_id:?} is not connected to this coordinator"
+                "worker {} is not connected to this coordinator",
+                shown(worker_id)
             ))
         })
     }
@@ -432,7 +433,8 @@ fn check_slots(slots: u32) -> Result<()> {
 
 fn plan_not_found(name: &str) -> Error {
     Error::NotFound(format!(
-        "plan {name:?} does not exist; store it with PutPlan first, or list plans with ListPlans"
+        "plan {} does not exist; store it with PutPlan first, or list plans with ListPlans",
+        shown(name)
     ))
 }
 

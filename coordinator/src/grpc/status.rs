@@ -14,8 +14,26 @@ impl From<Error> for Status {
         ) {
             tracing::error!(error = %e, "request failed");
         }
-        Status::new(code, e.to_string())
+        Status::new(code, bounded(e.to_string()))
     }
+}
+
+/// The most of a message a status carries. Messages quote input through
+/// `domain::shown`; this bounds the rest (a list of names, say), so a
+/// message never approaches the header limits of clients (16 KiB is
+/// common) and turns into their RESOURCE_EXHAUSTED.
+const MAX_MESSAGE_BYTES: usize = 2048;
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (cut)");
+    }
+    message
 }
 
 /// The gRPC code of an error.

@@ -8,7 +8,7 @@ use rand::Rng;
 
 use crate::domain::{
     Completion, EventKind, LeaseToken, Migration, MigrationState, NewTask, ReportAck, Revoked,
-    StageSpec, SubjectStatus, TaskSpec, validate_task,
+    StageSpec, SubjectStatus, TaskSpec, shown, validate_task,
 };
 use crate::error::{Error, Result};
 use crate::store::{ClaimRequest, Effects, Report};
@@ -393,8 +393,8 @@ pub(crate) fn plan_added_tasks<'a>(
             return Err(Error::invalid(
                 format!("{field}.stage"),
                 format!(
-                    "the plan has no stage {:?}; its stages are {names:?}",
-                    new.stage
+                    "the plan has no stage {}; its stages are {names:?}",
+                    shown(&new.stage)
                 ),
             ));
         };

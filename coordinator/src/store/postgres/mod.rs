@@ -61,7 +61,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::domain::{
     Assignment, Completion, Event, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken, Migration,
-    MigrationFilter, NewMigration, PlanSpec, Pool, ReportAck, SweepReport,
+    MigrationFilter, NewMigration, PlanSpec, Pool, ReportAck, SweepReport, shown,
 };
 use crate::error::{Error, Result};
 use crate::store::common::plain_completions;
@@ -160,7 +160,8 @@ impl PostgresStore {
 
 fn pool_not_found(name: &str) -> Error {
     Error::NotFound(format!(
-        "pool {name:?} does not exist; create it with AdminService/CreatePool or use \"default\""
+        "pool {} does not exist; create it with AdminService/CreatePool or use \"default\"",
+        shown(name)
     ))
 }
 

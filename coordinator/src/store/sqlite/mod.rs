@@ -25,7 +25,7 @@ use crate::clock::{now_ms, one_instant};
 use crate::domain::{
     Assignment, Completion, Event, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken,
     Migration, MigrationFilter, MigrationState, NewMigration, PlanSpec, Pool, ReportAck,
-    SweepReport,
+    SweepReport, shown,
 };
 use crate::error::{Error, Result};
 use crate::store::common::{created_tasks, deadline_not_ahead, retry_past_deadline};
@@ -92,7 +92,8 @@ fn single(mut results: Vec<Result<(ReportAck, Effects)>>) -> Result<(ReportAck, 
 
 fn pool_not_found(name: &str) -> Error {
     Error::NotFound(format!(
-        "pool {name:?} does not exist; create it with AdminService/CreatePool or use \"default\""
+        "pool {} does not exist; create it with AdminService/CreatePool or use \"default\"",
+        shown(name)
     ))
 }
 
