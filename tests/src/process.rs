@@ -181,6 +181,11 @@ impl Coordinator {
     }
 
     /// Sends SIGTERM (a graceful shutdown request); see [`Self::wait_exit`].
+    /// SIGHUP: the coordinator re-reads its tokens file.
+    pub fn hangup(&self) {
+        signal(&self.child, libc::SIGHUP);
+    }
+
     pub fn terminate(&self) {
         terminate(&self.child);
     }
@@ -223,6 +228,17 @@ impl Worker {
     /// its files in `shared_dir`. Its log is `worker-ID.log` beside
     /// `shared_dir`.
     pub fn start(coordinator: &str, slots: u32, shared_dir: &Path, id: &str) -> Worker {
+        Self::start_with_args(coordinator, slots, shared_dir, id, &[])
+    }
+
+    /// Like [`Worker::start`], with more flags (e.g. `--token-file F`).
+    pub fn start_with_args(
+        coordinator: &str,
+        slots: u32,
+        shared_dir: &Path,
+        id: &str,
+        extra_args: &[&str],
+    ) -> Worker {
         let shared_dir = std::path::absolute(shared_dir).expect("absolute shared dir");
         std::fs::create_dir_all(&shared_dir).expect("create shared dir");
         let log = shared_dir
@@ -245,6 +261,7 @@ impl Worker {
             .arg("--shared-dir")
             .arg(&shared_dir)
             .args(["--worker-id", id])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(append(&log))
             .stderr(append(&log))
