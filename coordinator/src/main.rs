@@ -117,8 +117,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Token(TokenCommand::Create { role, name }) => {
             let (token, line) =
                 new_token(role, &name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
-            println!("{token}");
-            println!("{line}");
+            // One write, so `| head -1` gets both lines or neither and a
+            // reader that stops after the token is no error.
+            let out = format!("{token}\n{line}\n");
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+                _ => {}
+            }
         }
         Command::Demo(args) => {
             init_logging(LogFormat::Text, "warn");

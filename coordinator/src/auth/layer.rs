@@ -115,3 +115,54 @@ fn check(
         role: entry.role,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{TokenTable, new_token};
+    use tonic::Code;
+
+    fn headers(value: Option<&str>) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        if let Some(v) = value {
+            h.insert(http::header::AUTHORIZATION, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn each_refusal_says_what_is_missing() {
+        let (token, line) = new_token(Role::Worker, "fleet").unwrap();
+        let table = TokenTable::parse(&line).unwrap();
+        let cancel = "/stagecoach.v1.MigrationService/CancelMigration";
+        let code =
+            |h: Option<&str>, path: &str| check(&table, path, &headers(h)).map_err(|s| s.code());
+
+        assert_eq!(code(None, cancel), Err(Code::Unauthenticated));
+        assert_eq!(code(Some("Basic abc"), cancel), Err(Code::Unauthenticated));
+        assert_eq!(code(Some("Bearer "), cancel), Err(Code::Unauthenticated));
+        assert_eq!(
+            code(Some("Bearer sct_other"), cancel),
+            Err(Code::Unauthenticated)
+        );
+        let denied = check(&table, cancel, &headers(Some(&format!("Bearer {token}")))).unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        assert_eq!(
+            denied.message(),
+            format!("token \"fleet\" has role worker; {cancel} needs role admin or client")
+        );
+        let caller = check(
+            &table,
+            "/stagecoach.v1.WorkerService/Heartbeat",
+            &headers(Some(&format!("Bearer {token}"))),
+        )
+        .unwrap();
+        assert_eq!(
+            caller,
+            Caller {
+                name: "fleet".into(),
+                role: Role::Worker
+            }
+        );
+    }
+}

@@ -37,6 +37,7 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::PutPlanRequest>,
     ) -> Result<Response<pb::PutPlanResponse>, Status> {
+        let by = caller_name(&req);
         let plan = match checked(req)?.source {
             Some(pb::put_plan_request::Source::Plan(p)) => plan_from_pb(p),
             Some(pb::put_plan_request::Source::PlanJson(json)) => PlanSpec::from_json(&json)?,
@@ -47,6 +48,10 @@ impl MigrationService for MigrationApi {
             }
         };
         let stored = self.core.put_plan(plan).await?;
+        if let Some(by) = by {
+            // Plans have no event log: the log says who stored each version.
+            tracing::info!(actor = %by, plan = %stored.name, version = stored.version, "plan stored by {by}");
+        }
         Ok(Response::new(pb::PutPlanResponse {
             plan: Some(plan_to_pb(&stored)),
         }))
