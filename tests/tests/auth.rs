@@ -106,7 +106,9 @@ async fn snapshot(c: &Client) -> String {
         .await
         .expect("ListWorkers")
         .into_iter()
-        .map(|w| (w.worker_id, w.draining))
+        // Not `eligible`: it turns false by itself once the raw worker's
+        // heartbeat is three intervals old.
+        .map(|w| (w.worker_id, w.slots, w.draining, w.last_heartbeat))
         .collect();
     format!("{plans:?}\n{migrations:?}\n{events:?}\n{pools:?}\n{workers:?}")
 }
