@@ -2,6 +2,7 @@
 //! environment fallbacks and sane defaults, validated once at start.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -72,6 +73,15 @@ pub struct Config {
     /// TLS and mutual TLS (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
     #[command(flatten)]
     pub tls: crate::tls::TlsConfig,
+    /// Tokens file: lines `ROLE NAME SHA256HEX` (`coordinator token create`
+    /// makes them); every call then needs `authorization: Bearer TOKEN`.
+    /// Re-read on SIGHUP.
+    #[arg(long, env = "STAGECOACH_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+    /// Serve without tokens on a non-loopback address (anyone who reaches
+    /// the port may run, cancel and report anything).
+    #[arg(long, env = "STAGECOACH_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
 }
 
 /// The smallest `--max-request-bytes`: a worker's report or a small plan
@@ -118,7 +128,22 @@ impl Config {
                 ),
             );
         }
+        if self.auth_tokens.is_none() && !self.allow_unauthenticated && !is_loopback(self.listen) {
+            return err(
+                "listen",
+                format!(
+                    "{} is not a loopback address and no tokens file is given, so anyone who can reach it could run, cancel and report anything; give --auth-tokens FILE (STAGECOACH_AUTH_TOKENS), listen on 127.0.0.1, or pass --allow-unauthenticated",
+                    self.listen
+                ),
+            );
+        }
         Ok(())
+    }
+
+    /// Whether calls go unchecked on an address others can reach: worth a
+    /// warning at start.
+    pub fn is_open_to_others(&self) -> bool {
+        self.auth_tokens.is_none() && !is_loopback(self.listen)
     }
 
     pub fn timing(&self) -> Timing {
@@ -136,6 +161,11 @@ impl Config {
             max_reassignments: self.max_reassignments,
         }
     }
+}
+
+/// 127.0.0.0/8 and ::1 (also as `::ffff:127.x.y.z`): only this machine can call.
+fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
 }
 
 /// The database URL with any password replaced by `***`, for logs.

@@ -59,6 +59,9 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         default_pool_slots: 10,
         max_reassignments: 5,
         max_request_bytes: crate::grpc::DEFAULT_MAX_REQUEST_BYTES,
+        // Loopback only, so no tokens are needed.
+        auth_tokens: None,
+        allow_unauthenticated: false,
         log_format: LogFormat::Text,
         tls: Default::default(),
     };

@@ -9,6 +9,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`server`] | assembles store, core, loops and the gRPC server; `run(config, listener, shutdown)` |
+//! | [`auth`] | bearer tokens with roles: the tokens file, the role of each RPC, the check wrapped around each service |
 //! | [`grpc`] | thin `MigrationService`, `WorkerService`, `AdminService` handlers; all proto ↔ domain conversions; the error → status mapping |
 //! | [`engine`] | the scheduling core: validation, one store transition per call, acting on its effects; the connected-worker registry; the dispatcher and sweeper loops |
 //! | [`store`] | the `Store` trait and its backends; each state change is one transaction with its precondition in SQL |
@@ -20,6 +21,7 @@
 //! Correctness never depends on in-memory state: the registry and the
 //! notification channels are caches, rebuilt when workers reconnect.
 
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -2,6 +2,7 @@
 //! over to `server::run` or `demo::run`.
 
 use clap::{Parser, Subcommand};
+use stagecoach_coordinator::auth::{Role, new_token};
 use stagecoach_coordinator::config::{Config, LogFormat};
 use stagecoach_coordinator::{demo, server};
 use tokio_util::sync::CancellationToken;
@@ -21,8 +22,27 @@ struct Cli {
 enum Command {
     /// Serve the gRPC API (migrations, workers, admin, health, reflection).
     Serve(Config),
+    /// Make bearer tokens for `serve --auth-tokens FILE`.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run a whole local system on a fresh SQLite file with the sample export migration.
     Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token on the first line of stdout, and on the
+    /// second the line to append to the tokens file (it holds the token's
+    /// SHA-256, not the token).
+    Create {
+        /// admin (everything), client (MigrationService), worker
+        /// (WorkerService), viewer (read-only calls).
+        #[arg(long)]
+        role: Role,
+        /// Who holds it; the event log names it for every action taken with it.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn init_logging(format: LogFormat, default: &str) {
@@ -74,10 +94,36 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("--listen {}: cannot bind: {e}", config.listen))?;
             let addr = listener.local_addr()?;
             let database = stagecoach_coordinator::config::redacted_url(&config.database);
-            tracing::info!(%addr, %database, ?config.log_format, "coordinator starting");
+            // Every setting but secrets: the tokens file holds only hashes,
+            // and the database URL's password is masked.
+            tracing::info!(
+                %addr,
+                %database,
+                ?config.log_format,
+                auth_tokens = ?config.auth_tokens,
+                config.allow_unauthenticated,
+                config.heartbeat_interval_ms,
+                config.lease_duration_ms,
+                config.sweep_interval_ms,
+                config.default_pool_slots,
+                config.max_reassignments,
+                config.max_request_bytes,
+                "coordinator starting"
+            );
             // Printed once the store is open: scripts and tests wait for it.
             let ready = move || println!("stagecoach coordinator listening on {addr}");
             server::run(config, listener, shutdown, ready).await?;
+        }
+        Command::Token(TokenCommand::Create { role, name }) => {
+            let (token, line) =
+                new_token(role, &name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+            // One write, so `| head -1` gets both lines or neither and a
+            // reader that stops after the token is no error.
+            let out = format!("{token}\n{line}\n");
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+                _ => {}
+            }
         }
         Command::Demo(args) => {
             init_logging(LogFormat::Text, "warn");

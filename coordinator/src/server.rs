@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
+use crate::auth::{Auth, Authorize};
 use crate::config::Config;
 use crate::engine::{Coordinator, run_dispatcher, run_remote_effects, run_sweeper};
 use crate::grpc::{AdminApi, MigrationApi, RequestLimit, WorkerApi};
@@ -22,6 +23,8 @@ use crate::store::Store;
 pub enum ServeError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::TokenFileError),
     #[error("could not open the database: {0}")]
     Store(#[from] crate::error::Error),
     #[error("could not build the reflection service: {0}")]
@@ -41,6 +44,28 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServeError> {
     Ok(store)
 }
 
+/// The tokens of `--auth-tokens`, or auth off; says at start which it is.
+fn load_auth(config: &Config) -> Result<Auth, ServeError> {
+    let Some(path) = &config.auth_tokens else {
+        if config.is_open_to_others() {
+            tracing::warn!(
+                listen = %config.listen,
+                "--allow-unauthenticated: serving WITHOUT tokens on a non-loopback address; anyone who can reach it may run, cancel and report anything"
+            );
+        } else {
+            tracing::info!("auth off: no --auth-tokens file, serving on loopback only");
+        }
+        return Ok(Auth::off());
+    };
+    let auth = Auth::load(path)?;
+    let tokens = auth.table().map_or(0, |t| t.len());
+    tracing::info!(file = %path.display(), tokens, "auth on: every call needs a bearer token (SIGHUP re-reads the file)");
+    if tokens == 0 {
+        tracing::warn!(file = %path.display(), "the tokens file holds no token: every call but health and reflection is refused");
+    }
+    Ok(auth)
+}
+
 /// Serves on `listener` until `shutdown` is cancelled, then drains: worker
 /// and watch streams end, in-flight calls finish, the loops stop.
 ///
@@ -55,6 +80,8 @@ pub async fn run(
     // The TLS files first: a wrong one stops the start before the
     // database is touched.
     let tls = config.tls.load()?;
+    let auth = load_auth(&config)?;
+    tokio::spawn(auth.clone().reload_on_sighup(shutdown.clone()));
     let store = open_store(&config).await?;
     let remote = store.remote_effects().await?;
     let core = Coordinator::new(store, config.timing(), shutdown.clone());
@@ -104,18 +131,29 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RequestLimit::new(
-            MigrationServiceServer::new(MigrationApi::new(core.clone()))
-                .max_decoding_message_size(limit),
-            limit,
+        .add_service(Authorize::new(
+            RequestLimit::new(
+                MigrationServiceServer::new(MigrationApi::new(core.clone()))
+                    .max_decoding_message_size(limit),
+                limit,
+            ),
+            auth.clone(),
         ))
-        .add_service(RequestLimit::new(
-            WorkerServiceServer::new(WorkerApi::new(core.clone())).max_decoding_message_size(limit),
-            limit,
+        .add_service(Authorize::new(
+            RequestLimit::new(
+                WorkerServiceServer::new(WorkerApi::new(core.clone()))
+                    .max_decoding_message_size(limit),
+                limit,
+            ),
+            auth.clone(),
         ))
-        .add_service(RequestLimit::new(
-            AdminServiceServer::new(AdminApi::new(core.clone())).max_decoding_message_size(limit),
-            limit,
+        .add_service(Authorize::new(
+            RequestLimit::new(
+                AdminServiceServer::new(AdminApi::new(core.clone()))
+                    .max_decoding_message_size(limit),
+                limit,
+            ),
+            auth.clone(),
         ))
         .serve_with_incoming_shutdown(
             // TCP_NODELAY: without it Nagle's algorithm meets delayed ACKs and

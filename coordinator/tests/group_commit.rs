@@ -48,6 +48,7 @@ async fn hundreds_of_concurrent_reports_are_each_recorded_once() {
             pool: String::new(),
             deadline_ms: None,
             idempotency_key: None,
+            created_by: None,
         })
         .await
         .unwrap();

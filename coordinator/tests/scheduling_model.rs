@@ -148,6 +148,7 @@ async fn step(s: &SqliteStore, m: &mut Model, plans: &[PlanSpec], op: &Op) {
                 pool: "default".into(),
                 deadline_ms: None,
                 idempotency_key: None,
+                created_by: None,
             };
             match s.create_migration(&new).await {
                 Ok((c, _)) => {

@@ -21,10 +21,40 @@ use stagecoach_proto::v1::{
     WorkerInfo, create_migration_request::PlanSource, put_plan_request::Source,
 };
 use tokio::time::Instant;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
-use tonic::{Code, Status};
+use tonic::{Code, Request, Status};
 
 use crate::checker::{check_invariants, describe_event};
+
+/// Adds `authorization: Bearer TOKEN` to every call, when it has a token.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// Panics on a token that cannot be a header value (tests make their own).
+    pub fn new(token: Option<&str>) -> Bearer {
+        Bearer(token.map(|t| {
+            format!("Bearer {t}")
+                .parse()
+                .unwrap_or_else(|e| panic!("token {t:?} is no header value: {e}"))
+        }))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel whose calls carry the client's token (if any).
+pub type Authed = InterceptedService<Channel, Bearer>;
 
 /// Clients of the three Stagecoach services over one channel.
 #[derive(Debug, Clone)]
@@ -32,23 +62,28 @@ pub struct Client {
     /// The channel the clients share, for other services (health, reflection).
     pub channel: Channel,
     /// `stagecoach.v1.MigrationService`.
-    pub migrations: MigrationServiceClient<Channel>,
+    pub migrations: MigrationServiceClient<Authed>,
     /// `stagecoach.v1.WorkerService`.
-    pub workers: WorkerServiceClient<Channel>,
+    pub workers: WorkerServiceClient<Authed>,
     /// `stagecoach.v1.AdminService`.
-    pub admin: AdminServiceClient<Channel>,
+    pub admin: AdminServiceClient<Authed>,
 }
 
 impl Client {
     /// Connects to `url` (`http://ADDR`), retrying for a few seconds.
     pub async fn connect(url: &str) -> Client {
-        Self::connect_endpoint(url, Self::endpoint(url, None)).await
+        Self::connect_with_token(url, None).await
+    }
+
+    /// Like [`Client::connect`], every call carrying `token` when given.
+    pub async fn connect_with_token(url: &str, token: Option<&str>) -> Client {
+        Self::connect_endpoint(url, Self::endpoint(url, None), token).await
     }
 
     /// Connects to `url` (`https://ADDR`) over TLS with `tls`, retrying for a
     /// few seconds.
     pub async fn connect_tls(url: &str, tls: ClientTlsConfig) -> Client {
-        Self::connect_endpoint(url, Self::endpoint(url, Some(tls))).await
+        Self::connect_endpoint(url, Self::endpoint(url, Some(tls)), None).await
     }
 
     /// One connection attempt to `url`, over TLS with `tls` when given: for
@@ -60,7 +95,7 @@ impl Client {
         tls: Option<ClientTlsConfig>,
     ) -> Result<Client, tonic::transport::Error> {
         let channel = Self::endpoint(url, tls).connect().await?;
-        Ok(Self::over(channel))
+        Ok(Self::on_channel(channel, None))
     }
 
     fn endpoint(url: &str, tls: Option<ClientTlsConfig>) -> Endpoint {
@@ -75,7 +110,7 @@ impl Client {
         }
     }
 
-    async fn connect_endpoint(url: &str, endpoint: Endpoint) -> Client {
+    async fn connect_endpoint(url: &str, endpoint: Endpoint, token: Option<&str>) -> Client {
         let deadline = Instant::now() + Duration::from_secs(10);
         let channel = loop {
             match endpoint.connect().await {
@@ -86,16 +121,36 @@ impl Client {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
-        Self::over(channel)
+        Self::on_channel(channel, token)
     }
 
-    fn over(channel: Channel) -> Client {
+    /// Clients on `channel` whose calls carry `token` (none: no header).
+    pub fn on_channel(channel: Channel, token: Option<&str>) -> Client {
+        let bearer = Bearer::new(token);
         Client {
-            migrations: MigrationServiceClient::new(channel.clone()),
-            workers: WorkerServiceClient::new(channel.clone()),
-            admin: AdminServiceClient::new(channel.clone()),
+            migrations: MigrationServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            workers: WorkerServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            admin: AdminServiceClient::with_interceptor(channel.clone(), bearer),
             channel,
         }
+    }
+
+    /// The same connection, every call carrying this `authorization`
+    /// header value as is (e.g. one that is not `Bearer …`).
+    pub fn with_authorization(&self, value: &str) -> Client {
+        let bearer = Bearer(Some(value.parse().expect("a header value")));
+        let channel = self.channel.clone();
+        Client {
+            migrations: MigrationServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            workers: WorkerServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            admin: AdminServiceClient::with_interceptor(channel.clone(), bearer),
+            channel,
+        }
+    }
+
+    /// The same connection, every call carrying `token` instead.
+    pub fn with_token(&self, token: Option<&str>) -> Client {
+        Self::on_channel(self.channel.clone(), token)
     }
 
     /// PutPlan with a `Plan` message; returns the stored plan.

@@ -33,6 +33,7 @@
 //! | `e2e_bad_input.rs` | bad plans and requests are refused and store nothing |
 //! | `grpc_surface.rs` | health and reflection |
 //! | `tls.rs` | TLS end to end (a worker process, clients, `worker health-check`), plaintext and untrusting clients refused; mutual TLS refusing clients without a certificate of its CA; a wrong key stops the start |
+//! | `auth.rs` | bearer tokens: every RPC × no token, bad tokens and each role answers as the role table says and a denied call changes nothing; who created, canceled, retried in the event log; SIGHUP reload; loopback only without tokens |
 //! | `reports.rs` | duplicate, late, premature and batched reports (I2, I4) |
 //! | `capacity.rs` | pool slots, immediate admission, pause and resume (I3) |
 //! | `worker_crash.rs` | `kill -9` of a worker: reassignment, stale late report (I4, I6) |

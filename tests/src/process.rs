@@ -187,6 +187,11 @@ impl Coordinator {
     }
 
     /// Sends SIGTERM (a graceful shutdown request); see [`Self::wait_exit`].
+    /// SIGHUP: the coordinator re-reads its tokens file.
+    pub fn hangup(&self) {
+        signal(&self.child, libc::SIGHUP);
+    }
+
     pub fn terminate(&self) {
         terminate(&self.child);
     }

@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use files::{IMAGE, compose, dockerfile, repo_root};
+use files::{IMAGE, compose, config_contents, dockerfile, repo_root};
 use local::{
     Local, Proc, free_port, host_port, postgres_installed, run_once, start_postgres,
     wait_connected, wait_healthy,
@@ -132,6 +132,35 @@ fn the_image_has_the_binaries_the_services_run() {
         );
         assert!(c.healthcheck.is_some(), "{name} has a health check");
     }
+    // Listening on every interface, the coordinators require tokens, and
+    // the worker and sample services hold tokens of the right roles.
+    let contents = config_contents();
+    for name in ["coordinator-a", "coordinator-b"] {
+        let c = &services[name];
+        let file = c
+            .env("STAGECOACH_AUTH_TOKENS")
+            .unwrap_or_else(|| panic!("{name} has a tokens file (STAGECOACH_AUTH_TOKENS)"));
+        let (source, _) = c
+            .configs
+            .iter()
+            .find(|(_, target)| target == file)
+            .unwrap_or_else(|| panic!("{name}: {file} is a config mounted there"));
+        assert!(contents.contains_key(source), "config {source} is defined");
+    }
+    let tokens = &contents[&services["coordinator-a"].configs[0].0];
+    for (name, role) in [("worker", "worker"), ("sample", "client")] {
+        let token = services[name]
+            .env("STAGECOACH_TOKEN")
+            .unwrap_or_else(|| panic!("{name} sends a token (STAGECOACH_TOKEN)"));
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+        assert!(
+            tokens.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() == 3 && f[0] == role && f[2] == hash
+            }),
+            "{name}'s token is in the tokens file with role {role}"
+        );
+    }
     assert_eq!(services["coordinator-a"].ports, ["50051:50051"]);
     assert_eq!(services["coordinator-b"].ports, ["50052:50051"]);
     let worker = &services["worker"];
@@ -155,6 +184,26 @@ fn the_image_has_the_binaries_the_services_run() {
         ignored.contains(&"target/") && ignored.contains(&".git"),
         "{ignored:?}"
     );
+}
+
+/// A viewer token for this test: `coordinator token create`'s two lines.
+async fn viewer_token() -> (String, String) {
+    let out = tokio::process::Command::new(&stagecoach_tests::binaries::binaries().coordinator)
+        .args([
+            "token",
+            "create",
+            "--role",
+            "viewer",
+            "--name",
+            "compose-test",
+        ])
+        .output()
+        .await
+        .expect("coordinator token create");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let mut lines = text.lines().map(String::from);
+    (lines.next().unwrap(), lines.next().unwrap())
 }
 
 #[tokio::test]
@@ -207,6 +256,20 @@ async fn the_services_start_as_the_file_says() {
             mounts.insert(target.clone(), local);
         }
     }
+    // Config files (the tokens file) as Docker would mount them; this test
+    // adds a viewer token of its own, as an operator would, to read the
+    // cluster.
+    let (viewer, viewer_line) = viewer_token().await;
+    let contents = config_contents();
+    for s in services.values() {
+        for (source, target) in &s.configs {
+            let file = dir.join("configs").join(source);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, format!("{}{viewer_line}\n", contents[source]))
+                .expect("write a config file");
+            mounts.insert(target.clone(), file);
+        }
+    }
     let local = Local {
         dir: dir.clone(),
         hosts,
@@ -237,7 +300,10 @@ async fn the_services_start_as_the_file_says() {
         .collect();
     let mut clients = Vec::new();
     for name in &coordinators {
-        clients.push((name.as_str(), Client::connect(&local.url(name)).await));
+        clients.push((
+            name.as_str(),
+            Client::connect_with_token(&local.url(name), Some(&viewer)).await,
+        ));
     }
     let seen = wait_connected(
         "both replicas to connect",

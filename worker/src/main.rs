@@ -80,12 +80,18 @@ struct Args {
     #[arg(long, env = "STAGECOACH_WORKER_NAME")]
     name: Option<String>,
 
-    /// Bearer token, when the coordinator requires one.
+    /// Bearer token, when the coordinator requires one (a `worker` role
+    /// token from `coordinator token create`).
     #[arg(long, env = "STAGECOACH_TOKEN", hide_env_values = true)]
     token: Option<String>,
 
     #[command(flatten)]
     tls: bin_tls::TlsArgs,
+
+    /// A file holding the bearer token (its first line), instead of
+    /// --token: keeps the secret out of the process list.
+    #[arg(long, env = "STAGECOACH_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
 
     /// Seconds in-flight tasks get to finish on shutdown before they are
     /// canceled.
@@ -146,7 +152,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(name) = args.name {
         builder = builder.name(name);
     }
-    if let Some(token) = args.token {
+    let token = match (args.token, args.token_file) {
+        (Some(token), _) => Some(token),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("--token-file {}: cannot read it", path.display()))?;
+            let token = text.lines().next().unwrap_or_default().trim().to_string();
+            if token.is_empty() {
+                anyhow::bail!("--token-file {}: the file is empty", path.display());
+            }
+            Some(token)
+        }
+        (None, None) => None,
+    };
+    if let Some(token) = token {
         builder = builder.token(token);
     }
     if let Some(tls) = args.tls.load()? {

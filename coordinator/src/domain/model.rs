@@ -180,6 +180,28 @@ pub struct NewMigration {
     pub pool: String,
     pub deadline_ms: Option<i64>,
     pub idempotency_key: Option<String>,
+    /// The name of the token that created it, when auth is on.
+    pub created_by: Option<String>,
+}
+
+impl NewMigration {
+    /// Its MigrationCreated event's message: the subject, and who created
+    /// it when a token named them.
+    pub fn created_message(&self) -> String {
+        match &self.created_by {
+            Some(by) => format!("{} (created by {by})", self.subject),
+            None => self.subject.clone(),
+        }
+    }
+}
+
+/// A MigrationRetried event's message: who retried it, when known.
+pub fn retried_message(by: &str) -> String {
+    if by.is_empty() {
+        String::new()
+    } else {
+        format!("retried by {by}")
+    }
 }
 
 /// A task leased to a worker, ready to send.

@@ -54,6 +54,8 @@ pub struct CreateRequest {
     pub pool: String,
     pub deadline_ms: Option<i64>,
     pub idempotency_key: Option<String>,
+    /// The caller's token name, when auth is on: its MigrationCreated event names it.
+    pub created_by: Option<String>,
 }
 
 /// The coordinator's core, shared by every service and background loop.
@@ -200,6 +202,7 @@ impl Coordinator {
             pool,
             deadline_ms: req.deadline_ms,
             idempotency_key: req.idempotency_key.filter(|k| !k.is_empty()),
+            created_by: req.created_by,
         };
         // Admitted at once, its first tasks go out with the create's commit.
         let (workers, requests) = loops::claim_requests(self);
@@ -234,14 +237,32 @@ impl Coordinator {
         self.store.list_events(migration_id, after_id, limit).await
     }
 
-    pub async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Migration> {
-        let fx = self.store.cancel_migration(id, reason).await?;
+    /// Cancels it; with `by` (the caller's token name) the reason, which
+    /// its MigrationCanceled event and the migration carry, says who:
+    /// `canceled by ops-alice: <reason>`.
+    pub async fn cancel_migration(
+        &self,
+        id: i64,
+        reason: &str,
+        by: Option<&str>,
+    ) -> Result<Migration> {
+        let reason = match (by, reason) {
+            (None, r) => r.to_string(),
+            (Some(by), "") => format!("canceled by {by}"),
+            (Some(by), r) => format!("canceled by {by}: {r}"),
+        };
+        let fx = self.store.cancel_migration(id, &reason).await?;
         self.apply(fx);
         self.get_migration(id).await
     }
 
-    pub async fn retry_migration(&self, id: i64) -> Result<Migration> {
-        let fx = self.store.retry_migration(id).await?;
+    /// Retries it; its MigrationRetried event says `retried by NAME` when
+    /// `by` names the caller's token.
+    pub async fn retry_migration(&self, id: i64, by: Option<&str>) -> Result<Migration> {
+        let fx = self
+            .store
+            .retry_migration_by(id, by.unwrap_or_default())
+            .await?;
         self.apply(fx);
         self.get_migration(id).await
     }

@@ -9,6 +9,7 @@ use stagecoach_proto::v1::{self as pb, migration_service_server::MigrationServic
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::caller_name;
 use super::convert::{self, migration_to_pb, plan_from_pb, plan_to_pb};
 use super::text::checked;
 use crate::domain::{MigrationFilter, PlanSpec};
@@ -36,6 +37,7 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::PutPlanRequest>,
     ) -> Result<Response<pb::PutPlanResponse>, Status> {
+        let by = caller_name(&req);
         let plan = match checked(req)?.source {
             Some(pb::put_plan_request::Source::Plan(p)) => plan_from_pb(p),
             Some(pb::put_plan_request::Source::PlanJson(json)) => PlanSpec::from_json(&json)?,
@@ -46,6 +48,10 @@ impl MigrationService for MigrationApi {
             }
         };
         let stored = self.core.put_plan(plan).await?;
+        if let Some(by) = by {
+            // Plans have no event log: the log says who stored each version.
+            tracing::info!(actor = %by, plan = %stored.name, version = stored.version, "plan stored by {by}");
+        }
         Ok(Response::new(pb::PutPlanResponse {
             plan: Some(plan_to_pb(&stored)),
         }))
@@ -79,6 +85,7 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::CreateMigrationRequest>,
     ) -> Result<Response<pb::CreateMigrationResponse>, Status> {
+        let by = caller_name(&req);
         let r = checked(req)?;
         let plan = match r.plan_source {
             Some(pb::create_migration_request::PlanSource::PlanName(name)) => {
@@ -109,6 +116,7 @@ impl MigrationService for MigrationApi {
                 pool: r.pool,
                 deadline_ms,
                 idempotency_key: Some(r.idempotency_key).filter(|k| !k.is_empty()),
+                created_by: by,
             })
             .await?;
         Ok(Response::new(pb::CreateMigrationResponse {
@@ -189,10 +197,11 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::CancelMigrationRequest>,
     ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
+        let by = caller_name(&req);
         let r = checked(req)?;
         let m = self
             .core
-            .cancel_migration(r.migration_id, &r.reason)
+            .cancel_migration(r.migration_id, &r.reason, by.as_deref())
             .await?;
         Ok(Response::new(pb::CancelMigrationResponse {
             migration: Some(migration_to_pb(&m)),
@@ -203,9 +212,10 @@ impl MigrationService for MigrationApi {
         &self,
         req: Request<pb::RetryMigrationRequest>,
     ) -> Result<Response<pb::RetryMigrationResponse>, Status> {
+        let by = caller_name(&req);
         let m = self
             .core
-            .retry_migration(req.into_inner().migration_id)
+            .retry_migration(req.into_inner().migration_id, by.as_deref())
             .await?;
         Ok(Response::new(pb::RetryMigrationResponse {
             migration: Some(migration_to_pb(&m)),

@@ -15,3 +15,11 @@ pub use limit::{DEFAULT_MAX_REQUEST_BYTES, RequestLimit};
 pub use migration::MigrationApi;
 pub use status::code_of;
 pub use worker::WorkerApi;
+
+/// The name of the token that made the call (put there by
+/// `auth::Authorize`), or `None` when auth is off.
+fn caller_name<T>(req: &tonic::Request<T>) -> Option<String> {
+    req.extensions()
+        .get::<crate::auth::Caller>()
+        .map(|c| c.name.clone())
+}

@@ -243,7 +243,12 @@ pub trait Store: Send + Sync + 'static {
     async fn cancel_migration(&self, id: i64, reason: &str) -> Result<Effects>;
     /// Queues a failed or canceled migration again from its first unfinished
     /// stage (I2, I8).
-    async fn retry_migration(&self, id: i64) -> Result<Effects>;
+    async fn retry_migration(&self, id: i64) -> Result<Effects> {
+        self.retry_migration_by(id, "").await
+    }
+    /// [`retry_migration`](Self::retry_migration), its MigrationRetried
+    /// event naming `by` (the caller's token name; empty: nobody named).
+    async fn retry_migration_by(&self, id: i64, by: &str) -> Result<Effects>;
     /// Reclaims expired leases and fails migrations past their deadline
     /// (I6, I7, I10). Safe to run at any time.
     async fn sweep(&self) -> Result<(SweepReport, Effects)>;

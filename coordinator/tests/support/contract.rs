@@ -113,6 +113,7 @@ pub fn new(plan: PlanSpec, subject: &str) -> NewMigration {
         pool: "default".into(),
         deadline_ms: None,
         idempotency_key: None,
+        created_by: None,
     }
 }
 

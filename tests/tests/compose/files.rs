@@ -31,6 +31,8 @@ pub struct Service {
     pub profiles: Vec<String>,
     pub container_name: Option<String>,
     pub depends_on: BTreeMap<String, String>,
+    /// `(config name, mount point)` of the file's top-level `configs`.
+    pub configs: Vec<(String, String)>,
 }
 
 impl Service {
@@ -151,6 +153,50 @@ fn service(name: &str, s: &Value) -> Service {
         profiles: strings(&s["profiles"], "profiles"),
         container_name: s["container_name"].as_str().map(String::from),
         depends_on,
+        configs: configs(name, &s["configs"]),
+    }
+}
+
+fn configs(name: &str, v: &Value) -> Vec<(String, String)> {
+    match v {
+        Value::Null => Vec::new(),
+        Value::Sequence(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(source) => (source.clone(), format!("/{source}")),
+                other => {
+                    let source = scalar(&other["source"], name, "configs.source");
+                    let target = match &other["target"] {
+                        Value::Null => format!("/{source}"),
+                        t => scalar(t, name, "configs.target"),
+                    };
+                    (source, target)
+                }
+            })
+            .collect(),
+        other => panic!("service {name}: configs must be a list, got {other:?}"),
+    }
+}
+
+/// The file's top-level `configs` given inline: name → content.
+pub fn config_contents() -> BTreeMap<String, String> {
+    let path = repo_root().join("docker-compose.yml");
+    let text = std::fs::read_to_string(&path).expect("read docker-compose.yml");
+    let doc: Value = serde_norway::from_str(&text).expect("docker-compose.yml is YAML");
+    match &doc["configs"] {
+        Value::Null => BTreeMap::new(),
+        Value::Mapping(m) => m
+            .iter()
+            .map(|(k, v)| {
+                let name = k.as_str().expect("config names are strings").to_string();
+                let content = v["content"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("config {name}: give its `content` inline"))
+                    .to_string();
+                (name, content)
+            })
+            .collect(),
+        other => panic!("configs must be a mapping, got {other:?}"),
     }
 }
 

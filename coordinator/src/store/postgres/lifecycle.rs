@@ -6,7 +6,7 @@ use super::machine::{self, EventAt, event};
 use super::{PostgresStore, notify, pool_not_found};
 use super::{bulk, claim};
 
-use crate::domain::{EventKind, MigrationState, NewMigration, RetryPolicy};
+use crate::domain::{EventKind, MigrationState, NewMigration, RetryPolicy, retried_message};
 use crate::error::{Error, Result};
 use crate::store::common::{corrupt, created_tasks, deadline_not_ahead, retry_past_deadline};
 use crate::store::{ClaimRequest, Created, Effects, Pass};
@@ -150,7 +150,7 @@ impl PostgresStore {
         Ok(fx)
     }
 
-    pub(super) async fn retry_once(&self, id: i64) -> Result<Effects> {
+    pub(super) async fn retry_once(&self, id: i64, by: &str) -> Result<Effects> {
         let mut fx = Effects::default();
         let mut tx = self.db.begin().await?;
         let (state, pool) = Self::lock_state(&mut tx, id).await?;
@@ -203,7 +203,17 @@ impl PostgresStore {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        event(&mut tx, id, EventKind::MigrationRetried, EventAt::default()).await?;
+        let message = retried_message(by);
+        event(
+            &mut tx,
+            id,
+            EventKind::MigrationRetried,
+            EventAt {
+                message: &message,
+                ..Default::default()
+            },
+        )
+        .await?;
         fx.touch(id);
         machine::admit(&mut tx, &pool, &mut fx).await?;
         notify::commit(tx, &self.origin, &fx).await?;
@@ -232,7 +242,7 @@ async fn insert_migration(conn: &mut sqlx::PgConnection, m: &NewMigration) -> Re
              RETURNING id),
          logged AS (
              INSERT INTO events (migration_id, at, kind, message)
-             SELECT id, stagecoach_now_ms(), $8, $3 FROM created),
+             SELECT id, stagecoach_now_ms(), $8, $17 FROM created),
          staged AS (
              INSERT INTO stages (migration_id, idx, name, serial, state, total, max_attempts,
                                  initial_backoff_ms, max_backoff_ms, attempt_timeout_ms,
@@ -261,6 +271,7 @@ async fn insert_migration(conn: &mut sqlx::PgConnection, m: &NewMigration) -> Re
     .bind(column(|r| r.max_backoff_ms))
     .bind(column(|r| r.attempt_timeout_ms))
     .bind(column(|r| r.heartbeat_timeout_ms))
+    .bind(m.created_message())
     .fetch_one(conn)
     .await?)
 }

@@ -462,8 +462,8 @@ impl Store for PostgresStore {
         transact("cancel_migration", || self.cancel_once(id, &reason)).await
     }
 
-    async fn retry_migration(&self, id: i64) -> Result<Effects> {
-        transact("retry_migration", || self.retry_once(id)).await
+    async fn retry_migration_by(&self, id: i64, by: &str) -> Result<Effects> {
+        transact("retry_migration", || self.retry_once(id, by)).await
     }
 
     async fn sweep(&self) -> Result<(SweepReport, Effects)> {

@@ -25,7 +25,7 @@ use crate::clock::{now_ms, one_instant};
 use crate::domain::{
     Assignment, Completion, Event, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken,
     Migration, MigrationFilter, MigrationState, NewMigration, PlanSpec, Pool, ReportAck,
-    SweepReport, shown,
+    SweepReport, retried_message, shown,
 };
 use crate::error::{Error, Result};
 use crate::store::common::{created_tasks, deadline_not_ahead, retry_past_deadline};
@@ -256,8 +256,8 @@ impl Store for SqliteStore {
         one_instant(self.cancel(id, reason)).await
     }
 
-    async fn retry_migration(&self, id: i64) -> Result<Effects> {
-        one_instant(self.retry(id)).await
+    async fn retry_migration_by(&self, id: i64, by: &str) -> Result<Effects> {
+        one_instant(self.retry(id, by)).await
     }
 
     async fn claim_many(&self, requests: &[ClaimRequest]) -> Result<Pass> {
@@ -321,7 +321,7 @@ impl SqliteStore {
         Ok(fx)
     }
 
-    async fn retry(&self, id: i64) -> Result<Effects> {
+    async fn retry(&self, id: i64, by: &str) -> Result<Effects> {
         let mut fx = Effects::default();
         let mut tx = self.writer.begin().await?;
         let state = reads::migration_state(&mut tx, id).await?;
@@ -373,7 +373,17 @@ impl SqliteStore {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        event(&mut tx, id, EventKind::MigrationRetried, EventAt::default()).await?;
+        let message = retried_message(by);
+        event(
+            &mut tx,
+            id,
+            EventKind::MigrationRetried,
+            EventAt {
+                message: &message,
+                ..Default::default()
+            },
+        )
+        .await?;
         fx.touch(id);
         let pool: String = sqlx::query_scalar("SELECT pool FROM migrations WHERE id = ?")
             .bind(id)
@@ -480,7 +490,7 @@ impl SqliteStore {
             id,
             EventKind::MigrationCreated,
             EventAt {
-                message: &m.subject,
+                message: &m.created_message(),
                 ..Default::default()
             },
         )
