@@ -1,7 +1,9 @@
 //! The worker-facing transitions of the PostgreSQL store: releases,
 //! heartbeats and outcome reports (claims are in `claim`). Every update names the fencing token
 //! `(task id, attempt)` and the state it expects in its `WHERE` (I4), as on
-//! SQLite; on top of that each transaction takes its locks in the one order
+//! SQLite, and every report and heartbeat the lease's secret too (a wrong
+//! one is a stale token; a release needs none: its assignment never left
+//! the coordinator); on top of that each transaction takes its locks in the one order
 //! of the module doc (worker, migrations by id, pool, tasks), so coordinators
 //! running the same transitions at once never deadlock.
 

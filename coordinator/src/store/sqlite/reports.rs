@@ -2,7 +2,9 @@
 //! in one transaction (group commit: one fsync for many outcomes), each inside
 //! its own savepoint so a rejected report changes nothing while the others of
 //! the batch still commit. Every update names the fencing token
-//! `(task id, attempt)` and the state it expects in its `WHERE` (I4).
+//! `(task id, attempt)`, the lease's secret (checked, or for a sweep's
+//! failure as read, in the same transaction) and the state it expects in
+//! its `WHERE` (I4); a wrong secret is a stale token.
 
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
