@@ -216,6 +216,8 @@ impl Registry {
             return Err(Taken);
         }
         let last_heartbeat = old.and_then(|c| c.last_heartbeat);
+        // A drained process stays drained across its own reconnect.
+        let draining = old.is_some_and(|c| c.draining && c.instance == instance && instance.0 != 0);
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let entry = Connected {
             conn,
@@ -226,7 +228,7 @@ impl Registry {
             connected: Instant::now(),
             last_heartbeat,
             lease_lost: None,
-            draining: false,
+            draining,
             benched: false,
         };
         map.insert(spec.worker_id, entry);
@@ -408,6 +410,33 @@ mod tests {
         let mut ids: Vec<_> = eligible.iter().map(|e| e.spec.worker_id.as_str()).collect();
         ids.sort();
         ids
+    }
+
+    #[test]
+    fn one_stream_per_worker_id_unless_the_same_instance_reconnects() {
+        let r = Registry::new(Duration::from_secs(60));
+        let (tx1, rx1) = mpsc::unbounded_channel();
+        let first = r.connect(spec("a"), Instance(1), tx1).unwrap();
+        for other in [Instance(0), Instance(2)] {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            assert_eq!(r.connect(spec("a"), other, tx), Err(Taken));
+        }
+        assert!(r.drain("a").is_some());
+        // The same process: takes over, stays drained; the old stream ends.
+        let (tx2, rx2) = mpsc::unbounded_channel();
+        let second = r.connect(spec("a"), Instance(1), tx2).unwrap();
+        assert!(rx1.is_closed(), "the old stream's sender is gone");
+        assert!(r.list()[0].draining);
+        // The old stream's late disconnect leaves the new one registered.
+        r.disconnect("a", first);
+        assert_eq!(r.list().len(), 1);
+        // Once the stream is closed, anyone may take the id.
+        drop(rx2);
+        let (tx3, _rx3) = mpsc::unbounded_channel();
+        assert!(r.connect(spec("a"), Instance(0), tx3).is_ok());
+        r.disconnect("a", second);
+        assert_eq!(r.list().len(), 1);
+        assert!(!r.list()[0].draining);
     }
 
     #[test]
