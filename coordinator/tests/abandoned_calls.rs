@@ -62,6 +62,7 @@ fn call(s: &dyn Store, i: usize, running: i64) -> Call<'_> {
                     W,
                     &Failure {
                         lease,
+                        secret: Default::default(),
                         error: "gone".into(),
                         retryable: true,
                     },

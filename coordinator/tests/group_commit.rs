@@ -60,6 +60,7 @@ async fn hundreds_of_concurrent_reports_are_each_recorded_once() {
         joins.push(tokio::spawn(async move {
             let c = Completion {
                 lease: a.lease,
+                secret: a.secret,
                 output: json!({}),
                 add_tasks: vec![],
             };

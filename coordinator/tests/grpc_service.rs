@@ -274,6 +274,7 @@ async fn worker_reports_with_stale_tokens_are_failed_precondition(backend: Backe
         kinds: vec![],
         slots: 1,
         name: String::new(),
+        instance: 0,
     };
     let err = a.workers.subscribe(Request::new(sub)).await.err().unwrap();
     assert_eq!(
@@ -476,6 +477,7 @@ async fn nul_in_any_string_is_invalid_argument_naming_the_field(backend: Backend
             kinds: vec!["noop".into()],
             slots: 1,
             name: String::new(),
+            instance: 0,
         };
         f(&mut r);
         Request::new(r)
@@ -528,6 +530,7 @@ async fn nul_in_any_string_is_invalid_argument_naming_the_field(backend: Backend
             lease,
             error,
             retryable: true,
+            lease_secret: 0,
         }],
     };
     refuses_nul(
@@ -553,6 +556,7 @@ async fn list_workers_says_who_gets_no_work_and_why(backend: Backend) {
         kinds: vec!["noop".into()],
         slots: 1,
         name: String::new(),
+        instance: 0,
     };
     let _stream = a.workers.subscribe(Request::new(sub)).await.unwrap();
     let list = async || {

@@ -11,8 +11,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::json;
 use stagecoach_coordinator::domain::{
-    Assignment, Completion, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState,
-    NewMigration, NewTask, PlanSpec, ReportAck, StageState, TaskSpec,
+    Assignment, Completion, EventKind, Failure, LeaseSecret, LeaseStatus, LeaseToken,
+    MigrationState, NewMigration, NewTask, PlanSpec, ReportAck, StageState, TaskSpec,
 };
 use stagecoach_coordinator::error::Error;
 use stagecoach_coordinator::store::{Limits, Report, SqliteStore, Store};
@@ -104,7 +104,7 @@ struct Model {
     migrations: Vec<i64>,
     /// Live leases by worker, exactly as the store must hold them.
     held: BTreeMap<&'static str, Vec<Assignment>>,
-    issued: Vec<LeaseToken>,
+    issued: Vec<(LeaseToken, LeaseSecret)>,
     completed: HashSet<LeaseToken>,
     /// Lowering a pool's slots does not stop running migrations: until
     /// enough of them finish, up to this many may still run.
@@ -191,7 +191,7 @@ async fn step(s: &SqliteStore, m: &mut Model, plans: &[PlanSpec], op: &Op) {
                         .all(|st| st.state == StageState::Succeeded),
                     "I1: earlier stage unfinished"
                 );
-                m.issued.push(a.lease);
+                m.issued.push((a.lease, a.secret));
             }
             m.held.entry(w).or_default().extend(got);
         }
@@ -216,6 +216,7 @@ async fn step(s: &SqliteStore, m: &mut Model, plans: &[PlanSpec], op: &Op) {
                 };
             let c = Completion {
                 lease: a.lease,
+                secret: a.secret,
                 output: json!({}),
                 add_tasks,
             };
@@ -242,6 +243,7 @@ async fn step(s: &SqliteStore, m: &mut Model, plans: &[PlanSpec], op: &Op) {
                     w.to_string(),
                     Report::Complete(Completion {
                         lease: a.lease,
+                        secret: a.secret,
                         output: json!({"t": a.lease.task_id}),
                         add_tasks: vec![],
                     }),
@@ -274,6 +276,7 @@ async fn step(s: &SqliteStore, m: &mut Model, plans: &[PlanSpec], op: &Op) {
             let (w, a) = &all[pick % all.len()];
             let f = Failure {
                 lease: a.lease,
+                secret: a.secret,
                 error: "boom".into(),
                 retryable: *retryable,
             };
@@ -291,7 +294,7 @@ async fn step(s: &SqliteStore, m: &mut Model, plans: &[PlanSpec], op: &Op) {
             if m.issued.is_empty() {
                 return;
             }
-            let lease = m.issued[pick % m.issued.len()];
+            let (lease, secret) = m.issued[pick % m.issued.len()];
             let owner = m
                 .all_held()
                 .into_iter()
@@ -306,6 +309,7 @@ async fn step(s: &SqliteStore, m: &mut Model, plans: &[PlanSpec], op: &Op) {
                     "w0",
                     &Completion {
                         lease,
+                        secret,
                         output: json!({}),
                         add_tasks: vec![],
                     },
@@ -334,6 +338,7 @@ async fn step(s: &SqliteStore, m: &mut Model, plans: &[PlanSpec], op: &Op) {
                 .flatten()
                 .map(|a| LeaseStatus {
                     lease: a.lease,
+                    secret: a.secret,
                     done: 1,
                     total: 2,
                     checkpoint: Some(vec![1]),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use stagecoach_coordinator::domain::{
-    Event, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState, StageState,
+    Assignment, Event, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState, StageState,
 };
 use stagecoach_coordinator::store::Store;
 
@@ -98,7 +98,7 @@ async fn cancel_ends_each_unfinished_task_once_in_task_order(b: Backend) {
     let (c, _) = s.create_migration(&new(p, "s")).await.unwrap();
     let a = s.claim(W, &kinds(&["noop"]), 4).await.unwrap();
     assert_eq!(a.len(), 4);
-    s.complete(W, &done(a[0].lease)).await.unwrap();
+    s.complete(W, &done(&a[0])).await.unwrap();
     s.release(W, a[1].lease).await.unwrap();
     let task_ids: Vec<i64> = {
         let first = a[0].lease.task_id;
@@ -143,14 +143,15 @@ async fn cancel_ends_each_unfinished_task_once_in_task_order(b: Backend) {
     counters_add_up(s, c.migration_id).await;
 
     assert!(s.claim(W, &kinds(&["noop"]), 10).await.unwrap().is_empty());
-    let status = |lease| LeaseStatus {
-        lease,
+    let status = |a: &Assignment| LeaseStatus {
+        lease: a.lease,
+        secret: a.secret,
         done: 0,
         total: 1,
         checkpoint: None,
     };
     let hb = s
-        .heartbeat(W, &[status(a[2].lease), status(a[3].lease)])
+        .heartbeat(W, &[status(&a[2]), status(&a[3])])
         .await
         .unwrap();
     assert_eq!(hb.cancel.len(), 2, "the holders are told to stop (I9)");
@@ -176,6 +177,7 @@ async fn a_dead_task_fails_the_migration_and_cancels_the_rest(b: Backend) {
             W,
             &Failure {
                 lease: a[0].lease,
+                secret: a[0].secret,
                 error: "boom".into(),
                 retryable: false,
             },
@@ -216,7 +218,7 @@ async fn a_deadline_cancels_the_running_stage(b: Backend) {
     m.deadline_ms = Some(stagecoach_coordinator::clock::now_ms() + 300);
     let (c, _) = s.create_migration(&m).await.unwrap();
     let a = s.claim(W, &kinds(&["noop"]), 3).await.unwrap();
-    s.complete(W, &done(a[0].lease)).await.unwrap();
+    s.complete(W, &done(&a[0])).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let (report, fx) = s.sweep().await.unwrap();
     assert_eq!(report.deadlines_exceeded, 1);

@@ -8,8 +8,8 @@
 
 use serde_json::json;
 use stagecoach_coordinator::domain::{
-    Completion, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState, NewTask, ReportAck,
-    StageState, TaskSpec,
+    Assignment, Completion, EventKind, Failure, LeaseStatus, LeaseToken, MigrationState, NewTask,
+    ReportAck, StageState, TaskSpec,
 };
 use stagecoach_coordinator::error::Error;
 use stagecoach_coordinator::store::Limits;
@@ -38,17 +38,17 @@ async fn stages_run_in_order_and_the_migration_succeeds(b: Backend) {
             .all(|a| a.stage_index == 0 && a.lease.attempt == 1)
     );
 
-    s.complete(W, &done(first[0].lease)).await.unwrap();
+    s.complete(W, &done(&first[0])).await.unwrap();
     assert!(
         s.claim(W, &kinds(&["noop"]), 10).await.unwrap().is_empty(),
         "stage b waits for all of a"
     );
-    let (ack, _) = s.complete(W, &done(first[1].lease)).await.unwrap();
+    let (ack, _) = s.complete(W, &done(&first[1])).await.unwrap();
     assert_eq!(ack, ReportAck::Recorded);
     let second = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     assert_eq!(second.len(), 1);
     assert_eq!(second[0].stage_name, "b");
-    s.complete(W, &done(second[0].lease)).await.unwrap();
+    s.complete(W, &done(&second[0])).await.unwrap();
 
     let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
     assert_eq!(m.state, MigrationState::Succeeded);
@@ -77,8 +77,8 @@ async fn duplicate_and_stale_reports_change_nothing(b: Backend) {
         .await
         .unwrap();
     let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
-    s.complete(W, &done(a[0].lease)).await.unwrap();
-    let (ack, fx) = s.complete(W, &done(a[0].lease)).await.unwrap();
+    s.complete(W, &done(&a[0])).await.unwrap();
+    let (ack, fx) = s.complete(W, &done(&a[0])).await.unwrap();
     assert_eq!(ack, ReportAck::Duplicate);
     assert!(fx.touched.is_empty());
 
@@ -86,10 +86,14 @@ async fn duplicate_and_stale_reports_change_nothing(b: Backend) {
         task_id: a[1].lease.task_id,
         attempt: 7,
     };
-    let err = s.complete(W, &done(stale)).await.unwrap_err();
+    // The live secret does not make a stale attempt live.
+    let err = s
+        .complete(W, &done_as(stale, a[1].secret))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::LeaseNotHeld(_)), "{err}");
     assert!(err.to_string().contains("no longer held"), "{err}");
-    let other = s.complete("w2", &done(a[1].lease)).await.unwrap_err();
+    let other = s.complete("w2", &done(&a[1])).await.unwrap_err();
     assert!(
         matches!(other, Error::LeaseNotHeld(_)),
         "a lease is held by one worker"
@@ -137,6 +141,7 @@ async fn a_permanent_failure_fails_the_migration_and_stops_later_stages(b: Backe
     let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     let f = Failure {
         lease: a[0].lease,
+        secret: a[0].secret,
         error: "disk full".into(),
         retryable: false,
     };
@@ -163,7 +168,7 @@ async fn a_permanent_failure_fails_the_migration_and_stops_later_stages(b: Backe
     assert!(s.claim(W, &kinds(&["noop"]), 10).await.unwrap().is_empty());
     // The sibling's late success is rejected.
     assert!(matches!(
-        s.complete(W, &done(a[1].lease)).await,
+        s.complete(W, &done(&a[1])).await,
         Err(Error::LeaseNotHeld(_))
     ));
     // A repeated Fail is answered as the first was.
@@ -183,6 +188,7 @@ async fn retryable_failures_back_off_then_the_task_dies(b: Backend) {
         W,
         &Failure {
             lease: a[0].lease,
+            secret: a[0].secret,
             error: "flaky".into(),
             retryable: true,
         },
@@ -196,6 +202,7 @@ async fn retryable_failures_back_off_then_the_task_dies(b: Backend) {
         W,
         &Failure {
             lease: b[0].lease,
+            secret: b[0].secret,
             error: "flaky".into(),
             retryable: true,
         },
@@ -220,6 +227,7 @@ async fn tasks_fan_out_to_a_later_dynamic_stage_only(b: Backend) {
     let a = s.claim(W, &kinds(&["noop"]), 1).await.unwrap();
     let bad = Completion {
         lease: a[0].lease,
+        secret: a[0].secret,
         output: json!({}),
         add_tasks: vec![NewTask {
             stage: "inspect".into(),
@@ -276,7 +284,7 @@ async fn tasks_fan_out_to_a_later_dynamic_stage_only(b: Backend) {
     let leases: Vec<i64> = exports.iter().map(|e| e.lease_ms).collect();
     assert_eq!(leases, [LIMITS.lease_ms, LIMITS.lease_ms, 4_000]);
     for e in &exports {
-        s.complete(W, &done(e.lease)).await.unwrap();
+        s.complete(W, &done(e)).await.unwrap();
     }
     // The empty dynamic stage succeeded at once; "end" runs.
     let end = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
@@ -297,7 +305,7 @@ async fn a_serial_stage_runs_one_task_at_a_time_in_order(b: Backend) {
         let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].payload, json!({"n": n}));
-        s.complete(W, &done(a[0].lease)).await.unwrap();
+        s.complete(W, &done(&a[0])).await.unwrap();
     }
 }
 
@@ -325,7 +333,7 @@ async fn pools_admit_oldest_first_within_their_slots(b: Backend) {
     );
     let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     assert_eq!(a.len(), 2);
-    s.complete(W, &done(a[0].lease)).await.unwrap();
+    s.complete(W, &done(&a[0])).await.unwrap();
     assert_eq!(
         state(ids[2]).await,
         MigrationState::Running,
@@ -333,7 +341,7 @@ async fn pools_admit_oldest_first_within_their_slots(b: Backend) {
     );
     assert_eq!(state(ids[3]).await, MigrationState::Queued);
     s.set_pool_paused("default", true).await.unwrap();
-    s.complete(W, &done(a[1].lease)).await.unwrap();
+    s.complete(W, &done(&a[1])).await.unwrap();
     assert_eq!(
         state(ids[3]).await,
         MigrationState::Queued,
@@ -368,8 +376,8 @@ async fn cancel_revokes_leases_and_retry_resumes_at_the_unfinished_stage(b: Back
     let s = &*db.store;
     let (c, _) = s.create_migration(&new(two_stage(), "s")).await.unwrap();
     let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
-    s.complete(W, &done(a[0].lease)).await.unwrap();
-    s.complete(W, &done(a[1].lease)).await.unwrap();
+    s.complete(W, &done(&a[0])).await.unwrap();
+    s.complete(W, &done(&a[1])).await.unwrap();
     let b = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     let fx = s.cancel_migration(c.migration_id, "").await.unwrap();
     assert_eq!(fx.revoked.len(), 1);
@@ -379,6 +387,7 @@ async fn cancel_revokes_leases_and_retry_resumes_at_the_unfinished_stage(b: Back
             W,
             &[LeaseStatus {
                 lease: b[0].lease,
+                secret: b[0].secret,
                 done: 1,
                 total: 2,
                 checkpoint: None,
@@ -404,7 +413,7 @@ async fn cancel_revokes_leases_and_retry_resumes_at_the_unfinished_stage(b: Back
     assert_eq!(again.len(), 1, "stage a is not run again");
     assert_eq!(again[0].stage_name, "b");
     assert_eq!(again[0].lease.attempt, b[0].lease.attempt + 1);
-    s.complete(W, &done(again[0].lease)).await.unwrap();
+    s.complete(W, &done(&again[0])).await.unwrap();
     assert_eq!(
         s.get_migration(c.migration_id)
             .await
@@ -437,7 +446,7 @@ async fn expired_leases_are_reassigned_until_the_cap(b: Backend) {
     assert_eq!(b[0].lease.attempt, 2);
     assert!(
         matches!(
-            s.complete(W, &done(a[0].lease)).await,
+            s.complete(W, &done(&a[0])).await,
             Err(Error::LeaseNotHeld(_))
         ),
         "late worker rejected"
@@ -551,8 +560,9 @@ async fn task_and_stage_settings_override_the_defaults(b: Backend) {
     let beat = s
         .heartbeat(
             W,
-            &[staged[0].lease, own[0].lease].map(|lease| LeaseStatus {
-                lease,
+            &[&staged[0], &own[0]].map(|a| LeaseStatus {
+                lease: a.lease,
+                secret: a.secret,
                 done: 0,
                 total: 0,
                 checkpoint: None,
@@ -564,9 +574,10 @@ async fn task_and_stage_settings_override_the_defaults(b: Backend) {
     assert!(close(beat.renewed[1].1, 3_000), "{beat:?}");
 
     // The task's 1 ms backoff, not the stage's minute.
-    for lease in [staged[0].lease, own[0].lease] {
+    for a in [&staged[0], &own[0]] {
         let f = Failure {
-            lease,
+            lease: a.lease,
+            secret: a.secret,
             error: "flaky".into(),
             retryable: true,
         };
@@ -610,12 +621,16 @@ async fn a_batch_of_reports_records_each_once(b: Backend) {
     };
     // A stale token ahead of the live one of the same task: the live one
     // is still recorded.
-    let mut batch: Vec<(String, Report)> = [a[0].lease, a[1].lease, a[0].lease, stale, a[2].lease]
+    let stale = Assignment {
+        lease: stale,
+        ..a[2].clone()
+    };
+    let mut batch: Vec<(String, Report)> = [&a[0], &a[1], &a[0], &stale, &a[2]]
         .into_iter()
         .map(|l| (W.to_string(), Report::Complete(done(l))))
         .collect();
     // A live token, reported by a worker that does not hold it.
-    batch.push(("intruder".to_string(), Report::Complete(done(a[3].lease))));
+    batch.push(("intruder".to_string(), Report::Complete(done(&a[3]))));
     let results = s.report_many(&batch).await.unwrap();
     let acks: Vec<_> = results
         .iter()
@@ -633,7 +648,7 @@ async fn a_batch_of_reports_records_each_once(b: Backend) {
         (3, StageState::Pending)
     );
 
-    complete_as_one_batch(s, [a[2].lease, a[3].lease]).await;
+    complete_as_one_batch(s, [&a[2], &a[3]]).await;
     let next = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].stage_name, "b");
@@ -694,7 +709,7 @@ async fn created_tasks_queue_behind_older_ready_ones(b: Backend) {
         .0
         .migration_id;
     for a in s.claim(W, &kinds(&["noop"]), 2).await.unwrap() {
-        s.complete(W, &done(a.lease)).await.unwrap();
+        s.complete(W, &done(&a)).await.unwrap();
     }
     // Stage "b" of the older migration started: its task is ready. Ready
     // times are milliseconds: make the create's differ.
@@ -734,8 +749,9 @@ async fn the_next_attempt_gets_the_last_checkpoint(b: Backend) {
     let first = s.claim(W, &kinds(&["noop"]), 2).await.unwrap();
     assert_eq!(first.len(), 2);
     assert!(first.iter().all(|a| a.checkpoint.is_none()));
-    let status = |lease, checkpoint| LeaseStatus {
-        lease,
+    let status = |a: &Assignment, checkpoint| LeaseStatus {
+        lease: a.lease,
+        secret: a.secret,
         done: 1,
         total: 2,
         checkpoint,
@@ -744,8 +760,8 @@ async fn the_next_attempt_gets_the_last_checkpoint(b: Backend) {
         .heartbeat(
             W,
             &[
-                status(first[0].lease, Some(vec![7, 0, 255])),
-                status(first[1].lease, None),
+                status(&first[0], Some(vec![7, 0, 255])),
+                status(&first[1], None),
             ],
         )
         .await
@@ -772,9 +788,9 @@ async fn the_event_log_pages_by_cursor_one_event_at_a_time(b: Backend) {
     let s = &*db.store;
     let (c, a) = first_stage_claimed(s, 5).await;
     // Reported in reverse: the log keeps the order they were recorded in.
-    complete_as_one_batch(s, a.iter().rev().map(|t| t.lease)).await;
+    complete_as_one_batch(s, a.iter().rev()).await;
     let next = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
-    s.complete(W, &done(next[0].lease)).await.unwrap();
+    s.complete(W, &done(&next[0])).await.unwrap();
 
     let all = s.list_events(c.migration_id, 0, 10_000).await.unwrap();
     assert!(all.windows(2).all(|w| w[0].id < w[1].id), "{all:?}");
@@ -832,7 +848,7 @@ async fn a_page_of_the_event_log_reads_through_many_small_batches(b: Backend) {
     let c = one_stage_of_noops(s, 12).await;
     for _ in 0..12 {
         let a = s.claim(W, &kinds(&["noop"]), 1).await.unwrap();
-        s.complete(W, &done(a[0].lease)).await.unwrap();
+        s.complete(W, &done(&a[0])).await.unwrap();
     }
     let all = s.list_events(c.migration_id, 0, 10_000).await.unwrap();
     assert_eq!(all.iter().filter(|e| e.task_id != 0).count(), 24, "{all:?}");
@@ -877,22 +893,22 @@ async fn a_tailing_reader_misses_no_event_while_stages_advance(b: Backend) {
                 kinds: kinds(&["noop"]),
                 slots: 1,
             };
-            let mut lease = s.claim(W, &request.kinds, 1).await.unwrap()[0].lease;
+            let mut lease = s.claim(W, &request.kinds, 1).await.unwrap()[0].clone();
             loop {
-                let report = (W.to_string(), Report::Complete(done(lease)));
+                let report = (W.to_string(), Report::Complete(done(&lease)));
                 let (results, pass) = s
                     .report_and_claim(&[report], std::slice::from_ref(&request))
                     .await
                     .unwrap();
                 assert!(results[0].is_ok(), "{results:?}");
                 let next = match pass {
-                    Some(pass) => pass.claimed[0].first().map(|a| a.lease),
+                    Some(pass) => pass.claimed[0].first().cloned(),
                     None => s
                         .claim(W, &request.kinds, 1)
                         .await
                         .unwrap()
                         .first()
-                        .map(|a| a.lease),
+                        .cloned(),
                 };
                 let Some(next) = next else { break };
                 lease = next;
@@ -943,27 +959,15 @@ async fn refills(b: Backend, slots: usize, theirs: usize, first: usize, second: 
         kinds: kinds(&["noop"]),
         slots: slots as u32,
     };
-    let held: Vec<LeaseToken> = s
-        .claim(W, &request.kinds, request.slots)
-        .await
-        .unwrap()
-        .iter()
-        .map(|a| a.lease)
-        .collect();
+    let held: Vec<Assignment> = s.claim(W, &request.kinds, request.slots).await.unwrap();
     assert_eq!(held.len(), slots);
-    let other: Vec<LeaseToken> = s
-        .claim("w2", &request.kinds, theirs as u32)
-        .await
-        .unwrap()
-        .iter()
-        .map(|a| a.lease)
-        .collect();
+    let other: Vec<Assignment> = s.claim("w2", &request.kinds, theirs as u32).await.unwrap();
     // Completes `leases` of `worker` in one batch that also claims for W:
     // how many tasks W got.
-    let refill = async |worker: &str, leases: &[LeaseToken]| {
+    let refill = async |worker: &str, leases: &[Assignment]| {
         let reports: Vec<_> = leases
             .iter()
-            .map(|&l| (worker.to_string(), Report::Complete(done(l))))
+            .map(|l| (worker.to_string(), Report::Complete(done(l))))
             .collect();
         let (results, pass) = s
             .report_and_claim(&reports, std::slice::from_ref(&request))
@@ -1090,7 +1094,7 @@ mod shared_database {
                     }
                     for g in got {
                         leased.lock().unwrap().push(g.lease);
-                        store.complete(&worker, &done(g.lease)).await.unwrap();
+                        store.complete(&worker, &done(&g)).await.unwrap();
                     }
                 }
             }));
@@ -1170,7 +1174,7 @@ mod shared_database {
             );
             assert_eq!(a.live_leases(W).await.unwrap().len(), x.len() + y.len());
             for l in x.iter().chain(&y) {
-                a.complete(W, &done(l.lease)).await.unwrap();
+                a.complete(W, &done(l)).await.unwrap();
             }
         }
     }
@@ -1213,7 +1217,7 @@ mod shared_database {
                 .unwrap();
             let got = a.claim("w", &kinds(&["noop"]), 2).await.unwrap();
             assert_eq!(got.len(), 2);
-            let (first, second) = (done(got[0].lease), done(got[1].lease));
+            let (first, second) = (done(&got[0]), done(&got[1]));
             let (r1, r2) = tokio::join!(a.complete("w", &first), b.complete("w", &second));
             r1.unwrap();
             r2.unwrap();
@@ -1225,7 +1229,7 @@ mod shared_database {
             assert_eq!(started, 2, "round {round}: I2");
             let next = b.claim("w", &kinds(&["noop"]), 2).await.unwrap();
             assert_eq!(next.len(), 1);
-            b.complete("w", &done(next[0].lease)).await.unwrap();
+            b.complete("w", &done(&next[0])).await.unwrap();
         }
     }
 
@@ -1335,6 +1339,7 @@ mod shared_database {
         let got = a.claim("w", &kinds(&["noop"]), 1).await.unwrap();
         let f = stagecoach_coordinator::domain::Failure {
             lease: got[0].lease,
+            secret: got[0].secret,
             error: "bad\0byte".into(),
             retryable: false,
         };
@@ -1360,7 +1365,7 @@ mod shared_database {
         let mut x = one_task();
         x.subject = "x".into();
         let x = a.create_migration(&x).await.unwrap().0.migration_id;
-        let lease = a.claim("w1", &kinds(&["noop"]), 1).await.unwrap()[0].lease;
+        let lease = a.claim("w1", &kinds(&["noop"]), 1).await.unwrap()[0].clone();
         let mut y = one_task();
         y.subject = "y".into();
         let y = a.create_migration(&y).await.unwrap().0.migration_id;
@@ -1373,7 +1378,7 @@ mod shared_database {
             kinds: kinds(&["noop"]),
             slots: 1,
         };
-        let report = ("w1".to_string(), Report::Complete(done(lease)));
+        let report = ("w1".to_string(), Report::Complete(done(&lease)));
         let (results, pass) = a
             .report_and_claim(&[report], std::slice::from_ref(&request))
             .await
@@ -1445,7 +1450,7 @@ mod shared_database {
             kinds: kinds(&["noop"]),
             slots: 10,
         };
-        let report = ("w1".to_string(), Report::Complete(done(first[0].lease)));
+        let report = ("w1".to_string(), Report::Complete(done(&first[0])));
         let (results, pass) = tokio::time::timeout(
             Duration::from_secs(10),
             a.report_and_claim(&[report], std::slice::from_ref(&request)),
@@ -1467,7 +1472,7 @@ mod shared_database {
         // Nothing held, nothing left: a pass that is not partial.
         let report = (
             "w2".to_string(),
-            Report::Complete(done(later.claimed[0][0].lease)),
+            Report::Complete(done(&later.claimed[0][0])),
         );
         let (_, pass) = a.report_and_claim(&[report], &[]).await.unwrap();
         assert!(!pass.unwrap().partial);
@@ -1489,10 +1494,10 @@ mod shared_database {
             .unwrap()
             .0
             .migration_id;
-        let lease = a.claim("w1", &kinds(&["noop"]), 1).await.unwrap()[0].lease;
+        let lease = a.claim("w1", &kinds(&["noop"]), 1).await.unwrap()[0].clone();
         let mut held = hold_migration(&url, x).await;
         let store = a.clone();
-        let report = vec![("w1".to_string(), Report::Complete(done(lease)))];
+        let report = vec![("w1".to_string(), Report::Complete(done(&lease)))];
         let batch = tokio::spawn(async move { store.report_many(&report).await });
         let watch = sqlx::PgPool::connect(&url).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1514,7 +1519,7 @@ mod shared_database {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         sqlx::query("UPDATE tasks SET attempt = attempt + 1 WHERE id = $1")
-            .bind(lease.task_id)
+            .bind(lease.lease.task_id)
             .execute(&mut *held)
             .await
             .unwrap();
@@ -1531,7 +1536,7 @@ mod shared_database {
         let events = kinds_of(&*a, x).await;
         assert!(!events.contains(&EventKind::TaskSucceeded), "{events:?}");
         let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
-            .bind(lease.task_id)
+            .bind(lease.lease.task_id)
             .fetch_one(&watch)
             .await
             .unwrap();

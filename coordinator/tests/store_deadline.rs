@@ -67,14 +67,14 @@ async fn a_report_after_the_deadline_records_nothing(b: Backend) {
     let (c, _) = s.create_migration(&m).await.unwrap();
     let a = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     assert_eq!(a.len(), 2);
-    s.complete(W, &done(a[0].lease)).await.unwrap();
+    s.complete(W, &done(&a[0])).await.unwrap();
     past_the_deadline().await;
 
     // The last task of the stage reports late: as one report and as part
     // of a batch (the set-at-a-time path).
     use stagecoach_coordinator::store::Report;
-    let late = s.complete(W, &done(a[1].lease)).await;
-    let batch = [(W.to_string(), Report::Complete(done(a[1].lease)))];
+    let late = s.complete(W, &done(&a[1])).await;
+    let batch = [(W.to_string(), Report::Complete(done(&a[1])))];
     let late_in_batch = s.report_many(&batch).await.unwrap().remove(0);
     for result in [late.map(|_| ()), late_in_batch.map(|_| ())] {
         match result {

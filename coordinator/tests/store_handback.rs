@@ -59,7 +59,7 @@ async fn a_handed_back_lease_ends_its_attempt_without_counting_it(b: Backend) {
     assert_eq!(handed.stage_index, Some(0));
     assert!(handed.message.contains("did not count"), "{handed:?}");
 
-    s.complete("w2", &done(again[0].lease)).await.unwrap();
+    s.complete("w2", &done(&again[0])).await.unwrap();
     let m = s.get_migration(c.migration_id).await.unwrap().unwrap();
     assert_eq!(m.state, MigrationState::Succeeded);
 }

@@ -11,6 +11,7 @@
 //! calls [`FakeWorker::complete`] or [`FakeWorker::fail`], and every call is
 //! counted ([`FakeWorker::report_calls`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -36,6 +37,9 @@ pub struct FakeWorker {
     inbox: mpsc::UnboundedReceiver<Message>,
     /// Leases the heartbeat loop renews.
     renewing: Arc<Mutex<Vec<LeaseToken>>>,
+    /// The `lease_secret` of every assignment received, by (task, attempt):
+    /// filled into reports and heartbeats that leave it 0, as the SDK does.
+    secrets: Secrets,
     /// When set, the heartbeat loop sends nothing at all.
     silent: Arc<AtomicBool>,
     /// When set, new assignments are not added to `renewing`.
@@ -62,6 +66,7 @@ impl FakeWorker {
                 kinds: kinds.iter().map(|k| k.to_string()).collect(),
                 slots,
                 name: format!("fake worker {id}"),
+                instance: 0,
             })
             .await
             .unwrap_or_else(|s| panic!("fake worker {id}: Subscribe: {s}"))
@@ -77,13 +82,20 @@ impl FakeWorker {
 
         let (tx, inbox) = mpsc::unbounded_channel();
         let renewing = Arc::new(Mutex::new(Vec::new()));
+        let secrets = Secrets::default();
         let silent = Arc::new(AtomicBool::new(false));
         let no_renew = Arc::new(AtomicBool::new(false));
         let reader = {
             let (renewing, no_renew) = (renewing.clone(), no_renew.clone());
+            let secrets = secrets.clone();
             tokio::spawn(async move {
                 while let Ok(Some(m)) = stream.message().await {
                     let Some(m) = m.message else { continue };
+                    if let Message::Assignment(a) = &m
+                        && let Some(lease) = a.lease
+                    {
+                        lock(&secrets.0).insert(key(lease), a.lease_secret);
+                    }
                     if let Message::Assignment(a) = &m
                         && !no_renew.load(Ordering::SeqCst)
                         && let Some(lease) = a.lease
@@ -100,6 +112,7 @@ impl FakeWorker {
         let heartbeats = {
             let (mut client, id) = (client.clone(), id.to_string());
             let (renewing, silent) = (renewing.clone(), silent.clone());
+            let secrets = secrets.clone();
             tokio::spawn(async move {
                 loop {
                     if !silent.load(Ordering::SeqCst) {
@@ -107,6 +120,7 @@ impl FakeWorker {
                             .iter()
                             .map(|l| LeaseStatus {
                                 lease: Some(*l),
+                                lease_secret: secrets.of(*l),
                                 ..Default::default()
                             })
                             .collect();
@@ -126,6 +140,7 @@ impl FakeWorker {
             client,
             inbox,
             renewing,
+            secrets,
             silent,
             no_renew,
             report_calls: AtomicUsize::new(0),
@@ -201,9 +216,25 @@ impl FakeWorker {
         self.no_renew.store(true, Ordering::SeqCst);
     }
 
-    /// Sends `Complete` with these completions as one call.
-    pub async fn complete(&self, completions: Vec<Completion>) -> Result<ReportResponse, Status> {
+    /// The `lease_secret` its assignment of `lease` carried (0: never
+    /// assigned to it).
+    pub fn secret_of(&self, lease: LeaseToken) -> u64 {
+        self.secrets.of(lease)
+    }
+
+    /// Sends `Complete` with these completions as one call. A completion
+    /// without a `lease_secret` gets the one of its lease's assignment to
+    /// this worker, if there was one.
+    pub async fn complete(
+        &self,
+        mut completions: Vec<Completion>,
+    ) -> Result<ReportResponse, Status> {
         self.report_calls.fetch_add(1, Ordering::SeqCst);
+        for c in &mut completions {
+            if c.lease_secret == 0 {
+                c.lease_secret = c.lease.map_or(0, |l| self.secrets.of(l));
+            }
+        }
         let req = CompleteRequest {
             worker_id: self.id.clone(),
             completions,
@@ -211,9 +242,15 @@ impl FakeWorker {
         Ok(self.client.clone().complete(req).await?.into_inner())
     }
 
-    /// Sends `Fail` with these failures as one call.
-    pub async fn fail(&self, failures: Vec<Failure>) -> Result<ReportResponse, Status> {
+    /// Sends `Fail` with these failures as one call, filling in secrets as
+    /// [`Self::complete`] does.
+    pub async fn fail(&self, mut failures: Vec<Failure>) -> Result<ReportResponse, Status> {
         self.report_calls.fetch_add(1, Ordering::SeqCst);
+        for f in &mut failures {
+            if f.lease_secret == 0 {
+                f.lease_secret = f.lease.map_or(0, |l| self.secrets.of(l));
+            }
+        }
         let req = FailRequest {
             worker_id: self.id.clone(),
             failures,
@@ -246,6 +283,8 @@ pub fn completion(lease: LeaseToken) -> Completion {
         lease: Some(lease),
         output: Some(json_to_struct(&serde_json::json!({}))),
         add_tasks: Vec::new(),
+        // filled in by `FakeWorker::complete` for a lease it was assigned
+        lease_secret: 0,
     }
 }
 
@@ -268,7 +307,23 @@ pub fn failure(lease: LeaseToken, error: &str, retryable: bool) -> Failure {
         lease: Some(lease),
         error: error.to_string(),
         retryable,
+        // filled in by `FakeWorker::fail` for a lease it was assigned
+        lease_secret: 0,
     }
+}
+
+/// Lease secrets by (task id, attempt).
+#[derive(Debug, Clone, Default)]
+struct Secrets(Arc<Mutex<HashMap<(i64, u32), u64>>>);
+
+impl Secrets {
+    fn of(&self, lease: LeaseToken) -> u64 {
+        lock(&self.0).get(&key(lease)).copied().unwrap_or(0)
+    }
+}
+
+fn key(lease: LeaseToken) -> (i64, u32) {
+    (lease.task_id, lease.attempt)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

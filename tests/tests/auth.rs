@@ -25,8 +25,8 @@ use stagecoach_proto::v1::{
     DrainWorkerRequest, FailRequest, GetMigrationRequest, GetPlanRequest, GetSubjectStatusRequest,
     HeartbeatRequest, ListEventsRequest, ListMigrationsRequest, ListPlansRequest, ListPoolsRequest,
     ListWorkersRequest, MigrationState, PausePoolRequest, PutPlanRequest, ResumePoolRequest,
-    RetryMigrationRequest, SetPoolSlotsRequest, SubscribeRequest, WatchMigrationRequest,
-    create_migration_request::PlanSource, put_plan_request::Source,
+    RetryMigrationRequest, SetPoolSlotsRequest, SubscribeRequest, UndrainWorkerRequest,
+    WatchMigrationRequest, create_migration_request::PlanSource, put_plan_request::Source,
 };
 use stagecoach_tests::binaries::binaries;
 use stagecoach_tests::plans::{plan, stage, task};
@@ -137,6 +137,7 @@ const RPCS: &[(&str, &[&str])] = &[
     ("AdminService/ResumePool", &[]),
     ("AdminService/ListWorkers", &["viewer"]),
     ("AdminService/DrainWorker", &[]),
+    ("AdminService/UndrainWorker", &[]),
 ];
 
 /// Calls `rpc` as `c`; the code it answers (OK included).
@@ -227,6 +228,9 @@ async fn call(c: &Client, rpc: &str, migration: i64, failed: i64, worker: &str) 
         })),
         "AdminService/ListWorkers" => code!(a.list_workers(ListWorkersRequest {})),
         "AdminService/DrainWorker" => code!(a.drain_worker(DrainWorkerRequest {
+            worker_id: worker.into(),
+        })),
+        "AdminService/UndrainWorker" => code!(a.undrain_worker(UndrainWorkerRequest {
             worker_id: worker.into(),
         })),
         other => panic!("no call for {other}"),

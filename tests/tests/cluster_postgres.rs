@@ -138,6 +138,7 @@ async fn run_fan_out(url: String) -> JoinHandle<()> {
                     worker_id: FAN_OUT_WORKER.into(),
                     completions: vec![Completion {
                         lease: a.lease,
+                        lease_secret: a.lease_secret,
                         output: Some(json_to_struct(&json!({}))),
                         add_tasks,
                     }],

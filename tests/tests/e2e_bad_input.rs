@@ -375,6 +375,7 @@ async fn nul_is_refused_in_every_string_naming_the_field(client: &Client) {
             lease,
             error: "disk\0full".into(),
             retryable: true,
+            lease_secret: 0,
         }],
     };
     let fail = workers.fail(fail).await;

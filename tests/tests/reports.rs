@@ -10,7 +10,11 @@
 //!   that does not hold it; the live attempt still completes;
 //! - a Complete or Fail for a task of a stage that has not started is
 //!   FAILED_PRECONDITION and neither starts nor fails anything;
-//! - in a batch, a good and a stale report are answered one by one.
+//! - in a batch, a good and a stale report are answered one by one;
+//! - an impersonator who knows a worker's id and its lease token (both
+//!   shown by ListWorkers) but not the lease secret of the assignment can
+//!   neither complete, fail nor renew the lease, nor take the worker's
+//!   Subscribe stream (ALREADY_EXISTS); the real worker carries on.
 //!
 //! Every migration ends with the invariant checker (no stage starts twice,
 //! counters add up).
@@ -18,7 +22,9 @@
 use std::time::Duration;
 
 use serde_json::json;
-use stagecoach_proto::v1::{EventKind, MigrationState, StageState};
+use stagecoach_proto::v1::{
+    EventKind, HeartbeatRequest, LeaseStatus, MigrationState, StageState, SubscribeRequest,
+};
 use stagecoach_tests::fake_worker::{completion, failure, lease};
 use stagecoach_tests::plans::{StageExt, create_inline, plan, retry, stage, task};
 use stagecoach_tests::{Backend, Cluster, FakeWorker, of_kind, on_both_backends};
@@ -28,7 +34,8 @@ on_both_backends!(
     a_repeated_complete_is_a_harmless_duplicate,
     a_complete_with_a_reassigned_attempts_token_is_rejected,
     a_report_for_a_stage_not_started_is_rejected,
-    a_batch_with_a_good_and_a_stale_report_applies_the_good_one
+    a_batch_with_a_good_and_a_stale_report_applies_the_good_one,
+    an_impersonator_knowing_the_worker_id_and_token_is_refused
 );
 
 /// A kind no real worker handles: only the fake workers get these tasks.
@@ -251,4 +258,84 @@ async fn a_batch_with_a_good_and_a_stale_report_applies_the_good_one(backend: Ba
         .collect();
     assert_eq!(b_succeeded, [2], "only attempt 2 of b succeeded");
     eprintln!("raw report calls: {}", f.report_calls());
+}
+
+async fn an_impersonator_knowing_the_worker_id_and_token_is_refused(backend: Backend) {
+    let cluster = Cluster::start_fast(backend, &[], 0, 1).await;
+    let client = cluster.client().await;
+    let url = cluster.coordinator.url();
+    let mut f = FakeWorker::subscribe(&url, "f1", &[KIND], 1).await;
+    let p = plan("impostor", vec![stage("one", vec![step()])]);
+    let m = client.create(create_inline(p, "impostor/1")).await.unwrap();
+    let a = f.next_assignment(WAIT).await;
+    // What ListWorkers publishes: the worker id and its lease tokens.
+    let listed = client.list_workers().await.unwrap();
+    let token = listed
+        .iter()
+        .find(|w| w.worker_id == "f1")
+        .and_then(|w| w.leases.first().copied())
+        .expect("f1's lease is listed");
+    assert_eq!(Some(token), a.lease);
+
+    // The impostor's own connection, under f1's id, with guessed secrets.
+    let mut impostor = f.raw_client();
+    for guess in [0, 1, a.lease_secret.wrapping_add(1)] {
+        let forged = stagecoach_proto::v1::Completion {
+            lease_secret: guess,
+            ..completion(token)
+        };
+        let err = impostor
+            .complete(stagecoach_proto::v1::CompleteRequest {
+                worker_id: "f1".into(),
+                completions: vec![forged],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        let forged = stagecoach_proto::v1::Failure {
+            lease_secret: guess,
+            ..failure(token, "sabotage", false)
+        };
+        let err = impostor
+            .fail(stagecoach_proto::v1::FailRequest {
+                worker_id: "f1".into(),
+                failures: vec![forged],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        let hb = impostor
+            .heartbeat(HeartbeatRequest {
+                worker_id: "f1".into(),
+                leases: vec![LeaseStatus {
+                    lease: Some(token),
+                    lease_secret: guess,
+                    ..Default::default()
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(hb.renewed.is_empty(), "{hb:?}");
+    }
+    let taken = impostor
+        .subscribe(SubscribeRequest {
+            worker_id: "f1".into(),
+            kinds: vec![KIND.into()],
+            slots: 1,
+            name: "impostor".into(),
+            instance: 7,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
+
+    let now = client.get_migration(m.id).await.unwrap();
+    assert_eq!(now.state(), MigrationState::Running);
+    // The real worker, with the secret, completes its task.
+    let done = f.complete(vec![completion(token)]).await.unwrap();
+    assert!(done.results[0].accepted && !done.results[0].duplicate);
+    let (m, events) = client.finish_and_check(m.id, WAIT).await;
+    assert_eq!(m.state(), MigrationState::Succeeded, "{}", m.reason);
+    assert_eq!(of_kind(&events, EventKind::ReportRejected).len(), 6);
 }

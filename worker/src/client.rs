@@ -110,13 +110,16 @@ impl Coordinator {
     }
 
     /// Opens the stream on the coordinator at `index`; once it is open, unary
-    /// calls go there first.
+    /// calls go there first. `instance` is the run's secret that lets it
+    /// take its own worker id's stream over when it reconnects before the
+    /// coordinator noticed the old stream die.
     pub(crate) async fn subscribe(
         &self,
         index: usize,
         kinds: Vec<String>,
         slots: u32,
         name: String,
+        instance: u64,
     ) -> Result<Streaming<WorkerMessage>, Status> {
         let index = index % self.targets.len();
         let message = SubscribeRequest {
@@ -124,6 +127,7 @@ impl Coordinator {
             kinds,
             slots,
             name,
+            instance,
         };
         // No timeout: the stream lives as long as the connection.
         let response = self.targets[index]

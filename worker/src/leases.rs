@@ -76,6 +76,8 @@ pub(crate) enum ReportState {
 }
 
 struct Lease {
+    /// The assignment's `lease_secret`, echoed in every heartbeat and report.
+    secret: u64,
     cancel: CancellationToken,
     progress: SharedProgress,
     renewed_at: Instant,
@@ -110,9 +112,24 @@ impl LeaseTable {
     /// Records a new lease granted by a request sent at `granted_at`, lasting
     /// `duration` after each renewal (`None`: the coordinator's default);
     /// false if the worker already holds it (a repeated assignment).
+    #[cfg(test)]
     pub(crate) fn insert(
         &self,
         token: LeaseToken,
+        cancel: CancellationToken,
+        progress: SharedProgress,
+        granted_at: Instant,
+        duration: Option<Duration>,
+    ) -> bool {
+        self.insert_lease(token, 0, cancel, progress, granted_at, duration)
+    }
+
+    /// Adds the lease of a new assignment, with its secret; false if the
+    /// lease is held already (a repeated assignment).
+    pub(crate) fn insert_lease(
+        &self,
+        token: LeaseToken,
+        secret: u64,
         cancel: CancellationToken,
         progress: SharedProgress,
         granted_at: Instant,
@@ -125,6 +142,7 @@ impl LeaseTable {
         leases.insert(
             token,
             Lease {
+                secret,
                 cancel,
                 progress,
                 renewed_at: granted_at,
@@ -176,6 +194,12 @@ impl LeaseTable {
         expired
     }
 
+    /// The secret of a held lease (0 once it is forgotten: a report then
+    /// names no lease, and is refused like a stale one).
+    pub(crate) fn secret(&self, token: LeaseToken) -> u64 {
+        self.lock().get(&token).map_or(0, |l| l.secret)
+    }
+
     /// Every lease still worth renewing, with its progress and, if not yet
     /// acknowledged, its latest checkpoint.
     pub(crate) fn heartbeat_entries(&self) -> Vec<HeartbeatEntry> {
@@ -188,6 +212,7 @@ impl LeaseTable {
                 HeartbeatEntry {
                     status: LeaseStatus {
                         lease: Some(*token),
+                        lease_secret: lease.secret,
                         done: p.done,
                         total: p.total,
                         checkpoint: p.checkpoint.clone().filter(|_| unacked),

@@ -61,6 +61,7 @@ pub(crate) async fn report(
 ) {
     let mut outcome = outcome;
     let mut backoff = Backoff::default();
+    let secret = rt.leases.secret(token);
     loop {
         if let ReportState::Gone(why) = rt.leases.report_state(token, Instant::now(), rt.timing()) {
             warn!(%why, "lease no longer held; dropping the report");
@@ -68,13 +69,13 @@ pub(crate) async fn report(
         }
         let result = match &outcome {
             Ok(output) => {
-                let c = completion(token, output);
+                let c = completion(token, secret, output);
                 rt.completions
                     .send(c, |batch| rt.coordinator.complete(batch))
                     .await
             }
             Err(error) => {
-                let f = failure(token, error);
+                let f = failure(token, secret, error);
                 rt.failures
                     .send(f, |batch| rt.coordinator.fail(batch))
                     .await
@@ -118,9 +119,10 @@ pub(crate) async fn report(
     }
 }
 
-fn completion(token: LeaseToken, output: &TaskOutput) -> Completion {
+fn completion(token: LeaseToken, secret: u64, output: &TaskOutput) -> Completion {
     Completion {
         lease: Some(token),
+        lease_secret: secret,
         output: Some(json_to_struct(&output.output)),
         add_tasks: output
             .add_tasks
@@ -136,7 +138,7 @@ fn completion(token: LeaseToken, output: &TaskOutput) -> Completion {
     }
 }
 
-fn failure(token: LeaseToken, error: &TaskError) -> Failure {
+fn failure(token: LeaseToken, secret: u64, error: &TaskError) -> Failure {
     // The coordinator refuses an empty error, and a NUL character in any
     // string, and with it the whole batch: a handler's text (a driver's
     // message, bytes read as text) should not lose the report.
@@ -147,6 +149,7 @@ fn failure(token: LeaseToken, error: &TaskError) -> Failure {
     };
     Failure {
         lease: Some(token),
+        lease_secret: secret,
         error: message,
         retryable: error.retryable,
     }
@@ -209,7 +212,7 @@ mod tests {
             task_id: 7,
             attempt: 2,
         };
-        let f = failure(token, &TaskError::fatal("bad\0byte"));
+        let f = failure(token, 1, &TaskError::fatal("bad\0byte"));
         assert_eq!(f.error, "bad\u{FFFD}byte");
     }
 
@@ -224,7 +227,7 @@ mod tests {
             task_id: 7,
             attempt: 2,
         };
-        let c = completion(token, &out);
+        let c = completion(token, 1, &out);
         assert_eq!(c.lease, Some(token));
         assert_eq!(
             stagecoach_proto::json::struct_to_json(c.output.as_ref()),

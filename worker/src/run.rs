@@ -197,6 +197,9 @@ impl Session {
     ) -> Result<(), WorkerError> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut rounds = Rounds::new(self.rt.coordinator.len());
+        // Proves to a coordinator that a reconnect is this run's, not
+        // another process's using the same worker id (WorkerService.Subscribe).
+        let instance = rand::random::<u64>().max(1);
         loop {
             let rt = self.rt.clone();
             let url = rt.coordinator.url(rounds.index).to_string();
@@ -205,6 +208,7 @@ impl Session {
                 self.kinds.clone(),
                 self.config.slots,
                 self.config.name.clone(),
+                instance,
             );
             let subscribed = tokio::select! {
                 () = &mut shutdown => return Ok(()),
@@ -323,8 +327,9 @@ impl Session {
         // here; the local lease's margin covers that delivery time.
         let duration =
             (a.lease_duration_ms > 0).then(|| Duration::from_millis(a.lease_duration_ms.into()));
-        if !self.rt.leases.insert(
+        if !self.rt.leases.insert_lease(
             lease,
+            a.lease_secret,
             cancel.clone(),
             progress.clone(),
             Instant::now(),

@@ -5,7 +5,7 @@ mod fake;
 
 use std::time::Duration;
 
-use fake::{Fake, token};
+use fake::{Fake, secret, token};
 use serde_json::json;
 use stagecoach_proto::json::struct_to_json;
 use stagecoach_proto::v1::CancelNotice;
@@ -104,6 +104,14 @@ async fn subscribes_runs_tasks_and_reports_outcomes() {
     };
     let c = &completions[0];
     assert_eq!(c.lease, Some(token(1)));
+    // Every report echoes its assignment's lease secret.
+    assert_eq!(c.lease_secret, secret(1));
+    assert!(
+        failures
+            .iter()
+            .all(|f| f.lease_secret == secret(f.lease.unwrap().task_id)),
+        "{failures:?}"
+    );
     assert_eq!(
         struct_to_json(c.output.as_ref()),
         json!({"payload": {"n": 1}, "region": "eu", "subject": "project/1", "attempt": 1, "checkpoint": "earlier"})
@@ -141,6 +149,7 @@ async fn heartbeats_carry_progress_and_checkpoints() {
     fake.wait_for("a heartbeat with progress", |s| {
         s.heartbeats.iter().flat_map(|h| &h.leases).any(|l| {
             l.lease == Some(token(5))
+                && l.lease_secret == secret(5)
                 && (l.done, l.total) == (3, 10)
                 && l.checkpoint.as_deref() == Some(b"row 3")
         })
@@ -264,7 +273,13 @@ async fn reconnects_with_the_same_id_and_keeps_running_tasks() {
     fake.drop_stream();
     fake.wait_for("a second subscription", |s| s.subscribes.len() == 2)
         .await;
-    assert_eq!(fake.state().subscribes[1].worker_id, "w-test");
+    {
+        // The reconnect proves it is the same process: the same instance.
+        let s = fake.state();
+        assert_eq!(s.subscribes[1].worker_id, "w-test");
+        assert_ne!(s.subscribes[0].instance, 0);
+        assert_eq!(s.subscribes[1].instance, s.subscribes[0].instance);
+    }
     fake.wait_for("the task started before the reconnect", |s| {
         s.completions.len() == 1
     })

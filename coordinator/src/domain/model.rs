@@ -117,6 +117,38 @@ pub struct LeaseToken {
     pub attempt: u32,
 }
 
+/// The random secret of one lease, given to its worker with the assignment
+/// and required in every report and heartbeat about it: the fencing token
+/// `(task id, attempt)` is easy to guess, this is not. Kept beside the token,
+/// never in it, so it stays out of events, notices, `ListWorkers` and logs.
+/// Never 0: a report without one (0, as an old worker sends) names no lease.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LeaseSecret(pub u64);
+
+impl LeaseSecret {
+    /// A fresh secret for a new lease, from the thread's CSPRNG; never 0.
+    pub fn random() -> Self {
+        Self(rand::random::<u64>().max(1))
+    }
+
+    /// As stored in a signed 64-bit column.
+    pub fn db(self) -> i64 {
+        self.0 as i64
+    }
+
+    /// From a signed 64-bit column.
+    pub fn from_db(v: i64) -> Self {
+        Self(v as u64)
+    }
+}
+
+impl std::fmt::Debug for LeaseSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Debug output ends up in logs and panics: never the value.
+        f.write_str("LeaseSecret(..)")
+    }
+}
+
 impl std::fmt::Display for LeaseToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "task {} attempt {}", self.task_id, self.attempt)
@@ -208,6 +240,8 @@ pub fn retried_message(by: &str) -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Assignment {
     pub lease: LeaseToken,
+    /// The lease's secret, to be echoed in every report about it.
+    pub secret: LeaseSecret,
     pub migration_id: i64,
     pub subject: String,
     pub stage_index: u32,
@@ -234,6 +268,8 @@ pub struct NewTask {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     pub lease: LeaseToken,
+    /// The secret given with the lease's assignment.
+    pub secret: LeaseSecret,
     pub output: Value,
     pub add_tasks: Vec<NewTask>,
 }
@@ -242,6 +278,8 @@ pub struct Completion {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
     pub lease: LeaseToken,
+    /// The secret given with the lease's assignment.
+    pub secret: LeaseSecret,
     pub error: String,
     pub retryable: bool,
 }
@@ -250,6 +288,8 @@ pub struct Failure {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeaseStatus {
     pub lease: LeaseToken,
+    /// The secret given with the lease's assignment.
+    pub secret: LeaseSecret,
     pub done: u64,
     pub total: u64,
     pub checkpoint: Option<Vec<u8>>,

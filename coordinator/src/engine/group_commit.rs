@@ -137,6 +137,7 @@ mod tests {
             "w".to_string(),
             Report::Complete(Completion {
                 lease,
+                secret: Default::default(),
                 output: serde_json::Value::Null,
                 add_tasks: Vec::new(),
             }),

@@ -23,7 +23,7 @@ use crate::store::{Effects, Report, Store, SubjectView};
 use group_commit::GroupCommit;
 
 pub use loops::{run_dispatcher, run_remote_effects, run_sweeper};
-pub use registry::{Ineligible, Registry, WorkerEvent, WorkerSpec, WorkerView};
+pub use registry::{Ineligible, Instance, Registry, WorkerEvent, WorkerSpec, WorkerView};
 
 /// Timing of the worker protocol.
 #[derive(Debug, Clone, Copy)]
@@ -290,6 +290,7 @@ impl Coordinator {
     pub fn subscribe(
         &self,
         spec: WorkerSpec,
+        instance: Instance,
     ) -> Result<(u64, mpsc::UnboundedReceiver<WorkerEvent>)> {
         if spec.worker_id.is_empty() || spec.worker_id.len() > 200 {
             return Err(Error::invalid(
@@ -319,7 +320,13 @@ impl Coordinator {
             return Err(Error::ShuttingDown);
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let conn = self.registry.connect(spec, tx);
+        let conn = self.registry.connect(spec, instance, tx).map_err(|_| {
+            Error::AlreadyExists(format!(
+                "worker {conn_worker_id:?} is connected already (its Subscribe stream is open); \
+                 a worker id has one stream at a time: give this process an id of its own, or \
+                 resubscribe once the other stream has closed"
+            ))
+        })?;
         if self.shutdown.is_cancelled() {
             self.registry.disconnect(&conn_worker_id, conn);
             return Err(Error::ShuttingDown);
@@ -406,12 +413,19 @@ impl Coordinator {
     }
 
     pub fn drain_worker(&self, worker_id: &str) -> Result<WorkerView> {
-        self.registry.drain(worker_id).ok_or_else(|| {
-            Error::NotFound(format!(
-                "worker {} is not connected to this coordinator",
-                shown(worker_id)
-            ))
-        })
+        self.registry
+            .drain(worker_id)
+            .ok_or_else(|| not_connected(worker_id))
+    }
+
+    /// Undoes `drain_worker`; the next dispatch pass may give it work.
+    pub fn undrain_worker(&self, worker_id: &str) -> Result<WorkerView> {
+        let view = self
+            .registry
+            .undrain(worker_id)
+            .ok_or_else(|| not_connected(worker_id))?;
+        self.wake.notify_one();
+        Ok(view)
     }
 
     // --- pools -----------------------------------------------------------
@@ -461,4 +475,11 @@ fn plan_not_found(name: &str) -> Error {
 
 fn migration_not_found(id: i64) -> Error {
     Error::NotFound(format!("migration {id} does not exist"))
+}
+
+fn not_connected(worker_id: &str) -> Error {
+    Error::NotFound(format!(
+        "worker {} is not connected to this coordinator",
+        shown(worker_id)
+    ))
 }

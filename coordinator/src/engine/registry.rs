@@ -59,9 +59,21 @@ pub struct WorkerSpec {
     pub slots: u32,
 }
 
+/// The per-process secret a worker subscribes with (0: none): the same
+/// value proves a Subscribe comes from the process whose stream is open.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Instance(pub u64);
+
+impl fmt::Debug for Instance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Instance(..)")
+    }
+}
+
 struct Connected {
     conn: u64,
     spec: WorkerSpec,
+    instance: Instance,
     tx: mpsc::UnboundedSender<WorkerEvent>,
     connected_at_ms: i64,
     /// When the stream opened: a sign of life until the first heartbeat.
@@ -75,6 +87,11 @@ struct Connected {
     /// Whether the last pass found it ineligible: its change is logged once.
     benched: bool,
 }
+
+/// A Subscribe refused: the worker id has an open stream of another
+/// process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken;
 
 /// Why a connected worker gets no new work.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,26 +189,50 @@ impl Registry {
         }
     }
 
-    /// Registers a stream; a reconnect with the same id replaces the old
-    /// stream (which then ends). Returns the connection number for `remove`.
-    /// A new stream is a sign of life, as a heartbeat is.
-    pub(crate) fn connect(&self, spec: WorkerSpec, tx: mpsc::UnboundedSender<WorkerEvent>) -> u64 {
-        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+    /// Registers a stream and returns its connection number for
+    /// `disconnect`. A new stream is a sign of life, as a heartbeat is.
+    ///
+    /// One stream per worker id: while the id's stream is open (its
+    /// receiver not dropped), a second Subscribe would let anyone who knows
+    /// the id (`ListWorkers` shows it) take the worker's assignments, so it
+    /// is refused ([`Taken`]) — unless it names the same nonzero
+    /// [`Instance`]: the same process reconnecting after a network drop the
+    /// server has not noticed yet (the old stream's connection still looks
+    /// open). That one replaces the old stream, which then ends. A closed
+    /// stream's entry is replaced by anyone: its `Registration` is being
+    /// dropped and would remove it.
+    pub(crate) fn connect(
+        &self,
+        spec: WorkerSpec,
+        instance: Instance,
+        tx: mpsc::UnboundedSender<WorkerEvent>,
+    ) -> Result<u64, Taken> {
         let mut map = self.lock();
-        let last_heartbeat = map.get(&spec.worker_id).and_then(|c| c.last_heartbeat);
+        let old = map.get(&spec.worker_id);
+        if let Some(old) = old
+            && !old.tx.is_closed()
+            && (instance.0 == 0 || old.instance != instance)
+        {
+            return Err(Taken);
+        }
+        let last_heartbeat = old.and_then(|c| c.last_heartbeat);
+        // A drained process stays drained across its own reconnect.
+        let draining = old.is_some_and(|c| c.draining && c.instance == instance && instance.0 != 0);
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let entry = Connected {
             conn,
             spec: spec.clone(),
+            instance,
             tx,
             connected_at_ms: crate::clock::now_ms(),
             connected: Instant::now(),
             last_heartbeat,
             lease_lost: None,
-            draining: false,
+            draining,
             benched: false,
         };
         map.insert(spec.worker_id, entry);
-        conn
+        Ok(conn)
     }
 
     /// Forgets a stream, unless a newer one of the same worker replaced it.
@@ -227,11 +268,21 @@ impl Registry {
         true
     }
 
-    /// Marks a worker as draining; false if it is not connected.
+    /// Marks a worker as draining; `None` if it is not connected.
     pub(crate) fn drain(&self, worker_id: &str) -> Option<WorkerView> {
+        self.set_draining(worker_id, true)
+    }
+
+    /// Undoes `drain`: eligible again from the next pass (if nothing else
+    /// holds it back); `None` if it is not connected.
+    pub(crate) fn undrain(&self, worker_id: &str) -> Option<WorkerView> {
+        self.set_draining(worker_id, false)
+    }
+
+    fn set_draining(&self, worker_id: &str, draining: bool) -> Option<WorkerView> {
         let mut map = self.lock();
         let c = map.get_mut(worker_id)?;
-        c.draining = true;
+        c.draining = draining;
         Some(self.view(c, Instant::now()))
     }
 
@@ -362,11 +413,39 @@ mod tests {
     }
 
     #[test]
+    fn one_stream_per_worker_id_unless_the_same_instance_reconnects() {
+        let r = Registry::new(Duration::from_secs(60));
+        let (tx1, rx1) = mpsc::unbounded_channel();
+        let first = r.connect(spec("a"), Instance(1), tx1).unwrap();
+        for other in [Instance(0), Instance(2)] {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            assert_eq!(r.connect(spec("a"), other, tx), Err(Taken));
+        }
+        assert!(r.drain("a").is_some());
+        // The same process: takes over, stays drained; the old stream ends.
+        let (tx2, rx2) = mpsc::unbounded_channel();
+        let second = r.connect(spec("a"), Instance(1), tx2).unwrap();
+        assert!(rx1.is_closed(), "the old stream's sender is gone");
+        assert!(r.list()[0].draining);
+        // The old stream's late disconnect leaves the new one registered.
+        r.disconnect("a", first);
+        assert_eq!(r.list().len(), 1);
+        // Once the stream is closed, anyone may take the id.
+        drop(rx2);
+        let (tx3, _rx3) = mpsc::unbounded_channel();
+        assert!(r.connect(spec("a"), Instance(0), tx3).is_ok());
+        r.disconnect("a", second);
+        assert_eq!(r.list().len(), 1);
+        assert!(!r.list()[0].draining);
+    }
+
+    #[test]
     fn a_worker_whose_lease_expired_waits_for_its_next_heartbeat() {
         let r = Registry::new(Duration::from_secs(60));
         let (tx, _rx) = mpsc::unbounded_channel();
-        r.connect(spec("a"), tx.clone());
-        r.connect(spec("b"), tx);
+        r.connect(spec("a"), Instance::default(), tx.clone())
+            .unwrap();
+        r.connect(spec("b"), Instance::default(), tx).unwrap();
         assert_eq!(
             ids(&r.pass().0),
             ["a", "b"],
@@ -409,7 +488,7 @@ mod tests {
     fn a_worker_that_never_heartbeats_stops_getting_work_and_says_why() {
         let r = Registry::new(Duration::from_millis(1));
         let (tx, _rx) = mpsc::unbounded_channel();
-        r.connect(spec("quiet"), tx);
+        r.connect(spec("quiet"), Instance::default(), tx).unwrap();
         std::thread::sleep(Duration::from_millis(10));
         let (eligible, changes) = r.pass();
         assert!(eligible.is_empty());
@@ -434,9 +513,9 @@ mod tests {
     fn drained_and_closed_workers_get_nothing() {
         let r = Registry::new(Duration::from_secs(60));
         let (tx, rx) = mpsc::unbounded_channel();
-        r.connect(spec("d"), tx);
+        r.connect(spec("d"), Instance::default(), tx).unwrap();
         let (tx, _rx) = mpsc::unbounded_channel();
-        r.connect(spec("e"), tx);
+        r.connect(spec("e"), Instance::default(), tx).unwrap();
         r.drain("e");
         drop(rx);
         let (eligible, changes) = r.pass();

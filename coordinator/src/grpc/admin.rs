@@ -117,4 +117,16 @@ impl AdminService for AdminApi {
             worker: Some(worker_to_pb(&w, leases)),
         }))
     }
+
+    async fn undrain_worker(
+        &self,
+        req: Request<pb::UndrainWorkerRequest>,
+    ) -> Result<Response<pb::UndrainWorkerResponse>, Status> {
+        let id = checked(req)?.worker_id;
+        let w = self.core.undrain_worker(&id)?;
+        let leases = self.core.store().live_leases(&id).await?;
+        Ok(Response::new(pb::UndrainWorkerResponse {
+            worker: Some(worker_to_pb(&w, leases)),
+        }))
+    }
 }

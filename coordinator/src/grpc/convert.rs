@@ -7,9 +7,9 @@ use stagecoach_proto::json::{json_to_struct, struct_to_json};
 use stagecoach_proto::v1 as pb;
 
 use crate::domain::{
-    Assignment, Completion, Event, EventKind, Failure, LeaseStatus, LeaseToken, Migration,
-    MigrationState, NewTask, PlanSpec, Pool, RetryPolicy, StageProgress, StageSpec, StageState,
-    SubjectStatus, TaskSpec, validate_json_depth,
+    Assignment, Completion, Event, EventKind, Failure, LeaseSecret, LeaseStatus, LeaseToken,
+    Migration, MigrationState, NewTask, PlanSpec, Pool, RetryPolicy, StageProgress, StageSpec,
+    StageState, SubjectStatus, TaskSpec, validate_json_depth,
 };
 use crate::engine::{WorkerEvent, WorkerView};
 use crate::error::{Error, Result};
@@ -291,6 +291,7 @@ pub fn worker_event_to_pb(e: WorkerEvent) -> pb::WorkerMessage {
 fn assignment_to_pb(a: Assignment) -> pb::Assignment {
     pb::Assignment {
         lease: Some(lease_to_pb(a.lease)),
+        lease_secret: a.secret.0,
         migration_id: a.migration_id,
         subject: a.subject,
         stage_index: a.stage_index,
@@ -308,6 +309,8 @@ fn assignment_to_pb(a: Assignment) -> pb::Assignment {
 pub fn lease_status_from_pb(i: usize, s: &pb::LeaseStatus) -> Result<LeaseStatus> {
     Ok(LeaseStatus {
         lease: lease_from_pb(&format!("leases[{i}].lease"), s.lease.as_ref())?,
+        // 0 (not sent) names no lease: the lease is answered as not held.
+        secret: LeaseSecret(s.lease_secret),
         done: s.done,
         total: s.total,
         checkpoint: s.checkpoint.clone(),
@@ -319,6 +322,8 @@ pub fn completion_from_pb(i: usize, c: pb::Completion) -> Result<Completion> {
     validate_json_depth(&format!("completions[{i}].output"), &output)?;
     Ok(Completion {
         lease: lease_from_pb(&format!("completions[{i}].lease"), c.lease.as_ref())?,
+        // 0 (not sent) names no lease: the report is rejected as stale.
+        secret: LeaseSecret(c.lease_secret),
         output,
         add_tasks: c
             .add_tasks
@@ -346,6 +351,7 @@ pub fn failure_from_pb(i: usize, f: pb::Failure) -> Result<Failure> {
     }
     Ok(Failure {
         lease,
+        secret: LeaseSecret(f.lease_secret),
         error: f.error,
         retryable: f.retryable,
     })

@@ -52,6 +52,7 @@ flat! {
     pb::PausePoolRequest => [name];
     pb::ResumePoolRequest => [name];
     pb::DrainWorkerRequest => [worker_id];
+    pb::UndrainWorkerRequest => [worker_id];
     pb::HeartbeatRequest => [worker_id];
 }
 

@@ -16,7 +16,7 @@ use super::convert::{self, lease_to_pb};
 use super::status::code_of;
 use super::text::checked;
 use crate::domain::{LeaseToken, ReportAck};
-use crate::engine::{Coordinator, WorkerEvent, WorkerSpec};
+use crate::engine::{Coordinator, Instance, WorkerEvent, WorkerSpec};
 use crate::error::{Error, Result};
 
 /// The worker API.
@@ -120,7 +120,7 @@ impl WorkerService for WorkerApi {
             kinds: r.kinds,
             slots: r.slots,
         };
-        let (conn, rx) = self.core.subscribe(spec.clone())?;
+        let (conn, rx) = self.core.subscribe(spec.clone(), Instance(r.instance))?;
         tracing::info!(worker_id = %spec.worker_id, kinds = ?spec.kinds, slots = spec.slots, "worker subscribed");
         let timing = self.core.timing();
         let welcome = pb::WorkerMessage {

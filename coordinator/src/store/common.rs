@@ -205,8 +205,9 @@ pub(crate) fn plain_completions(reports: &[(String, Report)]) -> Vec<Plain<'_>> 
         .collect()
 }
 
-/// A live lease as read for a batch: attempt, holder, migration, stage.
-pub(crate) type LiveLease = (i64, Option<String>, i64, i64);
+/// A live lease as read for a batch: attempt, secret, holder, migration,
+/// stage.
+pub(crate) type LiveLease = (i64, Option<i64>, Option<String>, i64, i64);
 
 /// A completion whose lease is live, with its task's migration and stage.
 pub(crate) struct Taken<'a> {
@@ -218,8 +219,9 @@ pub(crate) struct Taken<'a> {
 }
 
 /// The completions of `batch` whose token is the live lease (by task id in
-/// `live`) of the worker reporting it, each task once (I4). The rest go the
-/// one-by-one way, which answers repeats and stale tokens.
+/// `live`) of the worker reporting it, with its secret, each task once (I4).
+/// The rest go the one-by-one way, which answers repeats and stale tokens
+/// (a wrong secret among them).
 pub(crate) fn live_completions<'a>(
     batch: &[Plain<'a>],
     live: &HashMap<i64, LiveLease>,
@@ -228,8 +230,9 @@ pub(crate) fn live_completions<'a>(
     batch
         .iter()
         .filter_map(|&(index, worker, c)| {
-            let (attempt, holder, migration_id, stage) = live.get(&c.lease.task_id)?;
+            let (attempt, secret, holder, migration_id, stage) = live.get(&c.lease.task_id)?;
             (*attempt == c.lease.attempt as i64
+                && *secret == Some(c.secret.db())
                 && holder.as_deref() == Some(worker)
                 && seen.insert(c.lease.task_id))
             .then_some(Taken {

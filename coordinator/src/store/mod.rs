@@ -17,8 +17,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::domain::{
-    Assignment, Completion, Event, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken, Migration,
-    MigrationFilter, NewMigration, PlanSpec, Pool, ReportAck, Revoked, SubjectStatus, SweepReport,
+    Assignment, Completion, Event, Failure, HeartbeatOutcome, LeaseSecret, LeaseStatus, LeaseToken,
+    Migration, MigrationFilter, NewMigration, PlanSpec, Pool, ReportAck, Revoked, SubjectStatus,
+    SweepReport,
 };
 use crate::error::Result;
 
@@ -102,6 +103,14 @@ impl Report {
         match self {
             Report::Complete(c) => c.lease,
             Report::Fail(f) => f.lease,
+        }
+    }
+
+    /// The lease secret the report gives.
+    pub fn secret(&self) -> LeaseSecret {
+        match self {
+            Report::Complete(c) => c.secret,
+            Report::Fail(f) => f.secret,
         }
     }
 }

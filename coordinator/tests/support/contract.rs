@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 use stagecoach_coordinator::domain::{
-    Assignment, Completion, EventKind, LeaseToken, NewMigration, PlanSpec,
+    Assignment, Completion, EventKind, LeaseSecret, LeaseToken, NewMigration, PlanSpec,
 };
 use stagecoach_coordinator::store::{Created, Limits, PostgresStore, SqliteStore, Store};
 
@@ -95,11 +95,14 @@ pub async fn one_stage_of_noops(s: &dyn Store, n: usize) -> Created {
 
 /// Completes `leases` (held by `W`) in one `report_many` batch, in the
 /// order given, and asserts each was recorded.
-pub async fn complete_as_one_batch(s: &dyn Store, leases: impl IntoIterator<Item = LeaseToken>) {
+pub async fn complete_as_one_batch<'a>(
+    s: &dyn Store,
+    leases: impl IntoIterator<Item = &'a Assignment>,
+) {
     use stagecoach_coordinator::store::Report;
     let batch: Vec<(String, Report)> = leases
         .into_iter()
-        .map(|l| (W.to_string(), Report::Complete(done(l))))
+        .map(|a| (W.to_string(), Report::Complete(done(a))))
         .collect();
     let results = s.report_many(&batch).await.unwrap();
     assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
@@ -117,9 +120,16 @@ pub fn new(plan: PlanSpec, subject: &str) -> NewMigration {
     }
 }
 
-pub fn done(lease: LeaseToken) -> Completion {
+/// A plain completion of the assignment's lease, with its secret.
+pub fn done(a: &Assignment) -> Completion {
+    done_as(a.lease, a.secret)
+}
+
+/// A plain completion naming `lease` and `secret`, whatever they are.
+pub fn done_as(lease: LeaseToken, secret: LeaseSecret) -> Completion {
     Completion {
         lease,
+        secret,
         output: json!({}),
         add_tasks: vec![],
     }

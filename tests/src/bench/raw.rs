@@ -4,7 +4,7 @@
 //! completes tasks only when the bench says so. No SDK in between, so the
 //! latencies measured are the coordinator's and the network's.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,7 +36,8 @@ impl Arrival {
     }
 }
 
-type Held = Arc<Mutex<HashSet<(i64, u32)>>>;
+/// Leases held, by (task id, attempt), with their secrets.
+type Held = Arc<Mutex<HashMap<(i64, u32), u64>>>;
 
 /// A subscribed raw worker; its background tasks stop when it is dropped.
 pub struct RawWorker {
@@ -66,6 +67,7 @@ impl RawWorker {
                 kinds: kinds.iter().map(|k| k.to_string()).collect(),
                 slots,
                 name: "bench raw worker".into(),
+                instance: 0,
             })
             .await
             .context("Subscribe")?
@@ -87,7 +89,7 @@ impl RawWorker {
                     match msg.message {
                         Some(Message::Assignment(assignment)) => {
                             if let Some(l) = assignment.lease {
-                                lock(&held).insert((l.task_id, l.attempt));
+                                lock(&held).insert((l.task_id, l.attempt), assignment.lease_secret);
                             }
                             if tx.send(Arrival { at, assignment }).is_err() {
                                 return;
@@ -114,8 +116,9 @@ impl RawWorker {
                     tick.tick().await;
                     let leases = lock(&held)
                         .iter()
-                        .map(|&(task_id, attempt)| LeaseStatus {
+                        .map(|(&(task_id, attempt), &lease_secret)| LeaseStatus {
                             lease: Some(LeaseToken { task_id, attempt }),
+                            lease_secret,
                             ..Default::default()
                         })
                         .collect();
@@ -201,6 +204,10 @@ async fn complete(
     lease: LeaseToken,
     add_tasks: Vec<NewTask>,
 ) -> anyhow::Result<Instant> {
+    let lease_secret = lock(held)
+        .get(&(lease.task_id, lease.attempt))
+        .copied()
+        .unwrap_or(0);
     client
         .clone()
         .complete(CompleteRequest {
@@ -209,6 +216,7 @@ async fn complete(
                 lease: Some(lease),
                 output: None,
                 add_tasks,
+                lease_secret,
             }],
         })
         .await
@@ -223,7 +231,7 @@ async fn complete(
     Ok(at)
 }
 
-fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashSet<(i64, u32)>> {
+fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<(i64, u32), u64>> {
     // Every update is one insert or remove: a poisoned set is consistent.
     held.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -210,7 +210,13 @@ pub fn assignment(task_id: i64, kind: &str, payload: Value) -> Assignment {
         checkpoint: Some(b"earlier".to_vec()),
         max_attempts: 3,
         lease_duration_ms: 0,
+        lease_secret: secret(task_id),
     }
+}
+
+/// The `lease_secret` [`assignment`] gives task `task_id`'s lease.
+pub fn secret(task_id: i64) -> u64 {
+    0x5EC2_E700_0000_0000 | task_id as u64
 }
 
 fn accepted(leases: impl Iterator<Item = Option<LeaseToken>>) -> ReportResponse {

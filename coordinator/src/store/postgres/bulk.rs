@@ -154,7 +154,8 @@ pub(super) struct Completed {
 /// migrations (I1, I2). A lease can end between that read and the lock (a
 /// sweep, a release), so the second, which records the completions and
 /// counts them in their stages, checks each token again in its `WHERE`
-/// (I4); only what it changed is recorded. Reading by primary key matters:
+/// (I4); only what it changed is recorded. The lease secrets come with the
+/// first read (one more column) and are checked against the reports there. Reading by primary key matters:
 /// with `state = 'leased'` in a read's `WHERE`, the planner walked every
 /// live lease through a lease index and tested each against the whole id
 /// array — 3 µs per completion at 512 leases, growing with the fleet.
@@ -173,8 +174,8 @@ pub(super) async fn complete_live(
     let sql = sqlx::AssertSqlSafe(format!(
         "WITH {},
          leases AS (
-             SELECT id, attempt, lease_worker, migration_id, stage_idx, state FROM tasks
-             WHERE id = ANY($1)),
+             SELECT id, attempt, lease_worker, migration_id, stage_idx, state, lease_secret
+             FROM tasks WHERE id = ANY($1)),
          locked AS (
              SELECT id, deadline < stagecoach_now_ms() AS late FROM migrations
              WHERE id IN (SELECT migration_id FROM leases WHERE state = 'leased')
@@ -184,7 +185,7 @@ pub(super) async fn complete_live(
          SELECT (SELECT n FROM workers), (SELECT array_agg(id) FROM locked),
                 array_agg(l.id), array_agg(l.attempt), array_agg(l.lease_worker),
                 array_agg(l.migration_id), array_agg(l.stage_idx),
-                (SELECT array_agg(id) FROM locked WHERE late)
+                (SELECT array_agg(id) FROM locked WHERE late), array_agg(l.lease_secret)
          FROM leases l WHERE l.state = 'leased'",
         claim::lock_workers_cte(2)
     ));
@@ -197,13 +198,14 @@ pub(super) async fn complete_live(
     // A migration past its deadline records nothing more (I10): its reports
     // go the one-by-one way, which rejects them and says why.
     let late: HashSet<i64> = column(&row, 7)?.into_iter().collect();
+    let secrets: Vec<Option<i64>> = column(&row, 8)?;
     let live: HashMap<i64, LiveLease> = ids
         .into_iter()
-        .zip(attempts)
+        .zip(attempts.into_iter().zip(secrets))
         .zip(holders)
         .zip(migrations.into_iter().zip(stages))
         .filter(|(_, (m, _))| !late.contains(m))
-        .map(|(((id, attempt), worker), (m, s))| (id, (attempt, worker, m, s)))
+        .map(|(((id, (attempt, secret)), worker), (m, s))| (id, (attempt, secret, worker, m, s)))
         .collect();
     let mut completed = Completed::default();
     completed.known.locked = column(&row, 1)?;
@@ -246,7 +248,8 @@ pub(super) async fn complete_live(
     };
     // The TaskSucceeded events go in with the update, in batch order. A
     // task still leased at the attempt read above is still leased to the
-    // worker read above: every lease bumps the attempt. The state test is
+    // worker read above, under the secret checked above: every lease bumps
+    // the attempt and draws a new secret. The state test is
     // written so that no partial index's predicate matches it: with a plain
     // `state = 'leased'`, statistics from before any lease (the ANALYZE
     // after a big insert) made the planner walk the lease index — every

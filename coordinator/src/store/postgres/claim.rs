@@ -51,7 +51,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Row};
 
 use super::bulk::LOG_EVENT_BATCHES;
 use super::notify;
-use crate::domain::{Assignment, EventKind, LeaseToken};
+use crate::domain::{Assignment, EventKind, LeaseSecret, LeaseToken};
 use crate::error::{Error, Result};
 use crate::store::common::{self, deal, wanted_per_kind};
 use crate::store::{ClaimRequest, Effects, Limits, Pass};
@@ -565,8 +565,8 @@ async fn lease(
         .iter()
         .filter_map(|c| Some((c.id, stages.get(&(c.migration_id, c.stage))?)))
         .collect();
-    let (mut ids, mut workers, mut lease_ms, mut attempt_ms) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ids, mut workers, mut lease_ms, mut attempt_ms, mut secrets) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (r, tasks) in requests.iter().zip(picked) {
         for id in tasks {
             let Some(stage) = stage_of.get(id) else {
@@ -576,6 +576,7 @@ async fn lease(
             workers.push(r.worker_id.as_str());
             lease_ms.push(stage.lease_ms);
             attempt_ms.push(stage.attempt_ms);
+            secrets.push(LeaseSecret::random().db());
         }
     }
     if ids.is_empty() {
@@ -592,16 +593,18 @@ async fn lease(
                                   + coalesce(tasks.heartbeat_timeout_ms, u.lease_ms),
                               attempt_deadline = (SELECT ms FROM now)
                                   + nullif(coalesce(tasks.attempt_timeout_ms, u.attempt_ms), 0),
-                              progress_done = 0, progress_total = 0
-             FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])
-                  AS u(id, worker, lease_ms, attempt_ms)
+                              progress_done = 0, progress_total = 0,
+                              -- a fresh secret per lease, drawn by the caller
+                              lease_secret = u.secret
+             FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $6::bigint[])
+                  AS u(id, worker, lease_ms, attempt_ms, secret)
              WHERE tasks.id = u.id AND tasks.state = 'ready'
                AND tasks.ready_at <= (SELECT ms FROM now)
              RETURNING tasks.id, tasks.attempt, tasks.migration_id, tasks.stage_idx, tasks.kind,
                        tasks.payload, tasks.checkpoint, tasks.max_attempts,
                        tasks.lease_expires_at,
                        coalesce(tasks.heartbeat_timeout_ms, u.lease_ms) AS lease_ms,
-                       tasks.lease_worker),
+                       tasks.lease_worker, tasks.lease_secret),
          -- the TaskAssigned events, in task order
          numbered AS (
              SELECT e.*, nextval('events_id_seq') AS event_id
@@ -617,6 +620,7 @@ async fn lease(
         .bind(&lease_ms)
         .bind(&attempt_ms)
         .bind(EventKind::TaskAssigned.as_str())
+        .bind(&secrets)
         .fetch_all(conn)
         .await?)
 }
@@ -638,6 +642,7 @@ fn assignment(
             task_id: row.try_get(0)?,
             attempt: row.try_get::<i64, _>(1)? as u32,
         },
+        secret: LeaseSecret::from_db(row.try_get(11)?),
         migration_id,
         stage_index: stage as u32,
         kind: row.try_get(4)?,

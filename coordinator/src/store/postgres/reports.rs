@@ -1,7 +1,9 @@
 //! The worker-facing transitions of the PostgreSQL store: releases,
 //! heartbeats and outcome reports (claims are in `claim`). Every update names the fencing token
 //! `(task id, attempt)` and the state it expects in its `WHERE` (I4), as on
-//! SQLite; on top of that each transaction takes its locks in the one order
+//! SQLite, and every report and heartbeat the lease's secret too (a wrong
+//! one is a stale token; a release needs none: its assignment never left
+//! the coordinator); on top of that each transaction takes its locks in the one order
 //! of the module doc (worker, migrations by id, pool, tasks), so coordinators
 //! running the same transitions at once never deadlock.
 
@@ -13,8 +15,8 @@ use super::bulk;
 use super::machine::{self, EventAt, event};
 use super::notify;
 use crate::domain::{
-    Completion, EventKind, Failure, HeartbeatOutcome, LeaseStatus, LeaseToken, MigrationState,
-    ReportAck,
+    Completion, EventKind, Failure, HeartbeatOutcome, LeaseSecret, LeaseStatus, LeaseToken,
+    MigrationState, ReportAck,
 };
 use crate::error::{Error, Result};
 use crate::store::common::{
@@ -98,9 +100,11 @@ pub(super) async fn heartbeat(
                  $3),
              progress_done = u.done, progress_total = u.total,
              checkpoint = coalesce(u.checkpoint, tasks.checkpoint)
-         FROM held, unnest($1::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bytea[])
-                    AS u(id, attempt, done, total, checkpoint)
+         FROM held, unnest($1::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bytea[],
+                           $8::bigint[])
+                    AS u(id, attempt, done, total, checkpoint, secret)
          WHERE tasks.id = held.id AND u.id = tasks.id AND tasks.attempt = u.attempt
+           AND tasks.lease_secret = u.secret
          RETURNING tasks.id, tasks.lease_expires_at",
     )
     .bind(&ids)
@@ -110,6 +114,7 @@ pub(super) async fn heartbeat(
     .bind(column(|l| l.done as i64))
     .bind(column(|l| l.total as i64))
     .bind(&checkpoints)
+    .bind(column(|l| l.secret.db()))
     .fetch_all(db)
     .await?
     .into_iter()
@@ -120,11 +125,13 @@ pub(super) async fn heartbeat(
         .filter(|id| !renewed.contains_key(id))
         .collect();
     // Of the rest, the ones still this worker's were skipped; not waiting.
-    let still: Vec<(i64, i64)> = if rest.is_empty() {
+    // A wrong secret names no lease of this worker's: canceled, like a
+    // stale token.
+    let still: Vec<(i64, i64, Option<i64>)> = if rest.is_empty() {
         Vec::new()
     } else {
         sqlx::query_as(
-            "SELECT id, attempt FROM tasks
+            "SELECT id, attempt, lease_secret FROM tasks
              WHERE id = ANY($1) AND state = 'leased' AND lease_worker = $2",
         )
         .bind(&rest)
@@ -133,7 +140,7 @@ pub(super) async fn heartbeat(
         .await?
     };
     for l in leases {
-        let token = (l.lease.task_id, l.lease.attempt as i64);
+        let token = (l.lease.task_id, l.lease.attempt as i64, Some(l.secret.db()));
         if let Some(&expires) = renewed.get(&l.lease.task_id) {
             out.renewed.push((l.lease, expires));
         } else if !still.contains(&token) {
@@ -156,6 +163,8 @@ pub(super) struct Reported {
     pub failures: i64,
     pub max_attempts: i64,
     pub worker: Option<String>,
+    /// The secret of its current or last lease (none before migration 0013).
+    pub secret: Option<LeaseSecret>,
     /// How long ago its migration's deadline passed, if it has (I10).
     pub late_ms: Option<i64>,
 }
@@ -179,7 +188,8 @@ pub(super) async fn reported(conn: &mut PgConnection, lease: LeaseToken) -> Resu
     let row = sqlx::query(
         "SELECT migration_id, stage_idx, kind, state, attempt, failures, max_attempts, lease_worker,
                 (SELECT stagecoach_now_ms() - m.deadline FROM migrations m
-                 WHERE m.id = tasks.migration_id AND m.deadline < stagecoach_now_ms())
+                 WHERE m.id = tasks.migration_id AND m.deadline < stagecoach_now_ms()),
+                lease_secret
          FROM tasks WHERE id = $1 FOR UPDATE OF tasks",
     )
     .bind(lease.task_id)
@@ -196,6 +206,7 @@ pub(super) async fn reported(conn: &mut PgConnection, lease: LeaseToken) -> Resu
         max_attempts: row.try_get(6)?,
         worker: row.try_get(7)?,
         late_ms: row.try_get(8)?,
+        secret: row.try_get::<Option<i64>, _>(9)?.map(LeaseSecret::from_db),
     })
 }
 
@@ -209,14 +220,17 @@ enum LeaseCheck {
     Stale { task: Reported, why: String },
 }
 
+/// A wrong secret makes the token another attempt's: answered as stale, in
+/// the same words, so a guesser learns nothing of which part was wrong.
 async fn check_lease(
     conn: &mut PgConnection,
     worker_id: &str,
     lease: LeaseToken,
+    secret: LeaseSecret,
     repeat_state: &str,
 ) -> Result<LeaseCheck> {
     let t = reported(conn, lease).await?;
-    let same_attempt = t.attempt == lease.attempt as i64;
+    let same_attempt = t.attempt == lease.attempt as i64 && t.secret == Some(secret);
     if same_attempt && t.state == "leased" && t.worker.as_deref() == Some(worker_id) {
         if let Some(late_ms) = t.late_ms {
             let why = past_deadline(t.migration_id, late_ms);
@@ -260,8 +274,8 @@ async fn reject(
 /// Runs `check_lease` in `tx`; on a stale lease rolls `tx` back (releasing
 /// its locks before `reject` takes them again) and records the rejection.
 macro_rules! live_lease {
-    ($db:expr, $tx:ident, $worker:expr, $lease:expr, $repeat:expr) => {
-        match check_lease(&mut $tx, $worker, $lease, $repeat).await? {
+    ($db:expr, $tx:ident, $worker:expr, $lease:expr, $secret:expr, $repeat:expr) => {
+        match check_lease(&mut $tx, $worker, $lease, $secret, $repeat).await? {
             LeaseCheck::Live(t) => t,
             LeaseCheck::Repeat => {
                 $tx.rollback().await?;
@@ -284,18 +298,19 @@ pub(super) async fn complete(
 ) -> Result<(ReportAck, Effects)> {
     let mut fx = Effects::default();
     let mut tx = db.begin().await?;
-    let t = live_lease!(db, tx, worker_id, c.lease, "succeeded");
+    let t = live_lease!(db, tx, worker_id, c.lease, c.secret, "succeeded");
     if !c.add_tasks.is_empty() {
         add_tasks(&mut tx, &t, c, limits, &mut fx).await?;
     }
     let done = sqlx::query(
         "UPDATE tasks SET state = 'succeeded', output = $1, finished_at = stagecoach_now_ms(),
                           lease_worker = NULL, lease_expires_at = NULL
-         WHERE id = $2 AND attempt = $3 AND state = 'leased'",
+         WHERE id = $2 AND attempt = $3 AND lease_secret = $4 AND state = 'leased'",
     )
     .bind(c.output.to_string())
     .bind(c.lease.task_id)
     .bind(c.lease.attempt as i64)
+    .bind(c.secret.db())
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -384,7 +399,7 @@ pub(super) async fn fail(
     let mut tx = db.begin().await?;
     // A repeated Fail finds the task ready again (retrying) or dead.
     let repeat = if f.retryable { "ready" } else { "failed" };
-    let t = live_lease!(db, tx, worker_id, f.lease, repeat);
+    let t = live_lease!(db, tx, worker_id, f.lease, f.secret, repeat);
     record_failure(&mut tx, &t, f, worker_id, &mut fx).await?;
     notify::commit(tx, origin, &fx).await?;
     Ok((ReportAck::Recorded, fx))
@@ -433,13 +448,16 @@ pub(super) async fn record_failure(
         "UPDATE tasks SET state = 'ready', failures = $1, error = $2,
                           ready_at = stagecoach_now_ms() + $3,
                           lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
-         WHERE id = $4 AND attempt = $5 AND state = 'leased'",
+         WHERE id = $4 AND attempt = $5 AND lease_secret IS NOT DISTINCT FROM $6
+           AND state = 'leased'",
     )
     .bind(failures)
     .bind(&f.error)
     .bind(delay)
     .bind(f.lease.task_id)
     .bind(f.lease.attempt as i64)
+    // the secret checked (a report's) or read (a sweep's) under the row lock
+    .bind(t.secret.map(LeaseSecret::db))
     .execute(&mut *conn)
     .await?;
     let message = format!(

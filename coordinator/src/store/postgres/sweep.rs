@@ -272,6 +272,7 @@ async fn time_out_attempts(
         .await?;
         let f = Failure {
             lease,
+            secret: t.secret.unwrap_or_default(),
             error: format!("attempt timed out after {timeout} ms"),
             retryable: true,
         };

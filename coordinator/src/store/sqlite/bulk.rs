@@ -184,7 +184,8 @@ pub(super) async fn complete_plain(
     let ids: Vec<i64> = batch.iter().map(|(_, _, c)| c.lease.task_id).collect();
     let now = now_ms();
     let packed: String = sqlx::query_scalar(
-        "SELECT json_group_array(json_array(id, attempt, lease_worker, migration_id, stage_idx))
+        "SELECT json_group_array(json_array(id, attempt, lease_worker, migration_id, stage_idx,
+                                            lease_secret))
          FROM tasks WHERE state = 'leased' AND id IN (SELECT value FROM json_each(?1))
            AND NOT EXISTS (SELECT 1 FROM migrations m
                            WHERE m.id = tasks.migration_id AND m.deadline < ?2)",
@@ -193,28 +194,33 @@ pub(super) async fn complete_plain(
     .bind(now)
     .fetch_one(&mut *conn)
     .await?;
-    let rows: Vec<(i64, i64, Option<String>, i64, i64)> =
+    type Row = (i64, i64, Option<String>, i64, i64, Option<i64>);
+    let rows: Vec<Row> =
         serde_json::from_str(&packed).map_err(|e| Error::Corrupt(format!("live leases: {e}")))?;
     let live: HashMap<i64, LiveLease> = rows
         .into_iter()
-        .map(|(id, attempt, worker, m, s)| (id, (attempt, worker, m, s)))
+        .map(|(id, attempt, worker, m, s, secret)| (id, (attempt, secret, worker, m, s)))
         .collect();
     let taken = live_completions(batch, &live);
     if taken.is_empty() {
         return Ok(HashMap::new());
     }
 
-    // One UPDATE for every task, from one JSON array of [id, output] pairs.
-    let done: Vec<(i64, &serde_json::Value)> = taken
+    // One UPDATE for every task, from one JSON array of [id, output, secret].
+    let done: Vec<(i64, &serde_json::Value, i64)> = taken
         .iter()
-        .map(|t| (t.completion.lease.task_id, &t.completion.output))
+        .map(|t| {
+            let c = t.completion;
+            (c.lease.task_id, &c.output, c.secret.db())
+        })
         .collect();
     let done = serde_json::to_string(&done).map_err(|e| Error::Corrupt(e.to_string()))?;
     sqlx::query(
         "UPDATE tasks SET state = 'succeeded', output = d.output, finished_at = ?1,
                           lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
-         FROM (SELECT value ->> 0 AS id, value -> 1 AS output FROM json_each(?2)) AS d
-         WHERE tasks.id = d.id AND tasks.state = 'leased'",
+         FROM (SELECT value ->> 0 AS id, value -> 1 AS output, value ->> 2 AS secret
+               FROM json_each(?2)) AS d
+         WHERE tasks.id = d.id AND tasks.state = 'leased' AND tasks.lease_secret = d.secret",
     )
     .bind(now)
     .bind(done)

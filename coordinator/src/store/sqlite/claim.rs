@@ -25,7 +25,9 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 use super::bulk::insert_task_events;
 use super::machine::{EventAt, event};
 use crate::clock::now_ms;
-use crate::domain::{Assignment, EventKind, HeartbeatOutcome, LeaseStatus, LeaseToken};
+use crate::domain::{
+    Assignment, EventKind, HeartbeatOutcome, LeaseSecret, LeaseStatus, LeaseToken,
+};
 use crate::error::{Error, Result};
 use crate::store::common::{self, HANDED_BACK, NewEvent, deal, wanted_per_kind};
 use crate::store::{ClaimRequest, Effects, Limits, Pass};
@@ -195,6 +197,7 @@ struct Leased {
     max_attempts: i64,
     expires: i64,
     worker: String,
+    secret: i64,
 }
 
 /// Leases the dealt tasks (`picked`, per request; all ready, picked in this
@@ -212,10 +215,15 @@ async fn lease(
     events: &mut Vec<NewEvent>,
 ) -> Result<Vec<Vec<Assignment>>> {
     let mut out: Vec<Vec<Assignment>> = requests.iter().map(|_| Vec::new()).collect();
-    let dealt: Vec<(i64, &str)> = requests
+    // Each lease gets a fresh secret (drawn here: SQLite's `random()` is
+    // not meant for secrets), written by the same statement.
+    let dealt: Vec<(i64, &str, i64)> = requests
         .iter()
         .zip(picked)
-        .flat_map(|(r, ids)| ids.iter().map(|&id| (id, r.worker_id.as_str())))
+        .flat_map(|(r, ids)| {
+            ids.iter()
+                .map(|&id| (id, r.worker_id.as_str(), LeaseSecret::random().db()))
+        })
         .collect();
     if dealt.is_empty() {
         return Ok(out);
@@ -229,8 +237,10 @@ async fn lease(
                           lease_expires_at = ?1 + coalesce(tasks.heartbeat_timeout_ms,
                                                            nullif(s.heartbeat_timeout_ms, 0), ?2),
                           attempt_deadline = ?1 + nullif(coalesce(tasks.attempt_timeout_ms,
-                                                                  s.attempt_timeout_ms), 0)
-         FROM (SELECT value ->> 0 AS id, value ->> 1 AS worker FROM json_each(?3)) AS d,
+                                                                  s.attempt_timeout_ms), 0),
+                          lease_secret = d.secret
+         FROM (SELECT value ->> 0 AS id, value ->> 1 AS worker, value ->> 2 AS secret
+               FROM json_each(?3)) AS d,
               stages s
          WHERE tasks.id = d.id AND tasks.state = 'ready'
            AND s.migration_id = tasks.migration_id AND s.idx = tasks.stage_idx",
@@ -243,7 +253,7 @@ async fn lease(
     let packed: String = sqlx::query_scalar(
         "SELECT json_group_array(json_array(id, attempt, migration_id, stage_idx, kind,
                                             json(payload), checkpoint IS NOT NULL, max_attempts,
-                                            lease_expires_at, lease_worker))
+                                            lease_expires_at, lease_worker, lease_secret))
          FROM tasks WHERE state = 'leased' AND id IN (SELECT value ->> 0 FROM json_each(?))",
     )
     .bind(&dealt)
@@ -286,6 +296,7 @@ async fn lease(
                 task_id: t.id,
                 attempt: t.attempt as u32,
             },
+            secret: LeaseSecret::from_db(t.secret),
             migration_id: t.migration_id,
             subject: ctx.subject.clone(),
             stage_index: t.stage as u32,
@@ -395,7 +406,8 @@ pub(super) async fn heartbeat(
                                   ?),
                               progress_done = ?, progress_total = ?,
                               checkpoint = coalesce(?, checkpoint)
-             WHERE id = ? AND attempt = ? AND state = 'leased' AND lease_worker = ?
+             WHERE id = ? AND attempt = ? AND lease_secret = ? AND state = 'leased'
+               AND lease_worker = ?
              RETURNING lease_expires_at",
         )
         .bind(now)
@@ -405,6 +417,7 @@ pub(super) async fn heartbeat(
         .bind(&l.checkpoint)
         .bind(l.lease.task_id)
         .bind(l.lease.attempt as i64)
+        .bind(l.secret.db())
         .bind(worker_id)
         .fetch_optional(&mut *tx)
         .await?;

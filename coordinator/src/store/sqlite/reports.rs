@@ -2,14 +2,18 @@
 //! in one transaction (group commit: one fsync for many outcomes), each inside
 //! its own savepoint so a rejected report changes nothing while the others of
 //! the batch still commit. Every update names the fencing token
-//! `(task id, attempt)` and the state it expects in its `WHERE` (I4).
+//! `(task id, attempt)`, the lease's secret (checked, or for a sweep's
+//! failure as read, in the same transaction) and the state it expects in
+//! its `WHERE` (I4); a wrong secret is a stale token.
 
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::bulk;
 use super::machine::{self, EventAt, event};
 use crate::clock::now_ms;
-use crate::domain::{Completion, EventKind, Failure, LeaseToken, MigrationState, ReportAck};
+use crate::domain::{
+    Completion, EventKind, Failure, LeaseSecret, LeaseToken, MigrationState, ReportAck,
+};
 use crate::error::{Error, Result};
 use crate::store::common::{
     NewEvent, NewTaskState, StageRow, backoff_ms, dead_reason, past_deadline, plain_completions,
@@ -95,6 +99,8 @@ pub(super) struct Reported {
     pub(super) failures: i64,
     pub(super) max_attempts: i64,
     pub(super) worker: Option<String>,
+    /// The secret of its current or last lease (none before migration 0007).
+    pub(super) secret: Option<LeaseSecret>,
     /// How long ago its migration's deadline passed, if it has (I10).
     pub(super) late_ms: Option<i64>,
 }
@@ -103,7 +109,8 @@ pub(super) async fn reported(conn: &mut SqliteConnection, lease: LeaseToken) -> 
     let row = sqlx::query(
         "SELECT migration_id, stage_idx, kind, state, attempt, failures, max_attempts, lease_worker,
                 (SELECT ?1 - m.deadline FROM migrations m
-                 WHERE m.id = tasks.migration_id AND m.deadline < ?1)
+                 WHERE m.id = tasks.migration_id AND m.deadline < ?1),
+                lease_secret
          FROM tasks WHERE id = ?2",
     )
     .bind(now_ms())
@@ -126,18 +133,22 @@ pub(super) async fn reported(conn: &mut SqliteConnection, lease: LeaseToken) -> 
         max_attempts: row.get(6),
         worker: row.get(7),
         late_ms: row.get(8),
+        secret: row.get::<Option<i64>, _>(9).map(LeaseSecret::from_db),
     })
 }
 /// Whether a report names the live lease of this worker (`Ok(None)`: it is
-/// stale), or repeats an outcome recorded for this very attempt.
+/// stale), or repeats an outcome recorded for this very attempt. A wrong
+/// secret makes the token another attempt's: answered as stale, in the same
+/// words, so a guesser learns nothing of which part was wrong.
 async fn check_lease(
     conn: &mut SqliteConnection,
     worker_id: &str,
     lease: LeaseToken,
+    secret: LeaseSecret,
     repeat_state: &str,
 ) -> Result<std::result::Result<Option<Reported>, Outcome>> {
     let t = reported(conn, lease).await?;
-    let same_attempt = t.attempt == lease.attempt as i64;
+    let same_attempt = t.attempt == lease.attempt as i64 && t.secret == Some(secret);
     if same_attempt && t.state == "leased" && t.worker.as_deref() == Some(worker_id) {
         if let Some(late_ms) = t.late_ms {
             let why = past_deadline(t.migration_id, late_ms);
@@ -175,8 +186,8 @@ async fn reject(
 
 /// The live lease a report names, or the outcome to answer with at once.
 macro_rules! live_lease {
-    ($conn:expr, $worker:expr, $lease:expr, $repeat:expr) => {
-        match check_lease($conn, $worker, $lease, $repeat).await? {
+    ($conn:expr, $worker:expr, $lease:expr, $secret:expr, $repeat:expr) => {
+        match check_lease($conn, $worker, $lease, $secret, $repeat).await? {
             Ok(Some(t)) => t,
             Ok(None) => return Ok(Outcome::Ack(ReportAck::Duplicate)),
             Err(stale) => return Ok(stale),
@@ -192,18 +203,19 @@ async fn complete(
     limits: Limits,
     fx: &mut Effects,
 ) -> Result<Outcome> {
-    let t = live_lease!(conn, worker_id, c.lease, "succeeded");
+    let t = live_lease!(conn, worker_id, c.lease, c.secret, "succeeded");
     if !c.add_tasks.is_empty() {
         add_tasks(conn, &t, c, limits, fx).await?;
     }
     let done = sqlx::query(
         "UPDATE tasks SET state = 'succeeded', output = ?, finished_at = ?, lease_worker = NULL, lease_expires_at = NULL
-         WHERE id = ? AND attempt = ? AND state = 'leased'",
+         WHERE id = ? AND attempt = ? AND lease_secret = ? AND state = 'leased'",
     )
     .bind(c.output.to_string())
     .bind(now_ms())
     .bind(c.lease.task_id)
     .bind(c.lease.attempt as i64)
+    .bind(c.secret.db())
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -287,7 +299,7 @@ async fn fail(
 ) -> Result<Outcome> {
     // A repeated Fail finds the task ready again (retrying) or dead.
     let repeat = if f.retryable { "ready" } else { "failed" };
-    let t = live_lease!(conn, worker_id, f.lease, repeat);
+    let t = live_lease!(conn, worker_id, f.lease, f.secret, repeat);
     record_failure(conn, &t, f, worker_id, fx).await?;
     Ok(Outcome::Ack(ReportAck::Recorded))
 }
@@ -334,13 +346,15 @@ pub(super) async fn record_failure(
     sqlx::query(
         "UPDATE tasks SET state = 'ready', failures = ?, error = ?, ready_at = ?,
                           lease_worker = NULL, lease_expires_at = NULL, attempt_deadline = NULL
-         WHERE id = ? AND attempt = ? AND state = 'leased'",
+         WHERE id = ? AND attempt = ? AND lease_secret IS ? AND state = 'leased'",
     )
     .bind(failures)
     .bind(&f.error)
     .bind(now_ms() + delay)
     .bind(f.lease.task_id)
     .bind(f.lease.attempt as i64)
+    // the secret checked (a report's) or read (a sweep's) in this transaction
+    .bind(t.secret.map(LeaseSecret::db))
     .execute(&mut *conn)
     .await?;
     let message = format!(

@@ -178,6 +178,7 @@ async fn time_out_attempts(
         let error = format!("attempt timed out after {timeout} ms");
         let f = Failure {
             lease,
+            secret: t.secret.unwrap_or_default(),
             error,
             retryable: true,
         };

@@ -165,6 +165,7 @@ async fn measure_streams(env: &Env, coordinator: &CoordinatorProc) -> anyhow::Re
                     kinds: vec!["bench.idle".into()],
                     slots: 1,
                     name: "bench idle stream".into(),
+                    instance: 0,
                 })
                 .await
                 .with_context(|| format!("Subscribe of idle stream {i}"))?
