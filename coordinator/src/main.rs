@@ -42,6 +42,10 @@ enum TokenCommand {
         /// Who holds it; the event log names it for every action taken with it.
         #[arg(long)]
         name: String,
+        /// A worker token only: the worker ids it may act as, comma-separated,
+        /// each exact or a prefix ending in '*' (e.g. "eu-*,backup-1").
+        #[arg(long)]
+        worker_ids: Option<String>,
     },
 }
 
@@ -114,9 +118,13 @@ async fn main() -> anyhow::Result<()> {
             let ready = move || println!("stagecoach coordinator listening on {addr}");
             server::run(config, listener, shutdown, ready).await?;
         }
-        Command::Token(TokenCommand::Create { role, name }) => {
-            let (token, line) =
-                new_token(role, &name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+        Command::Token(TokenCommand::Create {
+            role,
+            name,
+            worker_ids,
+        }) => {
+            let (token, line) = new_token(role, &name, worker_ids.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             // One write, so `| head -1` gets both lines or neither and a
             // reader that stops after the token is no error.
             let out = format!("{token}\n{line}\n");

@@ -38,6 +38,7 @@ use tonic_health::pb::health_client::HealthClient;
 on_both_backends!(
     every_rpc_answers_each_role_as_the_table_says,
     sighup_reloads_the_tokens_file,
+    a_worker_token_acts_only_as_its_worker_ids,
     no_tokens_means_loopback_only
 );
 
@@ -45,8 +46,14 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// `coordinator token create`: the token and the tokens-file line.
 async fn make_token(role: &str, name: &str) -> (String, String) {
+    make_token_with(role, name, &[]).await
+}
+
+/// [`make_token`] with more flags (`--worker-ids …`).
+async fn make_token_with(role: &str, name: &str, more: &[&str]) -> (String, String) {
     let out = tokio::process::Command::new(&binaries().coordinator)
         .args(["token", "create", "--role", role, "--name", name])
+        .args(more)
         .output()
         .await
         .expect("run coordinator token create");
@@ -574,4 +581,57 @@ async fn no_tokens_means_loopback_only(backend: Backend) {
         !logs[second..].contains("WITHOUT tokens") && logs[second..].contains("auth on"),
         "{logs}"
     );
+}
+
+/// A worker token bound to `eu-*` cannot subscribe, heartbeat or report as
+/// another worker id: forging a running worker's id needs its token too.
+async fn a_worker_token_acts_only_as_its_worker_ids(backend: Backend) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (eu, line) = make_token_with("worker", "fleet-eu", &["--worker-ids", "eu-*"]).await;
+    assert!(line.ends_with(" eu-*"), "{line}");
+    let file = tmp.path().join("tokens");
+    std::fs::write(&file, format!("{line}\n")).unwrap();
+    let coord = Coordinator::start(
+        backend,
+        &tmp.path().join("c"),
+        &["--auth-tokens", file.to_str().unwrap()],
+    )
+    .await;
+    let c = Client::connect(&coord.url()).await.with_token(Some(&eu));
+    let subscribe = |id: &str| SubscribeRequest {
+        worker_id: id.into(),
+        kinds: vec!["noop".into()],
+        slots: 1,
+        ..Default::default()
+    };
+    let mut w = c.workers.clone();
+    let denied = [
+        w.subscribe(subscribe("us-1")).await.map(|_| ()),
+        w.heartbeat(HeartbeatRequest {
+            worker_id: "us-1".into(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()),
+        w.fail(FailRequest {
+            worker_id: "us-1".into(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()),
+    ];
+    for answer in denied {
+        let status = answer.expect_err("another worker's id is refused");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("eu-*"), "{status:?}");
+    }
+    w.subscribe(subscribe("eu-1"))
+        .await
+        .expect("its own worker ids are fine");
+    w.heartbeat(HeartbeatRequest {
+        worker_id: "eu-1".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("heartbeat as itself");
 }

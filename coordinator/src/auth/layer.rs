@@ -12,13 +12,31 @@ use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::server::NamedService;
 
-use super::{Auth, Role, allowed_roles};
+use super::{Auth, Role, WorkerIds, allowed_roles};
 
-/// Who made a call: the NAME and ROLE of its token. Absent when auth is off.
+/// Who made a call: the NAME and ROLE of its token, and the worker ids a
+/// worker token is bound to. Absent when auth is off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub name: String,
     pub role: Role,
+    pub worker_ids: Option<WorkerIds>,
+}
+
+impl Caller {
+    /// Refuses a request naming a worker id this caller's token is not
+    /// bound to. The check needs the request's body, so the worker
+    /// handlers make it, right after decoding.
+    pub fn may_act_as(&self, worker_id: &str) -> Result<(), Status> {
+        match &self.worker_ids {
+            Some(ids) if !ids.allows(worker_id) => Err(Status::permission_denied(format!(
+                "token {:?} may act only as worker ids {ids}; this request names worker {}",
+                self.name,
+                crate::domain::shown(worker_id)
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A Stagecoach service behind the token check.
@@ -113,6 +131,7 @@ fn check(
     Ok(Caller {
         name: entry.name.clone(),
         role: entry.role,
+        worker_ids: entry.worker_ids.clone(),
     })
 }
 
@@ -132,7 +151,7 @@ mod tests {
 
     #[test]
     fn each_refusal_says_what_is_missing() {
-        let (token, line) = new_token(Role::Worker, "fleet").unwrap();
+        let (token, line) = new_token(Role::Worker, "fleet", None).unwrap();
         let table = TokenTable::parse(&line).unwrap();
         let cancel = "/stagecoach.v1.MigrationService/CancelMigration";
         let code =
@@ -161,7 +180,8 @@ mod tests {
             caller,
             Caller {
                 name: "fleet".into(),
-                role: Role::Worker
+                role: Role::Worker,
+                worker_ids: None,
             }
         );
     }

@@ -2,7 +2,7 @@
 //!
 //! | file | what it holds |
 //! |---|---|
-//! | [`tokens`] | the tokens file (`ROLE NAME SHA256HEX` lines), its parser, lookups in constant time, and `coordinator token create` |
+//! | [`tokens`] | the tokens file (`ROLE NAME SHA256HEX [WORKER_IDS]` lines), its parser, lookups in constant time, and `coordinator token create` |
 //! | [`roles`] | the roles and which of them may call each RPC path (unknown paths: admin only) |
 //! | [`layer`] | [`Authorize`], the tower service wrapped around each of the three Stagecoach services |
 //!
@@ -25,7 +25,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 pub use layer::{Authorize, Caller};
 pub use roles::{Role, allowed_roles};
-pub use tokens::{TokenFileError, TokenTable, new_token};
+pub use tokens::{TokenFileError, TokenTable, WorkerIds, new_token};
 
 /// The tokens a coordinator accepts, or none (auth off).
 #[derive(Debug, Clone, Default)]

@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, lease_to_pb};
 use super::status::code_of;
-use super::text::checked;
+use super::text::{Texts, checked};
+use crate::auth::Caller;
 use crate::domain::{LeaseToken, ReportAck};
 use crate::engine::{Coordinator, Instance, WorkerEvent, WorkerSpec};
 use crate::error::{Error, Result};
@@ -105,6 +106,19 @@ fn require_worker_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// The request, once its strings are checked and the worker id it names is
+/// one the caller's token may act as (a worker token may be bound to worker
+/// ids: `auth::Caller::may_act_as`). This check reads the body, so it is
+/// here and not in the auth layer, which sees only the call's headers.
+fn as_worker<T: Texts>(req: Request<T>, worker_id: fn(&T) -> &String) -> Result<T, Status> {
+    let caller = req.extensions().get::<Caller>().cloned();
+    let r = checked(req)?;
+    if let Some(caller) = caller {
+        caller.may_act_as(worker_id(&r))?;
+    }
+    Ok(r)
+}
+
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
     type SubscribeStream = SubscribeStream;
@@ -113,7 +127,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let r = checked(req)?;
+        let r = as_worker(req, |r| &r.worker_id)?;
         let spec = WorkerSpec {
             worker_id: r.worker_id,
             name: r.name,
@@ -141,7 +155,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let r = checked(req)?;
+        let r = as_worker(req, |r| &r.worker_id)?;
         require_worker_id(&r.worker_id)?;
         let leases = r
             .leases
@@ -174,7 +188,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        let r = checked(req)?;
+        let r = as_worker(req, |r| &r.worker_id)?;
         require_worker_id(&r.worker_id)?;
         if r.completions.is_empty() {
             return Err(Error::invalid("completions", "send at least one completion").into());
@@ -194,7 +208,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::FailRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        let r = checked(req)?;
+        let r = as_worker(req, |r| &r.worker_id)?;
         require_worker_id(&r.worker_id)?;
         if r.failures.is_empty() {
             return Err(Error::invalid("failures", "send at least one failure").into());
