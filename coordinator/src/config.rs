@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::domain::{MAX_STAGES, MAX_STATIC_TASKS, RequestLimits};
 use crate::engine::Timing;
 use crate::store::Limits;
 
@@ -62,6 +63,43 @@ pub struct Config {
         default_value_t = crate::grpc::DEFAULT_MAX_REQUEST_BYTES
     )]
     pub max_request_bytes: usize,
+    /// Largest task payload, migration parameters or completion output, in
+    /// bytes of JSON text; a larger one is refused with `INVALID_ARGUMENT`.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_PAYLOAD_BYTES",
+        default_value_t = RequestLimits::DEFAULT_MAX_PAYLOAD_BYTES
+    )]
+    pub max_payload_bytes: usize,
+    /// Largest checkpoint a heartbeat may carry for one lease, in bytes.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_CHECKPOINT_BYTES",
+        default_value_t = RequestLimits::DEFAULT_MAX_CHECKPOINT_BYTES
+    )]
+    pub max_checkpoint_bytes: usize,
+    /// Most tasks a plan may declare up front (tasks added at run time are
+    /// bounded by `--max-tasks-per-completion`).
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_TASKS_PER_PLAN",
+        default_value_t = RequestLimits::DEFAULT_MAX_TASKS_PER_PLAN
+    )]
+    pub max_tasks_per_plan: usize,
+    /// Most stages a plan may have.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_STAGES_PER_PLAN",
+        default_value_t = RequestLimits::DEFAULT_MAX_STAGES_PER_PLAN
+    )]
+    pub max_stages_per_plan: usize,
+    /// Most tasks one completion may add to later stages.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_TASKS_PER_COMPLETION",
+        default_value_t = RequestLimits::DEFAULT_MAX_TASKS_PER_COMPLETION
+    )]
+    pub max_tasks_per_completion: usize,
     /// Log format.
     #[arg(
         long,
@@ -128,6 +166,36 @@ impl Config {
                 ),
             );
         }
+        let positive = [
+            ("max-payload-bytes", self.max_payload_bytes),
+            ("max-checkpoint-bytes", self.max_checkpoint_bytes),
+            ("max-tasks-per-plan", self.max_tasks_per_plan),
+            ("max-stages-per-plan", self.max_stages_per_plan),
+            ("max-tasks-per-completion", self.max_tasks_per_completion),
+        ];
+        for (flag, value) in positive {
+            if value == 0 {
+                return err(flag, "must be at least 1".into());
+            }
+        }
+        if self.max_stages_per_plan > MAX_STAGES {
+            return err(
+                "max-stages-per-plan",
+                format!(
+                    "{} is more than {MAX_STAGES}, the most any plan may have",
+                    self.max_stages_per_plan
+                ),
+            );
+        }
+        if self.max_tasks_per_plan > MAX_STATIC_TASKS {
+            return err(
+                "max-tasks-per-plan",
+                format!(
+                    "{} is more than {MAX_STATIC_TASKS}, the most any plan may declare",
+                    self.max_tasks_per_plan
+                ),
+            );
+        }
         if self.auth_tokens.is_none() && !self.allow_unauthenticated && !is_loopback(self.listen) {
             return err(
                 "listen",
@@ -151,6 +219,16 @@ impl Config {
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
             lease_duration: Duration::from_millis(self.lease_duration_ms),
             sweep_interval: Duration::from_millis(self.sweep_interval_ms),
+        }
+    }
+
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_checkpoint_bytes: self.max_checkpoint_bytes,
+            max_tasks_per_plan: self.max_tasks_per_plan,
+            max_stages_per_plan: self.max_stages_per_plan,
+            max_tasks_per_completion: self.max_tasks_per_completion,
         }
     }
 

@@ -84,7 +84,12 @@ pub async fn run(
     tokio::spawn(auth.clone().reload_on_sighup(shutdown.clone()));
     let store = open_store(&config).await?;
     let remote = store.remote_effects().await?;
-    let core = Coordinator::new(store, config.timing(), shutdown.clone());
+    let core = Coordinator::with_limits(
+        store,
+        config.timing(),
+        config.request_limits(),
+        shutdown.clone(),
+    );
     if let Some(remote) = remote {
         tokio::spawn(run_remote_effects(core.clone(), remote, shutdown.clone()));
     }

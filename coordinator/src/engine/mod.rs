@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{
     Completion, Event, Failure, HeartbeatOutcome, LeaseStatus, Migration, MigrationFilter,
-    NewMigration, PlanSpec, Pool, ReportAck, shown, validate_json_depth, validate_name,
+    NewMigration, PlanSpec, Pool, ReportAck, RequestLimits, shown, validate_json_depth,
+    validate_name,
 };
 use crate::error::{Error, Result};
 use crate::store::{Effects, Report, Store, SubjectView};
@@ -65,6 +66,8 @@ pub struct Coordinator {
     wake: Notify,
     changes: broadcast::Sender<i64>,
     timing: Timing,
+    /// What a request may hold; checked before any store call.
+    limits: RequestLimits,
     shutdown: CancellationToken,
     reports: GroupCommit,
 }
@@ -72,12 +75,23 @@ pub struct Coordinator {
 impl Coordinator {
     /// A core over `store`; `shutdown` ends its loops and streams.
     pub fn new(store: Arc<dyn Store>, timing: Timing, shutdown: CancellationToken) -> Arc<Self> {
+        Self::with_limits(store, timing, RequestLimits::default(), shutdown)
+    }
+
+    /// A core that refuses requests over `limits`.
+    pub fn with_limits(
+        store: Arc<dyn Store>,
+        timing: Timing,
+        limits: RequestLimits,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             registry: Registry::new(timing.heartbeat_interval),
             wake: Notify::new(),
             changes: broadcast::channel(4096).0,
             timing,
+            limits,
             shutdown,
             reports: GroupCommit::default(),
         })
@@ -90,6 +104,10 @@ impl Coordinator {
 
     pub fn timing(&self) -> Timing {
         self.timing
+    }
+
+    pub fn limits(&self) -> RequestLimits {
+        self.limits
     }
 
     pub fn store(&self) -> &dyn Store {
@@ -127,6 +145,7 @@ impl Coordinator {
     // --- plans -----------------------------------------------------------
 
     pub async fn put_plan(&self, plan: PlanSpec) -> Result<PlanSpec> {
+        self.limits.check_plan("", &plan)?;
         plan.validate("", self.min_heartbeat_timeout_ms())?;
         self.store.put_plan(&plan).await
     }
@@ -166,6 +185,7 @@ impl Coordinator {
             ));
         }
         validate_json_depth("parameters", &req.parameters)?;
+        self.limits.check_json("parameters", &req.parameters)?;
         let pool = if req.pool.is_empty() {
             "default".to_string()
         } else {
@@ -191,6 +211,7 @@ impl Coordinator {
                 self.get_plan(&name).await?
             }
             PlanSource::Inline(plan) => {
+                self.limits.check_plan("inline_plan", &plan)?;
                 plan.validate("inline_plan", self.min_heartbeat_timeout_ms())?;
                 plan
             }
@@ -341,6 +362,7 @@ impl Coordinator {
         worker_id: &str,
         leases: &[LeaseStatus],
     ) -> Result<HeartbeatOutcome> {
+        self.limits.check_heartbeat(leases)?;
         if self.registry.seen(worker_id) {
             self.wake.notify_one();
         }
@@ -353,11 +375,29 @@ impl Coordinator {
         worker_id: &str,
         reports: &[Completion],
     ) -> Vec<Result<ReportAck>> {
+        // A completion over a limit is refused alone; the rest of the batch
+        // is recorded as usual.
+        let checked: Vec<Result<()>> = reports
+            .iter()
+            .enumerate()
+            .map(|(i, c)| self.limits.check_completion(i, c))
+            .collect();
         let items = reports
             .iter()
-            .map(|c| (worker_id.to_string(), Report::Complete(c.clone())))
+            .zip(&checked)
+            .filter(|(_, ok)| ok.is_ok())
+            .map(|(c, _)| (worker_id.to_string(), Report::Complete(c.clone())))
             .collect();
-        self.record(items).await
+        let mut recorded = self.record(items).await.into_iter();
+        checked
+            .into_iter()
+            .map(|ok| match ok {
+                Ok(()) => recorded.next().unwrap_or_else(|| {
+                    Err(Error::NotRecorded("its batch returned no result".into()))
+                }),
+                Err(e) => Err(e),
+            })
+            .collect()
     }
 
     /// Records failed attempts (group commit with concurrent reports).

@@ -1,0 +1,230 @@
+//! Limits of #19 part 5 beyond the message size (`e2e_bad_input`): each is
+//! a flag, a request over it is refused naming the field and the flag, and
+//! refusing it stores nothing (checked before any store call).
+
+use serde_json::json;
+use stagecoach_proto::json::json_to_struct;
+use stagecoach_proto::v1::{
+    CompleteRequest, Completion, CreateMigrationRequest, HeartbeatRequest, LeaseStatus, LeaseToken,
+    NewTask, Plan, StageSpec, TaskSpec, create_migration_request::PlanSource,
+};
+use stagecoach_tests::{Backend, Client, Coordinator, on_both_backends};
+use tonic::{Code, Status};
+
+on_both_backends!(byte_and_count_limits_are_flags_and_store_nothing);
+
+fn stage(name: &str, tasks: usize, payload: serde_json::Value) -> StageSpec {
+    StageSpec {
+        name: name.into(),
+        tasks: (0..tasks)
+            .map(|_| TaskSpec {
+                kind: "noop".into(),
+                payload: Some(json_to_struct(&payload)),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn plan(name: &str, stages: Vec<StageSpec>) -> Plan {
+    Plan {
+        name: name.into(),
+        stages,
+        ..Default::default()
+    }
+}
+
+/// Asserts `result` failed with `code` and a message naming every one of `words`.
+#[track_caller]
+fn assert_refused<T: std::fmt::Debug>(
+    case: &str,
+    result: Result<T, Status>,
+    code: Code,
+    words: &[&str],
+) {
+    match result {
+        Ok(v) => panic!("{case}: accepted, wanted {code:?}; answer: {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{case}: code; message {:?}", s.message());
+            for w in words {
+                assert!(
+                    s.message().contains(w),
+                    "{case}: message {:?} should name {w:?}",
+                    s.message()
+                );
+            }
+        }
+    }
+}
+
+async fn byte_and_count_limits_are_flags_and_store_nothing(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let coordinator = Coordinator::start(
+        backend,
+        &dir.path().join("coordinator"),
+        &[
+            "--max-payload-bytes",
+            "1000",
+            "--max-checkpoint-bytes",
+            "100",
+            "--max-tasks-per-plan",
+            "5",
+            "--max-stages-per-plan",
+            "3",
+            "--max-tasks-per-completion",
+            "2",
+        ],
+    )
+    .await;
+    let client = Client::connect(&coordinator.url()).await;
+    let small = json!({"table": "users"});
+    let big = json!({"blob": "x".repeat(1_000)});
+    let invalid = Code::InvalidArgument;
+
+    assert_refused(
+        "a payload over --max-payload-bytes",
+        client
+            .put_plan(plan("big-payload", vec![stage("a", 1, big.clone())]))
+            .await,
+        invalid,
+        &[
+            "stages[0].tasks[0].payload",
+            "1000 bytes",
+            "--max-payload-bytes",
+        ],
+    );
+    assert_refused(
+        "a payload over --max-payload-bytes, as JSON",
+        client
+            .put_plan_json(&json!({
+                "name": "big-json",
+                "stages": [{"name": "a", "tasks": [{"kind": "noop", "payload": big}]}]
+            }))
+            .await,
+        invalid,
+        &["stages[0].tasks[0].payload", "--max-payload-bytes"],
+    );
+    let stages = (0..4).map(|i| stage(&format!("s{i}"), 1, small.clone()));
+    assert_refused(
+        "more stages than --max-stages-per-plan",
+        client.put_plan(plan("deep", stages.collect())).await,
+        invalid,
+        &["stages", "4 stages", "--max-stages-per-plan"],
+    );
+    assert_refused(
+        "more tasks than --max-tasks-per-plan",
+        client
+            .put_plan(plan(
+                "wide",
+                vec![stage("a", 3, small.clone()), stage("b", 3, small.clone())],
+            ))
+            .await,
+        invalid,
+        &["stages", "6 declared tasks", "--max-tasks-per-plan"],
+    );
+    assert_refused(
+        "an inline plan's payload",
+        client
+            .create(CreateMigrationRequest {
+                plan_source: Some(PlanSource::InlinePlan(plan(
+                    "inline",
+                    vec![stage("a", 1, big.clone())],
+                ))),
+                subject: "project/1".into(),
+                ..Default::default()
+            })
+            .await,
+        invalid,
+        &[
+            "inline_plan.stages[0].tasks[0].payload",
+            "--max-payload-bytes",
+        ],
+    );
+    // At the limits: served.
+    client
+        .put_plan(plan(
+            "fits",
+            vec![stage("a", 3, small.clone()), stage("b", 2, small.clone())],
+        ))
+        .await
+        .expect("a plan at the limits is accepted");
+    assert_refused(
+        "parameters over --max-payload-bytes",
+        client
+            .create(CreateMigrationRequest {
+                plan_source: Some(PlanSource::PlanName("fits".into())),
+                subject: "project/2".into(),
+                parameters: Some(json_to_struct(&big)),
+                ..Default::default()
+            })
+            .await,
+        invalid,
+        &["parameters", "--max-payload-bytes"],
+    );
+
+    let lease = Some(LeaseToken {
+        task_id: 1,
+        attempt: 1,
+    });
+    let mut workers = client.workers.clone();
+    let heartbeat = HeartbeatRequest {
+        worker_id: "w".into(),
+        leases: vec![LeaseStatus {
+            lease,
+            checkpoint: Some(vec![7; 101]),
+            ..Default::default()
+        }],
+    };
+    assert_refused(
+        "a checkpoint over --max-checkpoint-bytes",
+        workers.heartbeat(heartbeat).await,
+        invalid,
+        &[
+            "leases[0].checkpoint",
+            "101 bytes",
+            "--max-checkpoint-bytes",
+        ],
+    );
+    let complete = |output: serde_json::Value, added: usize| CompleteRequest {
+        worker_id: "w".into(),
+        completions: vec![Completion {
+            lease,
+            output: Some(json_to_struct(&output)),
+            add_tasks: (0..added)
+                .map(|_| NewTask {
+                    stage: "b".into(),
+                    kind: "noop".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        }],
+    };
+    assert_refused(
+        "an output over --max-payload-bytes",
+        workers.complete(complete(big.clone(), 0)).await,
+        invalid,
+        &["completions[0].output", "--max-payload-bytes"],
+    );
+    assert_refused(
+        "more added tasks than --max-tasks-per-completion",
+        workers.complete(complete(small.clone(), 3)).await,
+        invalid,
+        &[
+            "completions[0].add_tasks",
+            "3 tasks",
+            "--max-tasks-per-completion",
+        ],
+    );
+
+    let names: Vec<String> = (client.list_plans().await.expect("list plans"))
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, vec!["fits".to_string()], "only the plan that fits");
+    assert_eq!(
+        client.list_migrations().await.expect("list migrations"),
+        vec![],
+        "no migration was stored"
+    );
+}
