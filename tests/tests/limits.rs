@@ -5,13 +5,17 @@
 use serde_json::json;
 use stagecoach_proto::json::json_to_struct;
 use stagecoach_proto::v1::{
-    CompleteRequest, Completion, CreateMigrationRequest, HeartbeatRequest, LeaseStatus, LeaseToken,
-    NewTask, Plan, StageSpec, TaskSpec, create_migration_request::PlanSource,
+    CompleteRequest, Completion, CreateMigrationRequest, DeletePlanRequest, GetPlanRequest,
+    HeartbeatRequest, LeaseStatus, LeaseToken, ListPlansRequest, NewTask, Plan, StageSpec,
+    TaskSpec, create_migration_request::PlanSource,
 };
 use stagecoach_tests::{Backend, Client, Coordinator, on_both_backends};
 use tonic::{Code, Status};
 
-on_both_backends!(byte_and_count_limits_are_flags_and_store_nothing);
+on_both_backends!(
+    byte_and_count_limits_are_flags_and_store_nothing,
+    list_plans_pages_without_tasks_and_delete_plan_removes_every_version
+);
 
 fn stage(name: &str, tasks: usize, payload: serde_json::Value) -> StageSpec {
     StageSpec {
@@ -227,4 +231,158 @@ async fn byte_and_count_limits_are_flags_and_store_nothing(backend: Backend) {
         vec![],
         "no migration was stored"
     );
+}
+
+async fn list_plans_pages_without_tasks_and_delete_plan_removes_every_version(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let coordinator = Coordinator::start(backend, &dir.path().join("coordinator"), &[]).await;
+    let client = Client::connect(&coordinator.url()).await;
+    let small = json!({"table": "users"});
+    for name in ["p00", "p01", "p02", "p02", "p03", "p04"] {
+        client
+            .put_plan(plan(name, vec![stage("a", 2, small.clone())]))
+            .await
+            .expect("put plan");
+    }
+
+    // Pages of two, by name, latest versions, tasks left out.
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_plans_page(ListPlansRequest {
+                page_size: 2,
+                page_token,
+                include_tasks: false,
+            })
+            .await
+            .expect("a page of plans");
+        for p in &page.plans {
+            assert_eq!(p.stages.len(), 1, "{}: stages are listed", p.name);
+            assert!(p.stages[0].tasks.is_empty(), "{}: tasks left out", p.name);
+        }
+        pages.push(
+            page.plans
+                .iter()
+                .map(|p| format!("{}@{}", p.name, p.version))
+                .collect::<Vec<_>>(),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(
+        pages,
+        vec![
+            vec!["p00@1", "p01@1"],
+            vec!["p02@2", "p03@1"],
+            vec!["p04@1"]
+        ]
+    );
+    let with_tasks = client
+        .list_plans_page(ListPlansRequest {
+            page_size: 1,
+            include_tasks: true,
+            ..Default::default()
+        })
+        .await
+        .expect("a page with tasks");
+    assert_eq!(with_tasks.plans[0].stages[0].tasks.len(), 2);
+    assert_eq!(with_tasks.next_page_token, "p00");
+    assert_refused(
+        "a page over 1000",
+        client
+            .list_plans_page(ListPlansRequest {
+                page_size: 1001,
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        &["page_size", "1000"],
+    );
+    assert_refused(
+        "a token this server did not issue",
+        client
+            .list_plans_page(ListPlansRequest {
+                page_token: "not a name!".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        &["page_token"],
+    );
+
+    // Large plans with their tasks: a page ends after about 2 MiB, so
+    // every page stays under the 4 MiB a client decodes by default.
+    let blob = json!({"blob": "x".repeat(200_000)});
+    for i in 0..5 {
+        client
+            .put_plan(plan(&format!("q{i}"), vec![stage("a", 5, blob.clone())]))
+            .await
+            .expect("a 1 MB plan");
+    }
+    let big = client
+        .list_plans_page(ListPlansRequest {
+            page_token: "p04".into(),
+            include_tasks: true,
+            ..Default::default()
+        })
+        .await
+        .expect("a page of large plans decodes");
+    assert!(
+        (1..5).contains(&big.plans.len()) && !big.next_page_token.is_empty(),
+        "{} plans, next {:?}",
+        big.plans.len(),
+        big.next_page_token
+    );
+    assert_eq!(client.list_plans().await.expect("every page").len(), 10);
+
+    // DeletePlan: every version; migrations of it keep theirs.
+    let m = client
+        .create(CreateMigrationRequest {
+            plan_source: Some(PlanSource::PlanName("p02".into())),
+            subject: "project/1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a migration of p02");
+    let mut migrations = client.migrations.clone();
+    let deleted = migrations
+        .delete_plan(DeletePlanRequest { name: "p02".into() })
+        .await
+        .expect("delete p02")
+        .into_inner();
+    assert_eq!(deleted.versions_deleted, 2);
+    assert_refused(
+        "GetPlan of a deleted plan",
+        migrations
+            .get_plan(GetPlanRequest { name: "p02".into() })
+            .await,
+        Code::NotFound,
+        &["p02"],
+    );
+    assert_refused(
+        "DeletePlan of an unknown name",
+        migrations
+            .delete_plan(DeletePlanRequest { name: "p02".into() })
+            .await,
+        Code::NotFound,
+        &["p02"],
+    );
+    let kept = client
+        .get_migration(m.id)
+        .await
+        .expect("the migration stays");
+    assert_eq!((kept.plan_name.as_str(), kept.plan_version), ("p02", 2));
+    assert_eq!(kept.stages.len(), 1, "{kept:?}");
+    client
+        .cancel(m.id, "done")
+        .await
+        .expect("it can still be canceled");
+    let again = client
+        .put_plan(plan("p02", vec![stage("a", 1, small.clone())]))
+        .await
+        .expect("the name is free again");
+    assert_eq!(again.version, 1);
 }

@@ -20,7 +20,7 @@ use crate::domain::{
     validate_name,
 };
 use crate::error::{Error, Result};
-use crate::store::{Effects, Report, Store, SubjectView};
+use crate::store::{Effects, PlanPage, Plans, Report, Store, SubjectView};
 use group_commit::GroupCommit;
 
 pub use loops::{run_dispatcher, run_remote_effects, run_sweeper};
@@ -157,8 +157,19 @@ impl Coordinator {
             .ok_or_else(|| plan_not_found(name))
     }
 
-    pub async fn list_plans(&self) -> Result<Vec<PlanSpec>> {
-        self.store.list_plans().await
+    pub async fn list_plans(&self, page: &PlanPage) -> Result<Plans> {
+        self.store.list_plans(page).await
+    }
+
+    /// Deletes every version of a plan; how many there were.
+    pub async fn delete_plan(&self, name: &str) -> Result<u64> {
+        if name.is_empty() {
+            return Err(Error::invalid("name", "the plan name is required"));
+        }
+        match self.store.delete_plan(name).await? {
+            0 => Err(plan_not_found(name)),
+            n => Ok(n),
+        }
     }
 
     // --- migrations ------------------------------------------------------
