@@ -100,6 +100,22 @@ pub struct Config {
         default_value_t = RequestLimits::DEFAULT_MAX_TASKS_PER_COMPLETION
     )]
     pub max_tasks_per_completion: usize,
+    /// Most WatchMigration streams open at once; one more is refused with
+    /// `RESOURCE_EXHAUSTED` until another closes.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_WATCH_STREAMS",
+        default_value_t = RequestLimits::DEFAULT_MAX_WATCH_STREAMS
+    )]
+    pub max_watch_streams: usize,
+    /// Most worker Subscribe streams open at once; one more is refused with
+    /// `RESOURCE_EXHAUSTED` until another closes.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_WORKER_STREAMS",
+        default_value_t = RequestLimits::DEFAULT_MAX_WORKER_STREAMS
+    )]
+    pub max_worker_streams: usize,
     /// Log format.
     #[arg(
         long,
@@ -172,6 +188,8 @@ impl Config {
             ("max-tasks-per-plan", self.max_tasks_per_plan),
             ("max-stages-per-plan", self.max_stages_per_plan),
             ("max-tasks-per-completion", self.max_tasks_per_completion),
+            ("max-watch-streams", self.max_watch_streams),
+            ("max-worker-streams", self.max_worker_streams),
         ];
         for (flag, value) in positive {
             if value == 0 {
@@ -229,6 +247,8 @@ impl Config {
             max_tasks_per_plan: self.max_tasks_per_plan,
             max_stages_per_plan: self.max_stages_per_plan,
             max_tasks_per_completion: self.max_tasks_per_completion,
+            max_watch_streams: self.max_watch_streams,
+            max_worker_streams: self.max_worker_streams,
         }
     }
 

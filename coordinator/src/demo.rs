@@ -65,6 +65,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         max_tasks_per_plan: RequestLimits::DEFAULT_MAX_TASKS_PER_PLAN,
         max_stages_per_plan: RequestLimits::DEFAULT_MAX_STAGES_PER_PLAN,
         max_tasks_per_completion: RequestLimits::DEFAULT_MAX_TASKS_PER_COMPLETION,
+        max_watch_streams: RequestLimits::DEFAULT_MAX_WATCH_STREAMS,
+        max_worker_streams: RequestLimits::DEFAULT_MAX_WORKER_STREAMS,
         // Loopback only, so no tokens are needed.
         auth_tokens: None,
         allow_unauthenticated: false,

@@ -7,14 +7,15 @@ use stagecoach_proto::json::json_to_struct;
 use stagecoach_proto::v1::{
     CompleteRequest, Completion, CreateMigrationRequest, DeletePlanRequest, GetPlanRequest,
     HeartbeatRequest, LeaseStatus, LeaseToken, ListPlansRequest, NewTask, Plan, StageSpec,
-    TaskSpec, create_migration_request::PlanSource,
+    SubscribeRequest, TaskSpec, WatchMigrationRequest, create_migration_request::PlanSource,
 };
 use stagecoach_tests::{Backend, Client, Coordinator, on_both_backends};
 use tonic::{Code, Status};
 
 on_both_backends!(
     byte_and_count_limits_are_flags_and_store_nothing,
-    list_plans_pages_without_tasks_and_delete_plan_removes_every_version
+    list_plans_pages_without_tasks_and_delete_plan_removes_every_version,
+    open_streams_are_bounded_by_flags
 );
 
 fn stage(name: &str, tasks: usize, payload: serde_json::Value) -> StageSpec {
@@ -385,4 +386,97 @@ async fn list_plans_pages_without_tasks_and_delete_plan_removes_every_version(ba
         .await
         .expect("the name is free again");
     assert_eq!(again.version, 1);
+}
+
+/// `--max-watch-streams` and `--max-worker-streams`: one stream more is
+/// `RESOURCE_EXHAUSTED` naming the flag, and closing one frees its place.
+async fn open_streams_are_bounded_by_flags(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let coordinator = Coordinator::start(
+        backend,
+        &dir.path().join("coordinator"),
+        &["--max-watch-streams", "1", "--max-worker-streams", "1"],
+    )
+    .await;
+    let client = Client::connect(&coordinator.url()).await;
+    client
+        .put_plan(plan("p", vec![stage("a", 1, json!({}))]))
+        .await
+        .expect("put plan");
+    let m = client
+        .create(CreateMigrationRequest {
+            plan_source: Some(PlanSource::PlanName("p".into())),
+            subject: "project/1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let watch = || {
+        let mut migrations = client.migrations.clone();
+        async move {
+            migrations
+                .watch_migration(WatchMigrationRequest {
+                    migration_id: m.id,
+                    after_event_id: 0,
+                })
+                .await
+        }
+    };
+    let mut first = watch().await.expect("the first watch").into_inner();
+    first
+        .message()
+        .await
+        .expect("first message")
+        .expect("a message");
+    assert_refused(
+        "a second watch",
+        watch().await,
+        Code::ResourceExhausted,
+        &["--max-watch-streams", "STAGECOACH_MAX_WATCH_STREAMS"],
+    );
+    drop(first);
+    eventually("a watch after the first closed", watch).await;
+
+    let subscribe = |worker: &str| {
+        let mut workers = client.workers.clone();
+        let req = SubscribeRequest {
+            worker_id: worker.into(),
+            kinds: vec!["other".into()],
+            slots: 1,
+            ..Default::default()
+        };
+        async move { workers.subscribe(req).await }
+    };
+    let mut w1 = subscribe("w1")
+        .await
+        .expect("the first worker")
+        .into_inner();
+    w1.message().await.expect("welcome").expect("a message");
+    assert_refused(
+        "a second worker stream",
+        subscribe("w2").await,
+        Code::ResourceExhausted,
+        &["--max-worker-streams", "STAGECOACH_MAX_WORKER_STREAMS"],
+    );
+    drop(w1);
+    eventually("a worker after the first left", || subscribe("w2")).await;
+}
+
+/// Retries `call` until it succeeds, for at most 10 s.
+async fn eventually<T, F, Fut>(what: &str, call: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(s) if std::time::Instant::now() < until => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{what}: {s:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("{what}: still refused after 10 s: {s:?}"),
+        }
+    }
 }

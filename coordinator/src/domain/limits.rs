@@ -32,6 +32,10 @@ pub struct RequestLimits {
     pub max_stages_per_plan: usize,
     /// Tasks one completion adds (`--max-tasks-per-completion`).
     pub max_tasks_per_completion: usize,
+    /// WatchMigration streams open at once (`--max-watch-streams`).
+    pub max_watch_streams: usize,
+    /// Worker Subscribe streams open at once (`--max-worker-streams`).
+    pub max_worker_streams: usize,
 }
 
 impl RequestLimits {
@@ -43,6 +47,9 @@ impl RequestLimits {
     pub const DEFAULT_MAX_STAGES_PER_PLAN: usize = 1_000;
     /// The benchmark's fan-out adds 10,000 tasks per completion.
     pub const DEFAULT_MAX_TASKS_PER_COMPLETION: usize = 10_000;
+    pub const DEFAULT_MAX_WATCH_STREAMS: usize = 10_000;
+    /// The benchmark holds 10,000 idle worker streams on one coordinator.
+    pub const DEFAULT_MAX_WORKER_STREAMS: usize = 20_000;
 }
 
 impl Default for RequestLimits {
@@ -53,6 +60,8 @@ impl Default for RequestLimits {
             max_tasks_per_plan: Self::DEFAULT_MAX_TASKS_PER_PLAN,
             max_stages_per_plan: Self::DEFAULT_MAX_STAGES_PER_PLAN,
             max_tasks_per_completion: Self::DEFAULT_MAX_TASKS_PER_COMPLETION,
+            max_watch_streams: Self::DEFAULT_MAX_WATCH_STREAMS,
+            max_worker_streams: Self::DEFAULT_MAX_WORKER_STREAMS,
         }
     }
 }

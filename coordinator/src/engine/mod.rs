@@ -7,11 +7,12 @@ mod group_commit;
 mod loops;
 mod registry;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{
@@ -68,6 +69,11 @@ pub struct Coordinator {
     timing: Timing,
     /// What a request may hold; checked before any store call.
     limits: RequestLimits,
+    /// One permit per open WatchMigration stream.
+    watch_streams: Arc<Semaphore>,
+    /// One permit per open worker stream, by connection number.
+    worker_streams: Arc<Semaphore>,
+    worker_permits: std::sync::Mutex<HashMap<u64, OwnedSemaphorePermit>>,
     shutdown: CancellationToken,
     reports: GroupCommit,
 }
@@ -92,6 +98,9 @@ impl Coordinator {
             changes: broadcast::channel(4096).0,
             timing,
             limits,
+            watch_streams: Arc::new(Semaphore::new(limits.max_watch_streams)),
+            worker_streams: Arc::new(Semaphore::new(limits.max_worker_streams)),
+            worker_permits: Default::default(),
             shutdown,
             reports: GroupCommit::default(),
         })
@@ -309,6 +318,17 @@ impl Coordinator {
         self.store.subject_status(subject).await
     }
 
+    /// A place for one more WatchMigration stream, held as long as the
+    /// stream is open; `RESOURCE_EXHAUSTED` naming the flag when all are taken.
+    pub fn watch_permit(&self) -> Result<OwnedSemaphorePermit> {
+        self.watch_streams.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "{} WatchMigration streams are open, the limit; close one or poll GetMigration / ListEvents, or raise --max-watch-streams (STAGECOACH_MAX_WATCH_STREAMS)",
+                self.limits.max_watch_streams
+            ))
+        })
+    }
+
     /// Notifications of migrations that changed (by id), for watchers.
     pub fn changes(&self) -> broadcast::Receiver<i64> {
         self.changes.subscribe()
@@ -350,10 +370,20 @@ impl Coordinator {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
+        let permit = self.worker_streams.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "{} worker streams are open, the limit; retry later (the worker SDK reconnects with backoff), or raise --max-worker-streams (STAGECOACH_MAX_WORKER_STREAMS)",
+                self.limits.max_worker_streams
+            ))
+        })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = self.registry.connect(spec, tx);
+        self.worker_permits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn, permit);
         if self.shutdown.is_cancelled() {
-            self.registry.disconnect(&conn_worker_id, conn);
+            self.unsubscribe(&conn_worker_id, conn);
             return Err(Error::ShuttingDown);
         }
         self.wake.notify_one();
@@ -362,6 +392,11 @@ impl Coordinator {
 
     pub fn unsubscribe(&self, worker_id: &str, conn: u64) {
         self.registry.disconnect(worker_id, conn);
+        // Frees the stream's place (`--max-worker-streams`).
+        self.worker_permits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn);
     }
 
     /// Renews the worker's leases. Only this counts as the worker's sign of
