@@ -116,6 +116,31 @@ pub struct Config {
         default_value_t = RequestLimits::DEFAULT_MAX_WORKER_STREAMS
     )]
     pub max_worker_streams: usize,
+    /// How long a new connection may take to send its HTTP/2 preface (its
+    /// first 24 bytes), in milliseconds; a slower one is closed.
+    #[arg(
+        long,
+        env = "STAGECOACH_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub handshake_timeout_ms: u64,
+    /// How often to ping an HTTP/2 connection that sent nothing, in
+    /// milliseconds; one that does not answer within
+    /// `--keepalive-timeout-ms` is closed (a vanished peer does not hold
+    /// its streams and their places for ever). 0: no pings.
+    #[arg(
+        long,
+        env = "STAGECOACH_KEEPALIVE_INTERVAL_MS",
+        default_value_t = 30_000
+    )]
+    pub keepalive_interval_ms: u64,
+    /// How long a ping may go unanswered, in milliseconds.
+    #[arg(
+        long,
+        env = "STAGECOACH_KEEPALIVE_TIMEOUT_MS",
+        default_value_t = 20_000
+    )]
+    pub keepalive_timeout_ms: u64,
     /// Log format.
     #[arg(
         long,
@@ -190,6 +215,8 @@ impl Config {
             ("max-tasks-per-completion", self.max_tasks_per_completion),
             ("max-watch-streams", self.max_watch_streams),
             ("max-worker-streams", self.max_worker_streams),
+            ("handshake-timeout-ms", self.handshake_timeout_ms as usize),
+            ("keepalive-timeout-ms", self.keepalive_timeout_ms as usize),
         ];
         for (flag, value) in positive {
             if value == 0 {

@@ -480,3 +480,52 @@ where
         }
     }
 }
+
+/// `--handshake-timeout-ms`: a connection that sends part of the HTTP/2
+/// preface, or nothing, is closed once the timeout passes; clients that
+/// speak HTTP/2 are served as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_without_its_preface_is_closed_in_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let coordinator = Coordinator::start(
+        Backend::Sqlite,
+        &dir.path().join("coordinator"),
+        &["--handshake-timeout-ms", "500"],
+    )
+    .await;
+    let addr = coordinator.url().trim_start_matches("http://").to_string();
+    for sent in [&b"PRI * HTTP/2.0\r\n"[..], b""] {
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        conn.write_all(sent).await.expect("part of the preface");
+        let start = std::time::Instant::now();
+        // The server's SETTINGS may come first; then the end of the stream.
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let mut buf = [0u8; 1024];
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "a connection that sent {} bytes is still open after 5 s",
+            sent.len()
+        );
+        assert!(
+            start.elapsed() >= std::time::Duration::from_millis(400),
+            "closed before the timeout: {:?}",
+            start.elapsed()
+        );
+    }
+    let client = Client::connect(&coordinator.url()).await;
+    client
+        .list_plans()
+        .await
+        .expect("an HTTP/2 client is served");
+}
