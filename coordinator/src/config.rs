@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::domain::{MAX_STAGES, MAX_STATIC_TASKS, RequestLimits};
 use crate::engine::Timing;
 use crate::store::Limits;
 
@@ -62,6 +63,84 @@ pub struct Config {
         default_value_t = crate::grpc::DEFAULT_MAX_REQUEST_BYTES
     )]
     pub max_request_bytes: usize,
+    /// Largest task payload, migration parameters or completion output, in
+    /// bytes of JSON text; a larger one is refused with `INVALID_ARGUMENT`.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_PAYLOAD_BYTES",
+        default_value_t = RequestLimits::DEFAULT_MAX_PAYLOAD_BYTES
+    )]
+    pub max_payload_bytes: usize,
+    /// Largest checkpoint a heartbeat may carry for one lease, in bytes.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_CHECKPOINT_BYTES",
+        default_value_t = RequestLimits::DEFAULT_MAX_CHECKPOINT_BYTES
+    )]
+    pub max_checkpoint_bytes: usize,
+    /// Most tasks a plan may declare up front (tasks added at run time are
+    /// bounded by `--max-tasks-per-completion`).
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_TASKS_PER_PLAN",
+        default_value_t = RequestLimits::DEFAULT_MAX_TASKS_PER_PLAN
+    )]
+    pub max_tasks_per_plan: usize,
+    /// Most stages a plan may have.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_STAGES_PER_PLAN",
+        default_value_t = RequestLimits::DEFAULT_MAX_STAGES_PER_PLAN
+    )]
+    pub max_stages_per_plan: usize,
+    /// Most tasks one completion may add to later stages.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_TASKS_PER_COMPLETION",
+        default_value_t = RequestLimits::DEFAULT_MAX_TASKS_PER_COMPLETION
+    )]
+    pub max_tasks_per_completion: usize,
+    /// Most WatchMigration streams open at once; one more is refused with
+    /// `RESOURCE_EXHAUSTED` until another closes.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_WATCH_STREAMS",
+        default_value_t = RequestLimits::DEFAULT_MAX_WATCH_STREAMS
+    )]
+    pub max_watch_streams: usize,
+    /// Most worker Subscribe streams open at once; one more is refused with
+    /// `RESOURCE_EXHAUSTED` until another closes.
+    #[arg(
+        long,
+        env = "STAGECOACH_MAX_WORKER_STREAMS",
+        default_value_t = RequestLimits::DEFAULT_MAX_WORKER_STREAMS
+    )]
+    pub max_worker_streams: usize,
+    /// How long a new connection may take to send its HTTP/2 preface (its
+    /// first 24 bytes), in milliseconds; a slower one is closed.
+    #[arg(
+        long,
+        env = "STAGECOACH_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub handshake_timeout_ms: u64,
+    /// How often to ping an HTTP/2 connection that sent nothing, in
+    /// milliseconds; one that does not answer within
+    /// `--keepalive-timeout-ms` is closed (a vanished peer does not hold
+    /// its streams and their places for ever). 0: no pings.
+    #[arg(
+        long,
+        env = "STAGECOACH_KEEPALIVE_INTERVAL_MS",
+        default_value_t = 30_000
+    )]
+    pub keepalive_interval_ms: u64,
+    /// How long a ping may go unanswered, in milliseconds.
+    #[arg(
+        long,
+        env = "STAGECOACH_KEEPALIVE_TIMEOUT_MS",
+        default_value_t = 20_000
+    )]
+    pub keepalive_timeout_ms: u64,
     /// Log format.
     #[arg(
         long,
@@ -128,6 +207,40 @@ impl Config {
                 ),
             );
         }
+        let positive = [
+            ("max-payload-bytes", self.max_payload_bytes),
+            ("max-checkpoint-bytes", self.max_checkpoint_bytes),
+            ("max-tasks-per-plan", self.max_tasks_per_plan),
+            ("max-stages-per-plan", self.max_stages_per_plan),
+            ("max-tasks-per-completion", self.max_tasks_per_completion),
+            ("max-watch-streams", self.max_watch_streams),
+            ("max-worker-streams", self.max_worker_streams),
+            ("handshake-timeout-ms", self.handshake_timeout_ms as usize),
+            ("keepalive-timeout-ms", self.keepalive_timeout_ms as usize),
+        ];
+        for (flag, value) in positive {
+            if value == 0 {
+                return err(flag, "must be at least 1".into());
+            }
+        }
+        if self.max_stages_per_plan > MAX_STAGES {
+            return err(
+                "max-stages-per-plan",
+                format!(
+                    "{} is more than {MAX_STAGES}, the most any plan may have",
+                    self.max_stages_per_plan
+                ),
+            );
+        }
+        if self.max_tasks_per_plan > MAX_STATIC_TASKS {
+            return err(
+                "max-tasks-per-plan",
+                format!(
+                    "{} is more than {MAX_STATIC_TASKS}, the most any plan may declare",
+                    self.max_tasks_per_plan
+                ),
+            );
+        }
         if self.auth_tokens.is_none() && !self.allow_unauthenticated && !is_loopback(self.listen) {
             return err(
                 "listen",
@@ -151,6 +264,18 @@ impl Config {
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
             lease_duration: Duration::from_millis(self.lease_duration_ms),
             sweep_interval: Duration::from_millis(self.sweep_interval_ms),
+        }
+    }
+
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_checkpoint_bytes: self.max_checkpoint_bytes,
+            max_tasks_per_plan: self.max_tasks_per_plan,
+            max_stages_per_plan: self.max_stages_per_plan,
+            max_tasks_per_completion: self.max_tasks_per_completion,
+            max_watch_streams: self.max_watch_streams,
+            max_worker_streams: self.max_worker_streams,
         }
     }
 

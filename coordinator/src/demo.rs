@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::config::{Config, LogFormat};
+use crate::domain::RequestLimits;
 
 /// Settings of `coordinator demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -59,6 +60,16 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         default_pool_slots: 10,
         max_reassignments: 5,
         max_request_bytes: crate::grpc::DEFAULT_MAX_REQUEST_BYTES,
+        max_payload_bytes: RequestLimits::DEFAULT_MAX_PAYLOAD_BYTES,
+        max_checkpoint_bytes: RequestLimits::DEFAULT_MAX_CHECKPOINT_BYTES,
+        max_tasks_per_plan: RequestLimits::DEFAULT_MAX_TASKS_PER_PLAN,
+        max_stages_per_plan: RequestLimits::DEFAULT_MAX_STAGES_PER_PLAN,
+        max_tasks_per_completion: RequestLimits::DEFAULT_MAX_TASKS_PER_COMPLETION,
+        max_watch_streams: RequestLimits::DEFAULT_MAX_WATCH_STREAMS,
+        max_worker_streams: RequestLimits::DEFAULT_MAX_WORKER_STREAMS,
+        handshake_timeout_ms: 10_000,
+        keepalive_interval_ms: 30_000,
+        keepalive_timeout_ms: 20_000,
         // Loopback only, so no tokens are needed.
         auth_tokens: None,
         allow_unauthenticated: false,

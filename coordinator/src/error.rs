@@ -26,6 +26,10 @@ pub enum Error {
     /// The schema could not be brought up to date at start.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A limit on what the server holds at once (open streams) is reached;
+    /// the message names the flag. Retry later, when some are closed.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A batch of reports this one was part of could not be committed.
     #[error("the report was not recorded: {0}; send it again")]
     NotRecorded(String),

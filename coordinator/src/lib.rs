@@ -29,6 +29,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod preface;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -21,7 +21,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the gRPC API (migrations, workers, admin, health, reflection).
-    Serve(Config),
+    // Boxed: the settings are far larger than the other commands.
+    Serve(Box<Config>),
     /// Make bearer tokens for `serve --auth-tokens FILE`.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -112,11 +113,12 @@ async fn main() -> anyhow::Result<()> {
                 config.default_pool_slots,
                 config.max_reassignments,
                 config.max_request_bytes,
+                limits = ?config.request_limits(),
                 "coordinator starting"
             );
             // Printed once the store is open: scripts and tests wait for it.
             let ready = move || println!("stagecoach coordinator listening on {addr}");
-            server::run(config, listener, shutdown, ready).await?;
+            server::run(*config, listener, shutdown, ready).await?;
         }
         Command::Token(TokenCommand::Create {
             role,

@@ -4,11 +4,13 @@
 //! Shutdown is a parameter, so tests and the demo drive it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use stagecoach_proto::v1::admin_service_server::AdminServiceServer;
 use stagecoach_proto::v1::migration_service_server::MigrationServiceServer;
 use stagecoach_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
@@ -16,6 +18,7 @@ use crate::auth::{Auth, Authorize};
 use crate::config::Config;
 use crate::engine::{Coordinator, run_dispatcher, run_remote_effects, run_sweeper};
 use crate::grpc::{AdminApi, MigrationApi, RequestLimit, WorkerApi};
+use crate::preface::Preface;
 use crate::store::Store;
 
 /// Why a coordinator could not start or stopped with an error.
@@ -84,7 +87,12 @@ pub async fn run(
     tokio::spawn(auth.clone().reload_on_sighup(shutdown.clone()));
     let store = open_store(&config).await?;
     let remote = store.remote_effects().await?;
-    let core = Coordinator::new(store, config.timing(), shutdown.clone());
+    let core = Coordinator::with_limits(
+        store,
+        config.timing(),
+        config.request_limits(),
+        shutdown.clone(),
+    );
     if let Some(remote) = remote {
         tokio::spawn(run_remote_effects(core.clone(), remote, shutdown.clone()));
     }
@@ -110,6 +118,7 @@ pub async fn run(
     // One limit for the three services; an over-limit request is answered
     // RESOURCE_EXHAUSTED naming it (see `grpc::RequestLimit`).
     let limit = config.max_request_bytes;
+    let handshake = Duration::from_millis(config.handshake_timeout_ms);
     on_ready();
     let drain = {
         let core = core.clone();
@@ -119,7 +128,14 @@ pub async fn run(
             core.close_streams();
         }
     };
-    let mut server = tonic::transport::Server::builder();
+    let keepalive = Some(config.keepalive_interval_ms)
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
+    let mut server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_millis(config.keepalive_timeout_ms)))
+        // The kernel's probes too: a peer gone without a FIN or RST.
+        .tcp_keepalive(Some(Duration::from_secs(60)));
     if let Some(tls) = tls {
         tracing::info!(
             mutual = config.tls.tls_client_ca.is_some(),
@@ -158,7 +174,10 @@ pub async fn run(
         .serve_with_incoming_shutdown(
             // TCP_NODELAY: without it Nagle's algorithm meets delayed ACKs and
             // every small reply (an assignment, a report's answer) waits ~40 ms.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // Each connection must send its preface in time (see `preface`).
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(move |conn| conn.map(|c| Preface::new(c, handshake))),
             drain,
         )
         .await?;

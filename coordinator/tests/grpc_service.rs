@@ -66,7 +66,7 @@ fn noop_stage(name: &str) -> pb::StageSpec {
 
 async fn plan_count(a: &Apis) -> usize {
     a.migrations
-        .list_plans(Request::new(pb::ListPlansRequest {}))
+        .list_plans(Request::new(pb::ListPlansRequest::default()))
         .await
         .unwrap()
         .into_inner()

@@ -16,9 +16,10 @@ use stagecoach_proto::v1::worker_service_client::WorkerServiceClient;
 use stagecoach_proto::v1::{
     CancelMigrationRequest, CreateMigrationRequest, CreateMigrationResponse, Event, EventKind,
     GetMigrationRequest, GetSubjectStatusRequest, GetSubjectStatusResponse, ListEventsRequest,
-    ListMigrationsRequest, ListPlansRequest, ListPoolsRequest, ListWorkersRequest, Migration,
-    MigrationState, Plan, Pool, PutPlanRequest, RetryMigrationRequest, WatchMigrationRequest,
-    WorkerInfo, create_migration_request::PlanSource, put_plan_request::Source,
+    ListMigrationsRequest, ListPlansRequest, ListPlansResponse, ListPoolsRequest,
+    ListWorkersRequest, Migration, MigrationState, Plan, Pool, PutPlanRequest,
+    RetryMigrationRequest, WatchMigrationRequest, WorkerInfo, create_migration_request::PlanSource,
+    put_plan_request::Source,
 };
 use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -182,14 +183,32 @@ impl Client {
             .ok_or_else(|| Status::internal("PutPlan answered without a plan"))
     }
 
-    /// Every stored plan (latest versions).
+    /// Every stored plan (latest versions, with their tasks), page by page.
     pub async fn list_plans(&self) -> Result<Vec<Plan>, Status> {
-        let resp = self
-            .migrations
-            .clone()
-            .list_plans(ListPlansRequest {})
-            .await?;
-        Ok(resp.into_inner().plans)
+        let mut plans = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .list_plans_page(ListPlansRequest {
+                    page_token,
+                    include_tasks: true,
+                    ..Default::default()
+                })
+                .await?;
+            plans.extend(page.plans);
+            if page.next_page_token.is_empty() {
+                return Ok(plans);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// One page of ListPlans.
+    pub async fn list_plans_page(
+        &self,
+        req: ListPlansRequest,
+    ) -> Result<ListPlansResponse, Status> {
+        Ok(self.migrations.clone().list_plans(req).await?.into_inner())
     }
 
     /// CreateMigration of the stored plan `plan_name` for `subject`.

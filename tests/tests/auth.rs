@@ -22,11 +22,12 @@ use std::time::Duration;
 use serde_json::json;
 use stagecoach_proto::v1::{
     CancelMigrationRequest, CompleteRequest, CreateMigrationRequest, CreatePoolRequest,
-    DrainWorkerRequest, FailRequest, GetMigrationRequest, GetPlanRequest, GetSubjectStatusRequest,
-    HeartbeatRequest, ListEventsRequest, ListMigrationsRequest, ListPlansRequest, ListPoolsRequest,
-    ListWorkersRequest, MigrationState, PausePoolRequest, PutPlanRequest, ResumePoolRequest,
-    RetryMigrationRequest, SetPoolSlotsRequest, SubscribeRequest, UndrainWorkerRequest,
-    WatchMigrationRequest, create_migration_request::PlanSource, put_plan_request::Source,
+    DeletePlanRequest, DrainWorkerRequest, FailRequest, GetMigrationRequest, GetPlanRequest,
+    GetSubjectStatusRequest, HeartbeatRequest, ListEventsRequest, ListMigrationsRequest,
+    ListPlansRequest, ListPoolsRequest, ListWorkersRequest, MigrationState, PausePoolRequest,
+    PutPlanRequest, ResumePoolRequest, RetryMigrationRequest, SetPoolSlotsRequest,
+    SubscribeRequest, UndrainWorkerRequest, WatchMigrationRequest,
+    create_migration_request::PlanSource, put_plan_request::Source,
 };
 use stagecoach_tests::binaries::binaries;
 use stagecoach_tests::plans::{plan, stage, task};
@@ -125,6 +126,8 @@ const RPCS: &[(&str, &[&str])] = &[
     ("MigrationService/PutPlan", &["client"]),
     ("MigrationService/GetPlan", &["client", "viewer"]),
     ("MigrationService/ListPlans", &["client", "viewer"]),
+    // Not in the role table: admin only.
+    ("MigrationService/DeletePlan", &[]),
     ("MigrationService/CreateMigration", &["client"]),
     ("MigrationService/GetMigration", &["client", "viewer"]),
     ("MigrationService/ListMigrations", &["client", "viewer"]),
@@ -167,7 +170,10 @@ async fn call(c: &Client, rpc: &str, migration: i64, failed: i64, worker: &str) 
             source: Some(Source::Plan(p)),
         })),
         "MigrationService/GetPlan" => code!(m.get_plan(GetPlanRequest { name: "p".into() })),
-        "MigrationService/ListPlans" => code!(m.list_plans(ListPlansRequest {})),
+        "MigrationService/ListPlans" => code!(m.list_plans(ListPlansRequest::default())),
+        "MigrationService/DeletePlan" => code!(m.delete_plan(DeletePlanRequest {
+            name: "never-stored".into(),
+        })),
         "MigrationService/CreateMigration" => code!(m.create_migration(CreateMigrationRequest {
             plan_source: Some(PlanSource::PlanName("p".into())),
             subject: format!("denied/{}", rand_suffix()),

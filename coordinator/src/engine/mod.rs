@@ -7,19 +7,21 @@ mod group_commit;
 mod loops;
 mod registry;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{
     Completion, Event, Failure, HeartbeatOutcome, LeaseStatus, Migration, MigrationFilter,
-    NewMigration, PlanSpec, Pool, ReportAck, shown, validate_json_depth, validate_name,
+    NewMigration, PlanSpec, Pool, ReportAck, RequestLimits, shown, validate_json_depth,
+    validate_name,
 };
 use crate::error::{Error, Result};
-use crate::store::{Effects, Report, Store, SubjectView};
+use crate::store::{Effects, PlanPage, Plans, Report, Store, SubjectView};
 use group_commit::GroupCommit;
 
 pub use loops::{run_dispatcher, run_remote_effects, run_sweeper};
@@ -65,6 +67,13 @@ pub struct Coordinator {
     wake: Notify,
     changes: broadcast::Sender<i64>,
     timing: Timing,
+    /// What a request may hold; checked before any store call.
+    limits: RequestLimits,
+    /// One permit per open WatchMigration stream.
+    watch_streams: Arc<Semaphore>,
+    /// One permit per open worker stream, by connection number.
+    worker_streams: Arc<Semaphore>,
+    worker_permits: std::sync::Mutex<HashMap<u64, OwnedSemaphorePermit>>,
     shutdown: CancellationToken,
     reports: GroupCommit,
 }
@@ -72,12 +81,26 @@ pub struct Coordinator {
 impl Coordinator {
     /// A core over `store`; `shutdown` ends its loops and streams.
     pub fn new(store: Arc<dyn Store>, timing: Timing, shutdown: CancellationToken) -> Arc<Self> {
+        Self::with_limits(store, timing, RequestLimits::default(), shutdown)
+    }
+
+    /// A core that refuses requests over `limits`.
+    pub fn with_limits(
+        store: Arc<dyn Store>,
+        timing: Timing,
+        limits: RequestLimits,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             registry: Registry::new(timing.heartbeat_interval),
             wake: Notify::new(),
             changes: broadcast::channel(4096).0,
             timing,
+            limits,
+            watch_streams: Arc::new(Semaphore::new(limits.max_watch_streams)),
+            worker_streams: Arc::new(Semaphore::new(limits.max_worker_streams)),
+            worker_permits: Default::default(),
             shutdown,
             reports: GroupCommit::default(),
         })
@@ -90,6 +113,10 @@ impl Coordinator {
 
     pub fn timing(&self) -> Timing {
         self.timing
+    }
+
+    pub fn limits(&self) -> RequestLimits {
+        self.limits
     }
 
     pub fn store(&self) -> &dyn Store {
@@ -127,6 +154,7 @@ impl Coordinator {
     // --- plans -----------------------------------------------------------
 
     pub async fn put_plan(&self, plan: PlanSpec) -> Result<PlanSpec> {
+        self.limits.check_plan("", &plan)?;
         plan.validate("", self.min_heartbeat_timeout_ms())?;
         self.store.put_plan(&plan).await
     }
@@ -138,8 +166,19 @@ impl Coordinator {
             .ok_or_else(|| plan_not_found(name))
     }
 
-    pub async fn list_plans(&self) -> Result<Vec<PlanSpec>> {
-        self.store.list_plans().await
+    pub async fn list_plans(&self, page: &PlanPage) -> Result<Plans> {
+        self.store.list_plans(page).await
+    }
+
+    /// Deletes every version of a plan; how many there were.
+    pub async fn delete_plan(&self, name: &str) -> Result<u64> {
+        if name.is_empty() {
+            return Err(Error::invalid("name", "the plan name is required"));
+        }
+        match self.store.delete_plan(name).await? {
+            0 => Err(plan_not_found(name)),
+            n => Ok(n),
+        }
     }
 
     // --- migrations ------------------------------------------------------
@@ -166,6 +205,7 @@ impl Coordinator {
             ));
         }
         validate_json_depth("parameters", &req.parameters)?;
+        self.limits.check_json("parameters", &req.parameters)?;
         let pool = if req.pool.is_empty() {
             "default".to_string()
         } else {
@@ -191,6 +231,7 @@ impl Coordinator {
                 self.get_plan(&name).await?
             }
             PlanSource::Inline(plan) => {
+                self.limits.check_plan("inline_plan", &plan)?;
                 plan.validate("inline_plan", self.min_heartbeat_timeout_ms())?;
                 plan
             }
@@ -277,6 +318,17 @@ impl Coordinator {
         self.store.subject_status(subject).await
     }
 
+    /// A place for one more WatchMigration stream, held as long as the
+    /// stream is open; `RESOURCE_EXHAUSTED` naming the flag when all are taken.
+    pub fn watch_permit(&self) -> Result<OwnedSemaphorePermit> {
+        self.watch_streams.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "{} WatchMigration streams are open, the limit; close one or poll GetMigration / ListEvents, or raise --max-watch-streams (STAGECOACH_MAX_WATCH_STREAMS)",
+                self.limits.max_watch_streams
+            ))
+        })
+    }
+
     /// Notifications of migrations that changed (by id), for watchers.
     pub fn changes(&self) -> broadcast::Receiver<i64> {
         self.changes.subscribe()
@@ -319,6 +371,12 @@ impl Coordinator {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
+        let permit = self.worker_streams.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "{} worker streams are open, the limit; retry later (the worker SDK reconnects with backoff), or raise --max-worker-streams (STAGECOACH_MAX_WORKER_STREAMS)",
+                self.limits.max_worker_streams
+            ))
+        })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = self.registry.connect(spec, instance, tx).map_err(|_| {
             Error::AlreadyExists(format!(
@@ -327,8 +385,12 @@ impl Coordinator {
                  resubscribe once the other stream has closed"
             ))
         })?;
+        self.worker_permits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn, permit);
         if self.shutdown.is_cancelled() {
-            self.registry.disconnect(&conn_worker_id, conn);
+            self.unsubscribe(&conn_worker_id, conn);
             return Err(Error::ShuttingDown);
         }
         self.wake.notify_one();
@@ -337,6 +399,11 @@ impl Coordinator {
 
     pub fn unsubscribe(&self, worker_id: &str, conn: u64) {
         self.registry.disconnect(worker_id, conn);
+        // Frees the stream's place (`--max-worker-streams`).
+        self.worker_permits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn);
     }
 
     /// Renews the worker's leases. Only this counts as the worker's sign of
@@ -348,6 +415,7 @@ impl Coordinator {
         worker_id: &str,
         leases: &[LeaseStatus],
     ) -> Result<HeartbeatOutcome> {
+        self.limits.check_heartbeat(leases)?;
         if self.registry.seen(worker_id) {
             self.wake.notify_one();
         }
@@ -360,11 +428,29 @@ impl Coordinator {
         worker_id: &str,
         reports: &[Completion],
     ) -> Vec<Result<ReportAck>> {
+        // A completion over a limit is refused alone; the rest of the batch
+        // is recorded as usual.
+        let checked: Vec<Result<()>> = reports
+            .iter()
+            .enumerate()
+            .map(|(i, c)| self.limits.check_completion(i, c))
+            .collect();
         let items = reports
             .iter()
-            .map(|c| (worker_id.to_string(), Report::Complete(c.clone())))
+            .zip(&checked)
+            .filter(|(_, ok)| ok.is_ok())
+            .map(|(c, _)| (worker_id.to_string(), Report::Complete(c.clone())))
             .collect();
-        self.record(items).await
+        let mut recorded = self.record(items).await.into_iter();
+        checked
+            .into_iter()
+            .map(|ok| match ok {
+                Ok(()) => recorded.next().unwrap_or_else(|| {
+                    Err(Error::NotRecorded("its batch returned no result".into()))
+                }),
+                Err(e) => Err(e),
+            })
+            .collect()
     }
 
     /// Records failed attempts (group commit with concurrent reports).

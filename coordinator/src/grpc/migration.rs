@@ -12,9 +12,10 @@ use tonic::{Request, Response, Status};
 use super::caller_name;
 use super::convert::{self, migration_to_pb, plan_from_pb, plan_to_pb};
 use super::text::checked;
-use crate::domain::{MigrationFilter, PlanSpec};
+use crate::domain::{MigrationFilter, PlanSpec, validate_name};
 use crate::engine::{Coordinator, CreateRequest, PlanSource};
 use crate::error::Error;
+use crate::store::PlanPage;
 
 mod watch;
 
@@ -28,6 +29,11 @@ impl MigrationApi {
         Self { core }
     }
 }
+
+/// About how much of a ListPlans page's plans, as JSON text, ends the page
+/// early: half of the 4 MiB clients decode by default, leaving room for
+/// the protobuf encoding.
+const LIST_PLANS_BYTES: usize = 2 << 20;
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchMigrationResponse, Status>> + Send>>;
 
@@ -73,11 +79,62 @@ impl MigrationService for MigrationApi {
 
     async fn list_plans(
         &self,
-        _: Request<pb::ListPlansRequest>,
+        req: Request<pb::ListPlansRequest>,
     ) -> Result<Response<pb::ListPlansResponse>, Status> {
-        let plans = self.core.list_plans().await?;
+        let r = checked(req)?;
+        let limit = match r.page_size {
+            0 => 100,
+            n @ 1..=1000 => n,
+            n => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("{n} is more than 1000; use 1-1000"),
+                )
+                .into());
+            }
+        };
+        // The token is the last name of the previous page (keyset paging).
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            validate_name("page_token", &r.page_token, "page token").map_err(|_| {
+                Error::invalid(
+                    "page_token",
+                    "not a token this server issued; pass next_page_token unchanged",
+                )
+            })?;
+            Some(r.page_token)
+        };
+        let page = self
+            .core
+            .list_plans(&PlanPage {
+                after,
+                limit,
+                include_tasks: r.include_tasks,
+                max_bytes: LIST_PLANS_BYTES,
+            })
+            .await?;
+        let next_page_token = match page.plans.last() {
+            Some(last) if page.more => last.name.clone(),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListPlansResponse {
-            plans: plans.iter().map(plan_to_pb).collect(),
+            plans: page.plans.iter().map(plan_to_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_plan(
+        &self,
+        req: Request<pb::DeletePlanRequest>,
+    ) -> Result<Response<pb::DeletePlanResponse>, Status> {
+        let by = caller_name(&req);
+        let name = checked(req)?.name;
+        let deleted = self.core.delete_plan(&name).await?;
+        // Plans have no event log: the log says who deleted one.
+        tracing::info!(actor = by.as_deref().unwrap_or(""), plan = %name, versions = deleted, "plan deleted");
+        Ok(Response::new(pb::DeletePlanResponse {
+            versions_deleted: deleted.min(u32::MAX as u64) as u32,
         }))
     }
 

@@ -42,6 +42,7 @@ pub fn code_of(e: &Error) -> Code {
         Error::InvalidArgument { .. } => Code::InvalidArgument,
         Error::NotFound(_) => Code::NotFound,
         Error::AlreadyExists(_) => Code::AlreadyExists,
+        Error::ResourceExhausted(_) => Code::ResourceExhausted,
         Error::LeaseNotHeld(_) | Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::Database(
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,

@@ -44,6 +44,8 @@ macro_rules! flat {
 
 flat! {
     pb::GetPlanRequest => [name];
+    pb::DeletePlanRequest => [name];
+    pb::ListPlansRequest => [page_token];
     pb::ListMigrationsRequest => [subject, pool, page_token];
     pb::CancelMigrationRequest => [reason];
     pb::GetSubjectStatusRequest => [subject];

@@ -133,6 +133,114 @@ pub struct Pass {
     pub partial: bool,
 }
 
+/// One page of ListPlans: latest versions by name (byte order), after
+/// `after` (keyset paging: a plan stored or deleted between pages neither
+/// shifts nor repeats the others).
+#[derive(Debug, Clone, Default)]
+pub struct PlanPage {
+    /// The last name of the previous page; `None` for the first page.
+    pub after: Option<String>,
+    /// Most plans to return.
+    pub limit: u32,
+    /// Keep each stage's tasks; without it every `tasks` is empty, so a page
+    /// of plans with 100,000 tasks each stays small.
+    pub include_tasks: bool,
+    /// The page ends early once its plans hold about this many bytes (at
+    /// least one plan is always returned), so a reply stays under what
+    /// clients decode by default (4 MiB).
+    pub max_bytes: usize,
+}
+
+/// What [`Store::list_plans`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct Plans {
+    pub plans: Vec<PlanSpec>,
+    /// Whether plans follow the last one.
+    pub more: bool,
+}
+
+impl PlanPage {
+    /// Reads a page from `rows` (stored specs by name, at least `limit + 1`
+    /// of them if there are), one spec at a time: without tasks a page never
+    /// holds a whole large plan.
+    pub(crate) async fn collect<S>(&self, mut rows: S) -> Result<Plans>
+    where
+        S: futures::Stream<Item = Result<String, sqlx::Error>> + Unpin,
+    {
+        use futures::TryStreamExt;
+        let mut page = Plans::default();
+        let mut bytes = 0;
+        while let Some(spec) = rows.try_next().await? {
+            if page.plans.len() >= self.limit as usize
+                || (!page.plans.is_empty() && bytes >= self.max_bytes)
+            {
+                page.more = true;
+                break;
+            }
+            let plan = self.decode(&spec).map_err(|e| {
+                crate::error::Error::Corrupt(format!("stored plan: {e}; DeletePlan removes it"))
+            })?;
+            bytes += if self.include_tasks {
+                spec.len()
+            } else {
+                plan.name.len()
+                    + plan.description.len()
+                    + plan.stages.iter().map(|s| s.name.len() + 64).sum::<usize>()
+            };
+            page.plans.push(plan);
+        }
+        Ok(page)
+    }
+
+    /// A stored spec as this page returns it. Without tasks they are
+    /// skipped while parsing, never built: a page of plans with 100,000
+    /// tasks each costs a scan of the text, not 100,000 allocations each.
+    fn decode(&self, spec: &str) -> serde_json::Result<PlanSpec> {
+        if self.include_tasks {
+            return serde_json::from_str(spec);
+        }
+        #[derive(serde::Deserialize)]
+        struct Head {
+            name: String,
+            #[serde(default)]
+            version: u32,
+            #[serde(default)]
+            description: String,
+            #[serde(default)]
+            stages: Vec<StageHead>,
+        }
+        #[derive(serde::Deserialize)]
+        struct StageHead {
+            name: String,
+            #[serde(default)]
+            serial: bool,
+            #[serde(default)]
+            dynamic: bool,
+            #[serde(default, rename = "tasks")]
+            _tasks: serde::de::IgnoredAny,
+            #[serde(default)]
+            retry: crate::domain::RetryPolicy,
+        }
+        let head: Head = serde_json::from_str(spec)?;
+        Ok(PlanSpec {
+            name: head.name,
+            version: head.version,
+            description: head.description,
+            stages: head
+                .stages
+                .into_iter()
+                .map(|s| crate::domain::StageSpec {
+                    name: s.name,
+                    serial: s.serial,
+                    dynamic: s.dynamic,
+                    tasks: Vec::new(),
+                    retry: s.retry,
+                })
+                .collect(),
+        })
+    }
+}
+
 /// Subject status with the latest and the latest successful migration.
 #[derive(Debug, Clone)]
 pub struct SubjectView {
@@ -148,8 +256,12 @@ pub trait Store: Send + Sync + 'static {
     async fn put_plan(&self, plan: &PlanSpec) -> Result<PlanSpec>;
     /// The latest version of a plan.
     async fn get_plan(&self, name: &str) -> Result<Option<PlanSpec>>;
-    /// The latest version of every plan, by name.
-    async fn list_plans(&self) -> Result<Vec<PlanSpec>>;
+    /// A page of the latest version of every plan, by name.
+    async fn list_plans(&self, page: &PlanPage) -> Result<Plans>;
+    /// Deletes every version of a plan; how many there were (0: none, the
+    /// name is unknown). Migrations keep running: each copied its plan's
+    /// stages and tasks when it was created, and names it by text only.
+    async fn delete_plan(&self, name: &str) -> Result<u64>;
 
     /// Creates a pool if it does not exist yet (start-up: the default pool).
     async fn ensure_pool(&self, name: &str, slots: u32) -> Result<()>;

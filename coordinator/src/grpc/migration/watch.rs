@@ -34,6 +34,9 @@ pub(super) async fn stream(
     // Subscribe before the first read so no change between the two is missed.
     let mut changes = core.changes();
     core.get_migration(id).await?;
+    // Held by the stream the client reads, not by the task feeding it: it
+    // is freed when the client goes away, even while nothing changes.
+    let permit = core.watch_permit()?;
     let s = async_stream(move |tx| async move {
         let mut cursor = after;
         loop {
@@ -93,7 +96,10 @@ pub(super) async fn stream(
             }
         }
     });
-    Ok(s)
+    Ok(Box::pin(tokio_stream::StreamExt::map(s, move |item| {
+        let _held = &permit;
+        item
+    })))
 }
 
 /// Runs `body` as a task feeding a channel-backed stream; the task stops when

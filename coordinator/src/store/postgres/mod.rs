@@ -260,8 +260,19 @@ impl Store for PostgresStore {
         reads::get_plan(&self.db, name).await
     }
 
-    async fn list_plans(&self) -> Result<Vec<PlanSpec>> {
-        reads::list_plans(&self.db).await
+    async fn list_plans(&self, page: &crate::store::PlanPage) -> Result<crate::store::Plans> {
+        reads::list_plans(&self.db, page).await
+    }
+
+    async fn delete_plan(&self, name: &str) -> Result<u64> {
+        // One statement, no row of another table involved: outside the
+        // lock order, and nothing to retry.
+        let deleted = sqlx::query("DELETE FROM plans WHERE name = $1")
+            .bind(name)
+            .execute(&self.db)
+            .await?
+            .rows_affected();
+        Ok(deleted)
     }
 
     async fn ensure_pool(&self, name: &str, slots: u32) -> Result<()> {

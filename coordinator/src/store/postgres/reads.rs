@@ -10,8 +10,8 @@ use crate::domain::{
     StageState,
 };
 use crate::error::{Error, Result};
-use crate::store::SubjectView;
 use crate::store::common::{self, corrupt, event_kind};
+use crate::store::{PlanPage, Plans, SubjectView};
 
 fn decode_plan(spec: &str) -> Result<PlanSpec> {
     serde_json::from_str(spec).map_err(|e| Error::Corrupt(format!("stored plan: {e}")))
@@ -26,15 +26,19 @@ pub(super) async fn get_plan(db: &PgPool, name: &str) -> Result<Option<PlanSpec>
     spec.as_deref().map(decode_plan).transpose()
 }
 
-pub(super) async fn list_plans(db: &PgPool) -> Result<Vec<PlanSpec>> {
-    let specs: Vec<String> = sqlx::query_scalar(
+pub(super) async fn list_plans(db: &PgPool, page: &PlanPage) -> Result<Plans> {
+    let rows = sqlx::query_scalar::<_, String>(
         "SELECT DISTINCT ON (name COLLATE \"C\") spec FROM plans
-         -- byte order, as on SQLite, whatever the database's collation
-         ORDER BY name COLLATE \"C\", version DESC",
+         -- keyset paging, in byte order as on SQLite whatever the
+         -- database's collation; names are never empty, so > '' is page 1
+         WHERE name COLLATE \"C\" > $1
+         ORDER BY name COLLATE \"C\", version DESC
+         LIMIT $2",
     )
-    .fetch_all(db)
-    .await?;
-    specs.iter().map(|s| decode_plan(s)).collect()
+    .bind(page.after.as_deref().unwrap_or(""))
+    .bind(page.limit as i64 + 1)
+    .fetch(db);
+    page.collect(rows).await
 }
 
 const POOL_SELECT: &str = "SELECT p.name, p.slots, p.paused,

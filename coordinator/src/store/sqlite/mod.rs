@@ -124,8 +124,17 @@ impl Store for SqliteStore {
         reads::get_plan(&self.reader, name).await
     }
 
-    async fn list_plans(&self) -> Result<Vec<PlanSpec>> {
-        reads::list_plans(&self.reader).await
+    async fn list_plans(&self, page: &crate::store::PlanPage) -> Result<crate::store::Plans> {
+        reads::list_plans(&self.reader, page).await
+    }
+
+    async fn delete_plan(&self, name: &str) -> Result<u64> {
+        let deleted = sqlx::query("DELETE FROM plans WHERE name = ?")
+            .bind(name)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        Ok(deleted)
     }
 
     async fn ensure_pool(&self, name: &str, slots: u32) -> Result<()> {

@@ -10,8 +10,8 @@ use crate::domain::{
     StageState,
 };
 use crate::error::{Error, Result};
-use crate::store::SubjectView;
 use crate::store::common::{self, corrupt, event_kind};
+use crate::store::{PlanPage, Plans, SubjectView};
 
 fn decode_plan(spec: &str) -> Result<PlanSpec> {
     serde_json::from_str(spec).map_err(|e| Error::Corrupt(format!("stored plan: {e}")))
@@ -26,14 +26,18 @@ pub(super) async fn get_plan(db: &SqlitePool, name: &str) -> Result<Option<PlanS
     spec.as_deref().map(decode_plan).transpose()
 }
 
-pub(super) async fn list_plans(db: &SqlitePool) -> Result<Vec<PlanSpec>> {
-    let specs: Vec<String> = sqlx::query_scalar(
-        "SELECT spec FROM plans p WHERE version = (SELECT max(version) FROM plans q WHERE q.name = p.name)
-         ORDER BY name",
+pub(super) async fn list_plans(db: &SqlitePool, page: &PlanPage) -> Result<Plans> {
+    // Keyset paging on the primary key (name, version); names are never
+    // empty, so `> ''` is the first page.
+    let rows = sqlx::query_scalar::<_, String>(
+        "SELECT spec FROM plans p
+         WHERE name > ? AND version = (SELECT max(version) FROM plans q WHERE q.name = p.name)
+         ORDER BY name LIMIT ?",
     )
-    .fetch_all(db)
-    .await?;
-    specs.iter().map(|s| decode_plan(s)).collect()
+    .bind(page.after.as_deref().unwrap_or(""))
+    .bind(page.limit as i64 + 1)
+    .fetch(db);
+    page.collect(rows).await
 }
 
 const POOL_SELECT: &str = "SELECT p.name, p.slots, p.paused,
