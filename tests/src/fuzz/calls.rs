@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use stagecoach_proto::v1::*;
 use tonic::{Code, Status};
 
-use super::values::{count, id, string, structure, timestamp};
+use super::values::{count, id, small_structure, string, structure, timestamp};
 use crate::client::Client;
 
 /// What the fuzzer has learned about the coordinator, to aim at real ids.
@@ -121,12 +121,12 @@ fn hostile_plan(rng: &mut StdRng, k: &Known) -> Plan {
             dynamic: rng.random(),
             tasks: (0..[0, 1, 3, 200][rng.random_range(0..4)])
                 .map(|_| TaskSpec {
-                    kind: if rng.random_bool(0.5) {
+                    kind: if rng.random_bool(0.9) {
                         KINDS[rng.random_range(0..KINDS.len())].into()
                     } else {
                         string(rng, &[])
                     },
-                    payload: rng.random_bool(0.7).then(|| structure(rng)),
+                    payload: rng.random_bool(0.7).then(|| small_structure(rng)),
                     max_attempts: count(rng),
                     retry: rng.random_bool(0.5).then(|| retry(rng)),
                 })
@@ -181,6 +181,12 @@ fn lease(rng: &mut StdRng, k: &Known) -> (String, LeaseToken) {
 
 fn opt_struct(rng: &mut StdRng) -> Option<Struct> {
     rng.random_bool(0.6).then(|| structure(rng))
+}
+
+/// A repeated field inside a repeated field: at most a few.
+fn small_batch<T>(rng: &mut StdRng, mut one: impl FnMut(&mut StdRng) -> T) -> Vec<T> {
+    let n = rng.random_range(0..4);
+    (0..n).map(|_| one(rng)).collect()
 }
 
 fn batch<T>(rng: &mut StdRng, mut one: impl FnMut(&mut StdRng) -> T) -> Vec<T> {
@@ -301,11 +307,11 @@ impl Call {
                     worker_id,
                     completions: batch(rng, |rng| Completion {
                         lease: rng.random_bool(0.95).then_some(l),
-                        output: opt_struct(rng),
-                        add_tasks: batch(rng, |rng| NewTask {
+                        output: rng.random_bool(0.5).then(|| small_structure(rng)),
+                        add_tasks: small_batch(rng, |rng| NewTask {
                             stage: string(rng, &[]),
                             kind: KINDS[rng.random_range(0..KINDS.len())].into(),
-                            payload: opt_struct(rng),
+                            payload: rng.random_bool(0.5).then(|| small_structure(rng)),
                             max_attempts: count(rng),
                             retry: rng.random_bool(0.3).then(|| retry(rng)),
                         }),

@@ -301,16 +301,17 @@ async fn requests(shared: Arc<Shared>, client: Client, addr: std::net::SocketAdd
         }
         if learned.plan.is_some() || learned.migration.is_some() || learned.pool.is_some() {
             let mut known = shared.known.write().unwrap_or_else(PoisonError::into_inner);
-            if let Some(p) = learned.plan.filter(|p| !known.plans.contains(p)) {
+            // Names the generators may repeat: short ones, a few hundred.
+            let keep = |known: &Vec<String>, p: &String| {
+                p.len() < 100 && known.len() < 300 && !known.contains(p)
+            };
+            if let Some(p) = learned.plan.filter(|p| keep(&known.plans, p)) {
                 known.plans.push(p);
             }
             if let Some(m) = learned.migration {
                 known.add_migration(m);
             }
-            if let Some(p) = learned
-                .pool
-                .filter(|p| !known.pools.contains(p) && p.len() < 100)
-            {
+            if let Some(p) = learned.pool.filter(|p| keep(&known.pools, p)) {
                 known.pools.push(p);
             }
         }
@@ -427,7 +428,7 @@ async fn final_checks(shared: &Shared, client: &Client, pid: u32) {
         Err(s) => return shared.violation(format!("ListMigrations at the end: {s}")),
     };
     for m in &migrations {
-        let events = match client.events(m.id).await {
+        let events = match events(client, m.id).await {
             Ok(e) => e,
             Err(s) => {
                 shared.violation(format!("migration {}: ListEvents: {s}", m.id));
@@ -447,5 +448,36 @@ async fn final_checks(shared: &Shared, client: &Client, pid: u32) {
         *r.migration_states
             .entry(format!("{:?}", m.state()))
             .or_default() += 1;
+    }
+}
+
+/// The whole event log of a migration, in pages of 100 read with no
+/// response size limit: the fuzzer stores reasons and errors of hundreds of
+/// KB, and a page of 1000 such events is over tonic's default 4 MiB (see
+/// the report's note on ListEvents).
+async fn events(
+    client: &Client,
+    migration_id: i64,
+) -> Result<Vec<stagecoach_proto::v1::Event>, tonic::Status> {
+    let mut migrations = client
+        .migrations
+        .clone()
+        .max_decoding_message_size(usize::MAX);
+    let mut all: Vec<stagecoach_proto::v1::Event> = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |e| e.id);
+        let page = migrations
+            .list_events(stagecoach_proto::v1::ListEventsRequest {
+                migration_id,
+                after_event_id: after,
+                limit: 100,
+            })
+            .await?
+            .into_inner()
+            .events;
+        match page.last() {
+            Some(last) if last.id > after => all.extend(page),
+            _ => return Ok(all),
+        }
     }
 }
