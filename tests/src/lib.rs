@@ -13,6 +13,7 @@
 //! | [`client`] | [`Client`]: gRPC clients and the calls tests repeat (wait, read the log) |
 //! | [`checker`] | [`check_invariants`]: the invariants I1–I10 read from one migration's log |
 //! | [`capacity`] | [`check_capacity`] (I3) and [`check_worker_slots`] (I12) on the merged log of all migrations |
+//! | [`fuzz`] | the `fuzz` command: hostile input against a live coordinator, and its checks |
 //! | [`fake_worker`] | [`FakeWorker`]: a worker over raw gRPC whose every report the test sends by hand |
 //! | [`plans`] | short builders for the plans tests write |
 //! | [`sample`] | the sample export plan and a source database to export |
@@ -42,6 +43,7 @@
 //! | `handler_faults.rs` | panicking and hanging handlers: bounded retries, timeouts (I7) |
 //! | `cancel_retry.rs` | cancel mid-stage and retry after a failure (I9) |
 //! | `semantics.rs` | deadline, subject exclusivity, idempotency, subject status, serial and dynamic stages (I8, I10) |
+//! | `fuzz_smoke.rs` | a few seconds of the fuzzer: no crash, no `INTERNAL` for bad input, SERVING, bounded memory, the checker clean on every migration |
 //! | `cluster_postgres.rs` | three coordinators on one PostgreSQL database: a fleet, a `kill -9`, racing admissions, a cancel across coordinators (I2, I3, I6, I9) |
 //!
 //! # A test, typically
@@ -80,6 +82,7 @@ pub mod client;
 pub mod cluster;
 pub mod fake_worker;
 pub mod fleet;
+pub mod fuzz;
 pub mod plans;
 pub mod process;
 pub mod sample;
