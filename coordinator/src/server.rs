@@ -144,7 +144,9 @@ pub async fn run(
         server = server.tls_config(tls)?;
     }
     server
-        .add_service(health_service)
+        // Health answers without a token, but bad input gets the same
+        // client error codes as everywhere else (`grpc::RequestLimit`).
+        .add_service(RequestLimit::new(health_service, limit))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(Authorize::new(

@@ -96,11 +96,14 @@ fn results(
     Ok(pb::ReportResponse { results })
 }
 
+/// A heartbeat or report names the worker id it subscribed with, 1-200
+/// characters as Subscribe requires: a longer one names no worker, and
+/// would only be stored in the REPORT_REJECTED event it causes.
 fn require_worker_id(id: &str) -> Result<()> {
-    if id.is_empty() {
+    if id.is_empty() || id.len() > 200 {
         return Err(Error::invalid(
             "worker_id",
-            "the worker_id given to Subscribe is required",
+            "the worker_id given to Subscribe is required (1-200 characters)",
         ));
     }
     Ok(())

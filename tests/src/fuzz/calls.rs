@@ -217,7 +217,11 @@ impl Call {
             1 => Call::GetPlan(GetPlanRequest {
                 name: string(rng, &k.plans),
             }),
-            2 => Call::ListPlans(ListPlansRequest {}),
+            2 => Call::ListPlans(ListPlansRequest {
+                page_size: count(rng),
+                page_token: string(rng, &k.plans),
+                include_tasks: rng.random(),
+            }),
             3 if valid && !k.plans.is_empty() => Call::CreateMigration(CreateMigrationRequest {
                 plan_source: Some(create_migration_request::PlanSource::PlanName(
                     k.plans[rng.random_range(0..k.plans.len())].clone(),
@@ -288,6 +292,7 @@ impl Call {
                 }),
                 slots: count(rng),
                 name: string(rng, &[]),
+                instance: rng.random(),
             }),
             12 => {
                 let (worker_id, _) = lease(rng, k);
@@ -298,6 +303,8 @@ impl Call {
                         done: rng.random(),
                         total: rng.random(),
                         checkpoint: rng.random_bool(0.3).then(|| string(rng, &[]).into_bytes()),
+                        // Forged: the fuzzer never learns a lease's secret.
+                        lease_secret: rng.random(),
                     }),
                 })
             }
@@ -315,6 +322,7 @@ impl Call {
                             max_attempts: count(rng),
                             retry: rng.random_bool(0.3).then(|| retry(rng)),
                         }),
+                        lease_secret: rng.random(),
                     }),
                 })
             }
@@ -326,6 +334,7 @@ impl Call {
                         lease: rng.random_bool(0.95).then_some(l),
                         error: string(rng, &[]),
                         retryable: rng.random(),
+                        lease_secret: rng.random(),
                     }),
                 })
             }

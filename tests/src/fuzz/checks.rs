@@ -23,21 +23,14 @@ pub struct Known {
 /// The known findings. Fixed so far (each was a violation here first): a
 /// request that does not decode as protobuf, e.g. a Struct nested past
 /// prost's recursion limit, was tonic's `INTERNAL`; it is now
-/// `INVALID_ARGUMENT` (`coordinator/src/grpc/limit.rs`).
+/// `INVALID_ARGUMENT` (`coordinator/src/grpc/limit.rs`), and so is one sent
+/// to the health service, which is behind that layer too since.
 ///
 /// Left as they are: gRPC framing errors only a broken gRPC library can
 /// send (raw frames), which tonic answers `INTERNAL` as the gRPC spec asks
 /// (<https://grpc.github.io/grpc/core/md_doc_compression.html> for the
 /// compressed flag; "error parsing request" in `statuscodes.md`).
 pub const KNOWN: &[Known] = &[
-    // The standard health service is tonic-health's, not behind our
-    // `RequestLimit` edge layer, so garbage sent to it stays INTERNAL.
-    Known {
-        name: "health: an undecodable request is tonic's INTERNAL",
-        rpc: "raw-health",
-        code: Code::Internal,
-        message: "failed to decode Protobuf message",
-    },
     Known {
         name: "grpc-framing: compressed flag without grpc-encoding, or a flag not 0 or 1",
         rpc: "raw",

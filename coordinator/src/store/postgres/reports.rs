@@ -16,7 +16,7 @@ use super::machine::{self, EventAt, event};
 use super::notify;
 use crate::domain::{
     Completion, EventKind, Failure, HeartbeatOutcome, LeaseSecret, LeaseStatus, LeaseToken,
-    MigrationState, ReportAck,
+    MigrationState, ReportAck, shown,
 };
 use crate::error::{Error, Result};
 use crate::store::common::{
@@ -242,8 +242,10 @@ async fn check_lease(
         return Ok(LeaseCheck::Repeat);
     }
     let why = format!(
-        "lease {lease} is no longer held by worker {worker_id:?} (the task is {} at attempt {}); the report changed nothing, drop it",
-        t.state, t.attempt
+        "lease {lease} is no longer held by worker {} (the task is {} at attempt {}); the report changed nothing, drop it",
+        shown(worker_id),
+        t.state,
+        t.attempt
     );
     Ok(LeaseCheck::Stale { task: t, why })
 }

@@ -12,7 +12,7 @@ use super::bulk;
 use super::machine::{self, EventAt, event};
 use crate::clock::now_ms;
 use crate::domain::{
-    Completion, EventKind, Failure, LeaseSecret, LeaseToken, MigrationState, ReportAck,
+    Completion, EventKind, Failure, LeaseSecret, LeaseToken, MigrationState, ReportAck, shown,
 };
 use crate::error::{Error, Result};
 use crate::store::common::{
@@ -160,8 +160,10 @@ async fn check_lease(
         return Ok(Ok(None));
     }
     let why = format!(
-        "lease {lease} is no longer held by worker {worker_id:?} (the task is {} at attempt {}); the report changed nothing, drop it",
-        t.state, t.attempt
+        "lease {lease} is no longer held by worker {} (the task is {} at attempt {}); the report changed nothing, drop it",
+        shown(worker_id),
+        t.state,
+        t.attempt
     );
     Ok(Err(Outcome::Stale { task: t, why }))
 }
