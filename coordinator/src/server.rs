@@ -48,6 +48,12 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServeError> {
 }
 
 /// The tokens of `--auth-tokens`, or auth off; says at start which it is.
+/// A Stagecoach service behind the token check, then the request size
+/// limit: a refused call is answered before its body is decoded.
+fn guarded<S>(service: S, limit: usize, auth: &Auth) -> Authorize<RequestLimit<S>> {
+    Authorize::new(RequestLimit::new(service, limit), auth.clone())
+}
+
 fn load_auth(config: &Config) -> Result<Auth, ServeError> {
     let Some(path) = &config.auth_tokens else {
         if config.is_open_to_others() {
@@ -149,29 +155,21 @@ pub async fn run(
         .add_service(RequestLimit::new(health_service, limit))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(Authorize::new(
-            RequestLimit::new(
-                MigrationServiceServer::new(MigrationApi::new(core.clone()))
-                    .max_decoding_message_size(limit),
-                limit,
-            ),
-            auth.clone(),
+        .add_service(guarded(
+            MigrationServiceServer::new(MigrationApi::new(core.clone()))
+                .max_decoding_message_size(limit),
+            limit,
+            &auth,
         ))
-        .add_service(Authorize::new(
-            RequestLimit::new(
-                WorkerServiceServer::new(WorkerApi::new(core.clone()))
-                    .max_decoding_message_size(limit),
-                limit,
-            ),
-            auth.clone(),
+        .add_service(guarded(
+            WorkerServiceServer::new(WorkerApi::new(core.clone())).max_decoding_message_size(limit),
+            limit,
+            &auth,
         ))
-        .add_service(Authorize::new(
-            RequestLimit::new(
-                AdminServiceServer::new(AdminApi::new(core.clone()))
-                    .max_decoding_message_size(limit),
-                limit,
-            ),
-            auth.clone(),
+        .add_service(guarded(
+            AdminServiceServer::new(AdminApi::new(core.clone())).max_decoding_message_size(limit),
+            limit,
+            &auth,
         ))
         .serve_with_incoming_shutdown(
             // TCP_NODELAY: without it Nagle's algorithm meets delayed ACKs and
