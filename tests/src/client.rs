@@ -569,3 +569,26 @@ pub fn is_terminal(state: MigrationState) -> bool {
         MigrationState::Succeeded | MigrationState::Failed | MigrationState::Canceled
     )
 }
+
+/// Asserts `result` failed with `code` and a message naming every one of `words`.
+#[track_caller]
+pub fn assert_refused<T: std::fmt::Debug>(
+    case: &str,
+    result: Result<T, Status>,
+    code: Code,
+    words: &[&str],
+) {
+    match result {
+        Ok(v) => panic!("{case}: accepted, wanted {code:?}; answer: {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{case}: code; message {:?}", s.message());
+            for w in words {
+                assert!(
+                    s.message().contains(w),
+                    "{case}: message {:?} should name {w:?}",
+                    s.message()
+                );
+            }
+        }
+    }
+}

@@ -91,7 +91,7 @@ pub use archive::check_archive;
 pub use backend::{Backend, CommitOrder, postgres_database};
 pub use capacity::{check_capacity, check_capacity_paused, check_worker_slots};
 pub use checker::{check_attempt_bound, check_invariants, describe_event};
-pub use client::{Client, is_terminal, of_kind, wait_for};
+pub use client::{Client, assert_refused, is_terminal, of_kind, wait_for};
 pub use cluster::{Cluster, FAST};
 pub use fake_worker::FakeWorker;
 pub use fleet::Fleet;

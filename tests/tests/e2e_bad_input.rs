@@ -12,7 +12,7 @@ use stagecoach_proto::v1::{
     HeartbeatRequest, LeaseToken, ListMigrationsRequest, PausePoolRequest, Plan, StageSpec,
     TaskSpec, create_migration_request::PlanSource,
 };
-use stagecoach_tests::{Backend, Client, Coordinator, on_both_backends};
+use stagecoach_tests::{Backend, Client, Coordinator, assert_refused, on_both_backends};
 use tonic::{Code, Status};
 
 on_both_backends!(
@@ -36,30 +36,6 @@ fn plan(name: &str, stages: Vec<StageSpec>) -> Plan {
         name: name.into(),
         stages,
         ..Default::default()
-    }
-}
-
-/// Asserts `result` failed with `code` and a message containing every one of
-/// `words`.
-#[track_caller]
-fn assert_refused<T: std::fmt::Debug>(
-    case: &str,
-    result: Result<T, Status>,
-    code: Code,
-    words: &[&str],
-) {
-    match result {
-        Ok(v) => panic!("{case}: accepted, wanted {code:?}; answer: {v:?}"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{case}: code; message {:?}", s.message());
-            for w in words {
-                assert!(
-                    s.message().contains(w),
-                    "{case}: message {:?} should name {w:?}",
-                    s.message()
-                );
-            }
-        }
     }
 }
 

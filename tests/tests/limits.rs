@@ -9,7 +9,7 @@ use stagecoach_proto::v1::{
     HeartbeatRequest, LeaseStatus, LeaseToken, ListPlansRequest, NewTask, Plan, StageSpec,
     SubscribeRequest, TaskSpec, WatchMigrationRequest, create_migration_request::PlanSource,
 };
-use stagecoach_tests::{Backend, Client, Coordinator, on_both_backends};
+use stagecoach_tests::{Backend, Client, Coordinator, assert_refused, on_both_backends};
 use tonic::{Code, Status};
 
 on_both_backends!(
@@ -37,29 +37,6 @@ fn plan(name: &str, stages: Vec<StageSpec>) -> Plan {
         name: name.into(),
         stages,
         ..Default::default()
-    }
-}
-
-/// Asserts `result` failed with `code` and a message naming every one of `words`.
-#[track_caller]
-fn assert_refused<T: std::fmt::Debug>(
-    case: &str,
-    result: Result<T, Status>,
-    code: Code,
-    words: &[&str],
-) {
-    match result {
-        Ok(v) => panic!("{case}: accepted, wanted {code:?}; answer: {v:?}"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{case}: code; message {:?}", s.message());
-            for w in words {
-                assert!(
-                    s.message().contains(w),
-                    "{case}: message {:?} should name {w:?}",
-                    s.message()
-                );
-            }
-        }
     }
 }
 

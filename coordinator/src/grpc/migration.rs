@@ -82,17 +82,7 @@ impl MigrationService for MigrationApi {
         req: Request<pb::ListPlansRequest>,
     ) -> Result<Response<pb::ListPlansResponse>, Status> {
         let r = checked(req)?;
-        let limit = match r.page_size {
-            0 => 100,
-            n @ 1..=1000 => n,
-            n => {
-                return Err(Error::invalid(
-                    "page_size",
-                    format!("{n} is more than 1000; use 1-1000"),
-                )
-                .into());
-            }
-        };
+        let limit = page_size(r.page_size)?;
         // The token is the last name of the previous page (keyset paging).
         let after = if r.page_token.is_empty() {
             None
@@ -200,17 +190,7 @@ impl MigrationService for MigrationApi {
         req: Request<pb::ListMigrationsRequest>,
     ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
         let r = checked(req)?;
-        let limit = match r.page_size {
-            0 => 100,
-            n @ 1..=1000 => n,
-            n => {
-                return Err(Error::invalid(
-                    "page_size",
-                    format!("{n} is more than 1000; use 1-1000"),
-                )
-                .into());
-            }
-        };
+        let limit = page_size(r.page_size)?;
         let before_id = if r.page_token.is_empty() {
             None
         } else {
@@ -314,5 +294,14 @@ impl MigrationService for MigrationApi {
         Ok(Response::new(pb::ListEventsResponse {
             events: events.iter().map(convert::event_to_pb).collect(),
         }))
+    }
+}
+
+/// A list call's `page_size`: 0 means 100; at most 1,000.
+fn page_size(n: u32) -> Result<u32, Status> {
+    match n {
+        0 => Ok(100),
+        1..=1000 => Ok(n),
+        n => Err(Error::invalid("page_size", format!("{n} is more than 1000; use 1-1000")).into()),
     }
 }
