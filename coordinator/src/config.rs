@@ -24,6 +24,10 @@ pub struct Config {
     /// Address to listen on (use port 0 for an ephemeral port).
     #[arg(long, env = "STAGECOACH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address of the HTTP port (`/metrics`, the dashboard at `/`,
+    /// `/healthz`), or `off`.
+    #[arg(long, env = "STAGECOACH_HTTP_LISTEN", default_value = "127.0.0.1:9464")]
+    pub http_listen: HttpListen,
     /// Database URL: `sqlite://PATH` (created if missing), a plain path, or
     /// `postgres://USER:PASSWORD@HOST:PORT/DB` (several coordinators may share it).
     #[arg(
@@ -163,6 +167,35 @@ pub struct Config {
     pub allow_unauthenticated: bool,
 }
 
+/// `--http-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpListen {
+    Off,
+    On(SocketAddr),
+}
+
+impl HttpListen {
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            HttpListen::Off => None,
+            HttpListen::On(addr) => Some(addr),
+        }
+    }
+}
+
+impl std::str::FromStr for HttpListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(HttpListen::Off);
+        }
+        s.parse()
+            .map(HttpListen::On)
+            .map_err(|_| format!("{s:?} is neither an address such as 127.0.0.1:9464 nor `off`"))
+    }
+}
+
 /// The smallest `--max-request-bytes`: a worker's report or a small plan
 /// must always fit.
 const MIN_REQUEST_BYTES: usize = 64 << 10;
@@ -241,14 +274,24 @@ impl Config {
                 ),
             );
         }
-        if self.auth_tokens.is_none() && !self.allow_unauthenticated && !is_loopback(self.listen) {
-            return err(
-                "listen",
-                format!(
-                    "{} is not a loopback address and no tokens file is given, so anyone who can reach it could run, cancel and report anything; give --auth-tokens FILE (STAGECOACH_AUTH_TOKENS), listen on 127.0.0.1, or pass --allow-unauthenticated",
-                    self.listen
-                ),
-            );
+        if self.auth_tokens.is_none() && !self.allow_unauthenticated {
+            if !is_loopback(self.listen) {
+                return err(
+                    "listen",
+                    format!(
+                        "{} is not a loopback address and no tokens file is given, so anyone who can reach it could run, cancel and report anything; give --auth-tokens FILE (STAGECOACH_AUTH_TOKENS), listen on 127.0.0.1, or pass --allow-unauthenticated",
+                        self.listen
+                    ),
+                );
+            }
+            if let Some(http) = self.http_listen.addr().filter(|a| !is_loopback(*a)) {
+                return err(
+                    "http-listen",
+                    format!(
+                        "{http} is not a loopback address and no tokens file is given, so anyone who can reach it could read every migration, pool and worker; give --auth-tokens FILE (STAGECOACH_AUTH_TOKENS), listen on 127.0.0.1 or `off`, or pass --allow-unauthenticated"
+                    ),
+                );
+            }
         }
         Ok(())
     }
@@ -256,7 +299,8 @@ impl Config {
     /// Whether calls go unchecked on an address others can reach: worth a
     /// warning at start.
     pub fn is_open_to_others(&self) -> bool {
-        self.auth_tokens.is_none() && !is_loopback(self.listen)
+        let http_open = self.http_listen.addr().is_some_and(|a| !is_loopback(a));
+        self.auth_tokens.is_none() && (!is_loopback(self.listen) || http_open)
     }
 
     pub fn timing(&self) -> Timing {
@@ -314,7 +358,48 @@ pub fn redacted_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redacted_url;
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn config(args: &[&str]) -> Config {
+        let argv = ["serve"].iter().chain(args);
+        Serve::try_parse_from(argv).expect("flags parse").config
+    }
+
+    #[test]
+    fn the_http_port_is_loopback_unless_tokens_guard_it() {
+        assert_eq!(
+            config(&[]).http_listen,
+            HttpListen::On("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(
+            config(&["--http-listen", "off"]).http_listen,
+            HttpListen::Off
+        );
+        let bad = Serve::try_parse_from(["serve", "--http-listen", "everywhere"]);
+        let message = bad.err().expect("refused").to_string();
+        assert!(
+            message.contains("--http-listen") && message.contains("`off`"),
+            "{message}"
+        );
+
+        let open = config(&["--http-listen", "0.0.0.0:9464"]);
+        let refused = open.validate().expect_err("no tokens, not loopback");
+        assert_eq!(refused.flag, "http-listen");
+        let tokens = ["--auth-tokens", "tokens"];
+        let guarded = config(&["--http-listen", "0.0.0.0:9464", tokens[0], tokens[1]]);
+        guarded.validate().expect("tokens guard it");
+        let opted_in = config(&["--http-listen", "0.0.0.0:9464", "--allow-unauthenticated"]);
+        opted_in.validate().expect("the operator chose it");
+        assert!(opted_in.is_open_to_others());
+    }
 
     #[test]
     fn passwords_never_reach_the_log() {

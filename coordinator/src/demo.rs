@@ -75,13 +75,18 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         allow_unauthenticated: false,
         log_format: LogFormat::Text,
         tls: Default::default(),
+        // The demo's coordinator lives as long as its migration.
+        http_listen: crate::config::HttpListen::Off,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
     let server = tokio::spawn(crate::server::run(
         config,
-        listener,
+        crate::server::Listeners {
+            grpc: listener,
+            http: None,
+        },
         shutdown.clone(),
         || {},
     ));

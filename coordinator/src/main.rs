@@ -98,11 +98,21 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("--listen {}: cannot bind: {e}", config.listen))?;
             let addr = listener.local_addr()?;
+            let http = match config.http_listen.addr() {
+                None => None,
+                Some(at) => Some(tokio::net::TcpListener::bind(at).await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "--http-listen {at}: cannot bind: {e}; give another address, or `off`"
+                    )
+                })?),
+            };
+            let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
             let database = stagecoach_coordinator::config::redacted_url(&config.database);
             // Every setting but secrets: the tokens file holds only hashes,
             // and the database URL's password is masked.
             tracing::info!(
                 %addr,
+                http = ?http_addr,
                 %database,
                 ?config.log_format,
                 auth_tokens = ?config.auth_tokens,
@@ -116,9 +126,19 @@ async fn main() -> anyhow::Result<()> {
                 limits = ?config.request_limits(),
                 "coordinator starting"
             );
-            // Printed once the store is open: scripts and tests wait for it.
-            let ready = move || println!("stagecoach coordinator listening on {addr}");
-            server::run(*config, listener, shutdown, ready).await?;
+            // Printed once the store is open: scripts and tests wait for the
+            // first line.
+            let ready = move || {
+                println!("stagecoach coordinator listening on {addr}");
+                if let Some(http) = http_addr {
+                    println!("stagecoach coordinator http on {http}");
+                }
+            };
+            let listeners = server::Listeners {
+                grpc: listener,
+                http,
+            };
+            server::run(*config, listeners, shutdown, ready).await?;
         }
         Command::Token(TokenCommand::Create {
             role,

@@ -75,14 +75,21 @@ fn load_auth(config: &Config) -> Result<Auth, ServeError> {
     Ok(auth)
 }
 
-/// Serves on `listener` until `shutdown` is cancelled, then drains: worker
+/// The bound sockets of a coordinator: gRPC, and the HTTP port unless
+/// `--http-listen off`. Bound by the caller, so it knows the ports (`:0`).
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: Option<TcpListener>,
+}
+
+/// Serves on `listeners` until `shutdown` is cancelled, then drains: worker
 /// and watch streams end, in-flight calls finish, the loops stop.
 ///
 /// `on_ready` is called once the store is open and migrated, just before
 /// the server starts answering.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(),
 ) -> Result<(), ServeError> {
@@ -119,6 +126,13 @@ pub async fn run(
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1()?;
+    let http = listeners.http.map(|listener| {
+        let router = crate::http::router(crate::http::HttpState {
+            core: core.clone(),
+            auth: auth.clone(),
+        });
+        tokio::spawn(crate::http::serve(listener, router, shutdown.clone()))
+    });
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     // One limit for the three services; an over-limit request is answered
@@ -175,7 +189,7 @@ pub async fn run(
             // TCP_NODELAY: without it Nagle's algorithm meets delayed ACKs and
             // every small reply (an assignment, a report's answer) waits ~40 ms.
             // Each connection must send its preface in time (see `preface`).
-            TcpIncoming::from(listener)
+            TcpIncoming::from(listeners.grpc)
                 .with_nodelay(Some(true))
                 .map(move |conn| conn.map(|c| Preface::new(c, handshake))),
             drain,
@@ -183,6 +197,13 @@ pub async fn run(
         .await?;
     let _ = dispatcher.await;
     let _ = sweeper.await;
+    if let Some(http) = http {
+        match http.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "the HTTP port failed"),
+            Err(e) => tracing::error!(error = %e, "the HTTP port's task panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     tracing::info!("coordinator stopped");
     Ok(())
 }

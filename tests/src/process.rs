@@ -27,6 +27,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The line the coordinator prints on stdout once it serves.
 const LISTENING: &str = "stagecoach coordinator listening on ";
 
+/// The line after it, unless `--http-listen off`.
+const HTTP_LISTENING: &str = "stagecoach coordinator http on ";
+
 /// Lines of each log printed when a test fails.
 const LOG_TAIL_LINES: usize = 400;
 
@@ -36,6 +39,7 @@ const LOG_TAIL_LINES: usize = 400;
 pub struct Coordinator {
     child: Child,
     addr: SocketAddr,
+    http: Option<SocketAddr>,
     dir: PathBuf,
     backend: Backend,
     extra_args: Vec<String>,
@@ -72,6 +76,16 @@ impl Coordinator {
             .any(|a| *a == "--database" || a.starts_with("--database="));
         if !names_database {
             cmd.arg("--database").arg(backend.database_for(&dir).await);
+        }
+        // Many coordinators run at once: each gets an HTTP port of its own.
+        let http_flag = extra_args
+            .iter()
+            .position(|a| *a == "--http-listen" || a.starts_with("--http-listen="));
+        let http_off = http_flag.is_some_and(|i| {
+            extra_args[i] == "--http-listen=off" || extra_args.get(i + 1) == Some(&"off")
+        });
+        if http_flag.is_none() {
+            cmd.args(["--http-listen", "127.0.0.1:0"]);
         }
         cmd.args(extra_args)
             .stdin(Stdio::null())
@@ -111,6 +125,21 @@ impl Coordinator {
                     tail(&log, LOG_TAIL_LINES)
                 )
             });
+        let http = if http_off {
+            None
+        } else {
+            let line = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
+            let line = line.ok().and_then(Result::ok).flatten().unwrap_or_default();
+            let http = line
+                .strip_prefix(HTTP_LISTENING)
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok());
+            Some(http.unwrap_or_else(|| {
+                panic!(
+                    "unexpected second stdout line {line:?}, wanted {HTTP_LISTENING:?}ADDR\n{}",
+                    tail(&log, LOG_TAIL_LINES)
+                )
+            }))
+        };
         // Keep draining stdout so a chatty server never blocks on a full pipe.
         let mut sink = append(&log);
         tokio::spawn(async move {
@@ -121,6 +150,7 @@ impl Coordinator {
         Coordinator {
             child,
             addr,
+            http,
             dir,
             backend,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -143,6 +173,12 @@ impl Coordinator {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `http://ADDR` of its HTTP port (metrics, dashboard), unless it was
+    /// started with `--http-listen off`.
+    pub fn http_url(&self) -> Option<String> {
+        self.http.map(|a| format!("http://{a}"))
     }
 
     /// `http://ADDR`, for gRPC clients and workers; `https://ADDR` when it

@@ -235,6 +235,12 @@ async fn the_services_start_as_the_file_says() {
             (name.clone(), host_port(listen)),
             format!("127.0.0.1:{}", free_port()),
         );
+        if let Some(http) = services[name].env("STAGECOACH_HTTP_LISTEN") {
+            hosts.insert(
+                (name.clone(), host_port(http)),
+                format!("127.0.0.1:{}", free_port()),
+            );
+        }
     }
     let postgres = if postgres_installed() {
         let port = start_postgres(&services["postgres"]).await;

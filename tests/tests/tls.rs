@@ -330,7 +330,8 @@ async fn a_key_of_another_certificate_stops_the_coordinator_at_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = Pki::create(&dir.path().join("pki"));
     let out = tokio::process::Command::new(&binaries().coordinator)
-        .args(["serve", "--listen", "127.0.0.1:0", "--database"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "off"])
+        .arg("--database")
         .arg(format!(
             "sqlite://{}",
             dir.path().join("coord.db").display()

@@ -71,26 +71,27 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        if let Some(table) = self.auth.table() {
-            let path = req.uri().path();
-            match check(&table, path, req.headers()) {
-                Ok(caller) => {
-                    req.extensions_mut().insert(caller);
-                }
-                Err(status) => {
-                    tracing::debug!(path, code = ?status.code(), "call refused: {}", status.message());
-                    return Box::pin(std::future::ready(Ok(status.into_http())));
-                }
+        let path = req.uri().path();
+        match self.auth.check(path, allowed_roles(path), req.headers()) {
+            Ok(Some(caller)) => {
+                req.extensions_mut().insert(caller);
+            }
+            Ok(None) => {}
+            Err(status) => {
+                tracing::debug!(path, code = ?status.code(), "call refused: {}", status.message());
+                return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         }
         Box::pin(self.inner.call(req))
     }
 }
 
-/// The caller of `path`, or the status that refuses the call.
-fn check(
+/// The caller of `path`, which `allowed` roles may use, or the status that
+/// refuses the call.
+pub(super) fn check(
     table: &super::TokenTable,
     path: &str,
+    allowed: &[Role],
     headers: &http::HeaderMap,
 ) -> Result<Caller, Status> {
     const HOW: &str = "send the header `authorization: Bearer TOKEN` (an operator makes tokens with `coordinator token create`)";
@@ -118,7 +119,6 @@ fn check(
             "unknown or revoked token: it is not in this coordinator's tokens file",
         ));
     };
-    let allowed = allowed_roles(path);
     if !allowed.contains(&entry.role) {
         let needed: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
         return Err(Status::permission_denied(format!(
@@ -154,8 +154,9 @@ mod tests {
         let (token, line) = new_token(Role::Worker, "fleet", None).unwrap();
         let table = TokenTable::parse(&line).unwrap();
         let cancel = "/stagecoach.v1.MigrationService/CancelMigration";
-        let code =
-            |h: Option<&str>, path: &str| check(&table, path, &headers(h)).map_err(|s| s.code());
+        let code = |h: Option<&str>, path: &str| {
+            check(&table, path, allowed_roles(path), &headers(h)).map_err(|s| s.code())
+        };
 
         assert_eq!(code(None, cancel), Err(Code::Unauthenticated));
         assert_eq!(code(Some("Basic abc"), cancel), Err(Code::Unauthenticated));
@@ -164,18 +165,15 @@ mod tests {
             code(Some("Bearer sct_other"), cancel),
             Err(Code::Unauthenticated)
         );
-        let denied = check(&table, cancel, &headers(Some(&format!("Bearer {token}")))).unwrap_err();
+        let bearer = headers(Some(&format!("Bearer {token}")));
+        let denied = check(&table, cancel, allowed_roles(cancel), &bearer).unwrap_err();
         assert_eq!(denied.code(), Code::PermissionDenied);
         assert_eq!(
             denied.message(),
             format!("token \"fleet\" has role worker; {cancel} needs role admin or client")
         );
-        let caller = check(
-            &table,
-            "/stagecoach.v1.WorkerService/Heartbeat",
-            &headers(Some(&format!("Bearer {token}"))),
-        )
-        .unwrap();
+        let heartbeat = "/stagecoach.v1.WorkerService/Heartbeat";
+        let caller = check(&table, heartbeat, allowed_roles(heartbeat), &bearer).unwrap();
         assert_eq!(
             caller,
             Caller {

@@ -23,8 +23,10 @@ mod tokens;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use tonic::codegen::http;
+
 pub use layer::{Authorize, Caller};
-pub use roles::{Role, allowed_roles};
+pub use roles::{HTTP_READ, Role, allowed_roles};
 pub use tokens::{TokenFileError, TokenTable, WorkerIds, new_token};
 
 /// The tokens a coordinator accepts, or none (auth off).
@@ -65,6 +67,21 @@ impl Auth {
         let shared = self.inner.as_ref()?;
         let table = shared.table.read().unwrap_or_else(PoisonError::into_inner);
         Some(table.clone())
+    }
+
+    /// Who calls `path`, which the `allowed` roles may use: `Ok(None)` when
+    /// auth is off, the refusal (`UNAUTHENTICATED` or `PERMISSION_DENIED`,
+    /// saying what is missing) when the headers carry no such token.
+    pub fn check(
+        &self,
+        path: &str,
+        allowed: &[Role],
+        headers: &http::HeaderMap,
+    ) -> Result<Option<Caller>, tonic::Status> {
+        match self.table() {
+            None => Ok(None),
+            Some(table) => layer::check(&table, path, allowed, headers).map(Some),
+        }
     }
 
     /// Reads the file again and swaps the table in; on an error the old

@@ -56,6 +56,10 @@ const WORKER: &[Role] = &[Admin, Worker];
 const FLEET_READ: &[Role] = &[Admin, Viewer];
 const ADMIN: &[Role] = &[Admin];
 
+/// Who may read the HTTP port (`--http-listen`: metrics and the
+/// dashboard): it shows migrations, pools and workers, what a viewer sees.
+pub const HTTP_READ: &[Role] = FLEET_READ;
+
 /// The roles that may call `path` (`/package.Service/Method`).
 pub fn allowed_roles(path: &str) -> &'static [Role] {
     let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {

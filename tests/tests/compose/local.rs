@@ -21,6 +21,9 @@ use crate::postgres;
 const HEALTH_POLL: Duration = Duration::from_millis(250);
 const HEALTH_PATIENCE: Duration = Duration::from_secs(60);
 
+/// The coordinators' gRPC port inside their containers (docker-compose.yml).
+const GRPC_PORT: u16 = 50051;
+
 /// Where Docker's names point on this machine.
 pub struct Local {
     pub dir: PathBuf,
@@ -46,12 +49,13 @@ fn names_host(value: &str, host: &str) -> bool {
 }
 
 impl Local {
-    /// `http://ADDR` of a service's first mapped port, as seen from here.
+    /// `http://ADDR` of a service's gRPC port (or PostgreSQL's), as seen
+    /// from here.
     pub fn url(&self, service: &str) -> String {
         let addr = self
             .hosts
             .iter()
-            .find(|((host, _), _)| host == service)
+            .find(|((host, port), _)| host == service && [GRPC_PORT, 5432].contains(port))
             .map(|(_, addr)| addr)
             .unwrap_or_else(|| panic!("service {service} has no mapped port"));
         format!("http://{addr}")
