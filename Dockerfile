@@ -37,7 +37,7 @@ COPY --from=build /out/coordinator /out/worker /usr/local/bin/
 USER stagecoach
 WORKDIR /var/lib/stagecoach
 ENV STAGECOACH_SHARED_DIR=/var/lib/stagecoach/shared
-EXPOSE 50051
+EXPOSE 50051 9464
 # Without auth tokens a coordinator is meant for trusted networks only; the
 # compose file runs it inside its own network.
 CMD ["coordinator", "serve", "--listen", "0.0.0.0:50051", "--database", "sqlite:///var/lib/stagecoach/stagecoach.db"]
