@@ -4,7 +4,12 @@
 # every service of docker-compose.yml:
 #
 #   docker build -t stagecoach:local .
-#   docker run --rm -p 50051:50051 stagecoach:local     # a coordinator on SQLite
+#   docker run --rm -p 50051:50051 -v $PWD/tokens:/tokens \
+#     -e STAGECOACH_AUTH_TOKENS=/tokens stagecoach:local  # a coordinator on SQLite
+#
+# (`coordinator token create` makes the tokens file's lines; without one the
+# coordinator refuses the container's non-loopback address unless given
+# --allow-unauthenticated.)
 #
 # tests/tests/compose.rs checks that the binaries built here are the ones the
 # compose services run.
@@ -38,6 +43,6 @@ USER stagecoach
 WORKDIR /var/lib/stagecoach
 ENV STAGECOACH_SHARED_DIR=/var/lib/stagecoach/shared
 EXPOSE 50051 9464
-# Without auth tokens a coordinator is meant for trusted networks only; the
-# compose file runs it inside its own network.
+# It needs a tokens file (STAGECOACH_AUTH_TOKENS) or --allow-unauthenticated
+# to serve on this non-loopback address; the compose file gives tokens.
 CMD ["coordinator", "serve", "--listen", "0.0.0.0:50051", "--database", "sqlite:///var/lib/stagecoach/stagecoach.db"]
