@@ -128,6 +128,11 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub handshake_timeout_ms: u64,
+    /// How long a connection may stay without a call (no request, no open
+    /// stream), in milliseconds, before it is closed; clients connect again
+    /// on their next call. 0: idle connections stay open.
+    #[arg(long, env = "STAGECOACH_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
+    pub idle_timeout_ms: u64,
     /// How often to ping an HTTP/2 connection that sent nothing, in
     /// milliseconds; one that does not answer within
     /// `--keepalive-timeout-ms` is closed (a vanished peer does not hold

@@ -68,6 +68,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         max_watch_streams: RequestLimits::DEFAULT_MAX_WATCH_STREAMS,
         max_worker_streams: RequestLimits::DEFAULT_MAX_WORKER_STREAMS,
         handshake_timeout_ms: 10_000,
+        idle_timeout_ms: 300_000,
         keepalive_interval_ms: 30_000,
         keepalive_timeout_ms: 20_000,
         // Loopback only, so no tokens are needed.

@@ -16,6 +16,7 @@
 //! | [`store`] | the `Store` trait and its backends; each state change is one transaction with its precondition in SQL |
 //! | [`domain`] | plans and their validation, migration/stage/task states, leases, events — no protobuf, no SQL |
 //! | [`config`] | the typed configuration (flags, `STAGECOACH_…` environment) |
+//! | [`conn`] | the timeouts of a connection: its HTTP/2 preface, and no call for too long |
 //! | [`tls`] | TLS and mutual TLS on the gRPC port: the certificate files, read and checked at start |
 //! | [`demo`] | `coordinator demo`: a whole local system running the sample export |
 //!
@@ -25,13 +26,13 @@
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod http;
-pub mod preface;
 pub mod server;
 pub mod store;
 pub mod tls;

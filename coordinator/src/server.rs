@@ -16,9 +16,9 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{Auth, Authorize};
 use crate::config::Config;
+use crate::conn::{Conn, Connections, CountCalls, Timeouts};
 use crate::engine::{Coordinator, run_dispatcher, run_remote_effects, run_sweeper};
 use crate::grpc::{AdminApi, MigrationApi, RequestLimit, WorkerApi};
-use crate::preface::Preface;
 use crate::store::Store;
 
 /// Why a coordinator could not start or stopped with an error.
@@ -138,7 +138,13 @@ pub async fn run(
     // One limit for the three services; an over-limit request is answered
     // RESOURCE_EXHAUSTED naming it (see `grpc::RequestLimit`).
     let limit = config.max_request_bytes;
-    let handshake = Duration::from_millis(config.handshake_timeout_ms);
+    let timeouts = Timeouts {
+        handshake: Duration::from_millis(config.handshake_timeout_ms),
+        idle: Some(config.idle_timeout_ms)
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis),
+    };
+    let connections = Arc::new(Connections::default());
     on_ready();
     let drain = {
         let core = core.clone();
@@ -155,7 +161,9 @@ pub async fn run(
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(Some(Duration::from_millis(config.keepalive_timeout_ms)))
         // The kernel's probes too: a peer gone without a FIN or RST.
-        .tcp_keepalive(Some(Duration::from_secs(60)));
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        // Counts each connection's open calls, for the idle timeout.
+        .layer(CountCalls(connections.clone()));
     if let Some(tls) = tls {
         tracing::info!(
             mutual = config.tls.tls_client_ca.is_some(),
@@ -188,10 +196,11 @@ pub async fn run(
         .serve_with_incoming_shutdown(
             // TCP_NODELAY: without it Nagle's algorithm meets delayed ACKs and
             // every small reply (an assignment, a report's answer) waits ~40 ms.
-            // Each connection must send its preface in time (see `preface`).
+            // Each connection must send its preface in time, and be closed
+            // when idle (see `conn`).
             TcpIncoming::from(listeners.grpc)
                 .with_nodelay(Some(true))
-                .map(move |conn| conn.map(|c| Preface::new(c, handshake))),
+                .map(move |conn| conn.map(|c| Conn::new(c, timeouts, &connections))),
             drain,
         )
         .await?;

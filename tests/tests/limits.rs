@@ -6,8 +6,9 @@ use serde_json::json;
 use stagecoach_proto::json::json_to_struct;
 use stagecoach_proto::v1::{
     CompleteRequest, Completion, CreateMigrationRequest, DeletePlanRequest, GetPlanRequest,
-    HeartbeatRequest, LeaseStatus, LeaseToken, ListPlansRequest, NewTask, Plan, StageSpec,
-    SubscribeRequest, TaskSpec, WatchMigrationRequest, create_migration_request::PlanSource,
+    HeartbeatRequest, LeaseStatus, LeaseToken, ListPlansRequest, MigrationState, NewTask, Plan,
+    StageSpec, SubscribeRequest, TaskSpec, WatchMigrationRequest,
+    create_migration_request::PlanSource,
 };
 use stagecoach_tests::{Backend, Client, Coordinator, assert_refused, on_both_backends};
 use tonic::{Code, Status};
@@ -506,4 +507,93 @@ async fn a_connection_without_its_preface_is_closed_in_time() {
         .list_plans()
         .await
         .expect("an HTTP/2 client is served");
+}
+
+/// `--idle-timeout-ms`: a connection with no call open for the timeout is
+/// closed, one with an open stream is not, and a client whose idle
+/// connection was closed is served again on its next call.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_connection_is_closed_and_a_streaming_one_is_not() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let coordinator = Coordinator::start(
+        Backend::Sqlite,
+        &dir.path().join("coordinator"),
+        &["--idle-timeout-ms", "600"],
+    )
+    .await;
+
+    // A peer that completes the HTTP/2 handshake (preface and an empty
+    // SETTINGS frame), answers nothing and calls nothing.
+    let addr = coordinator.url().trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface and SETTINGS");
+    let start = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle connection is still open after 5 s");
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "closed before the idle timeout: {:?}",
+        start.elapsed()
+    );
+
+    // A watch stream open for five idle periods keeps its connection: the
+    // cancel made on the same connection reaches it.
+    let client = Client::connect(&coordinator.url()).await;
+    client
+        .put_plan(plan("idle", vec![stage("s", 1, json!({}))]))
+        .await
+        .expect("put plan");
+    let m = client
+        .create_migration("idle", "project/idle", &json!({}))
+        .await
+        .expect("create");
+    let mut watch = client
+        .migrations
+        .clone()
+        .watch_migration(WatchMigrationRequest {
+            migration_id: m.id,
+            after_event_id: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    watch.message().await.expect("first").expect("a message");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    client.cancel(m.id, "done waiting").await.expect("cancel");
+    let canceled = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let update = watch.message().await.expect("the stream is alive");
+            let update = update.expect("the stream ends only after the cancel");
+            if update
+                .migration
+                .is_some_and(|m| m.state() == MigrationState::Canceled)
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(canceled.is_ok(), "the watch saw the cancel");
+    drop(watch);
+
+    // Idle again: the connection goes, the next call connects anew.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    client
+        .get_migration(m.id)
+        .await
+        .expect("a client whose idle connection was closed is served");
 }
