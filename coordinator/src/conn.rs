@@ -172,9 +172,7 @@ impl Conn {
     /// set to the next moment that may close it, registered with `cx`.
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
         loop {
-            let Some(timer) = self.timer.as_mut() else {
-                return None;
-            };
+            let timer = self.timer.as_mut()?;
             if timer.as_mut().poll(cx).is_pending() {
                 return None;
             }
