@@ -67,6 +67,8 @@ pub enum Call {
     ResumePool(ResumePoolRequest),
     ListWorkers(ListWorkersRequest),
     DrainWorker(DrainWorkerRequest),
+    DeletePlan(DeletePlanRequest),
+    UndrainWorker(UndrainWorkerRequest),
 }
 
 /// Kinds the real workers run, and a few they do not.
@@ -199,7 +201,7 @@ impl Call {
     pub fn generate(rng: &mut StdRng, k: &Known) -> Call {
         let valid = rng.random_bool(0.35);
         let mig = |rng: &mut StdRng| id(rng, &k.migrations);
-        match rng.random_range(0..22) {
+        match rng.random_range(0..24) {
             0 => Call::PutPlan(PutPlanRequest {
                 source: Some(match rng.random_range(0..4) {
                     _ if valid => put_plan_request::Source::Plan(good_plan(
@@ -350,6 +352,18 @@ impl Call {
             18 => Call::PausePool(PausePoolRequest { name: pool(rng, k) }),
             19 => Call::ResumePool(ResumePoolRequest { name: pool(rng, k) }),
             20 => Call::ListWorkers(ListWorkersRequest {}),
+            21 => Call::DeletePlan(DeletePlanRequest {
+                // Rarely a plan that valid migrations use: they then get
+                // NOT_FOUND until a PutPlan brings it back.
+                name: if rng.random_ratio(1, 10) {
+                    string(rng, &k.plans)
+                } else {
+                    string(rng, &[])
+                },
+            }),
+            22 => Call::UndrainWorker(UndrainWorkerRequest {
+                worker_id: string(rng, &k.fake_workers),
+            }),
             _ => Call::DrainWorker(DrainWorkerRequest {
                 worker_id: string(rng, &k.fake_workers),
             }),
@@ -381,6 +395,8 @@ impl Call {
             Call::ResumePool(_) => "ResumePool",
             Call::ListWorkers(_) => "ListWorkers",
             Call::DrainWorker(_) => "DrainWorker",
+            Call::DeletePlan(_) => "DeletePlan",
+            Call::UndrainWorker(_) => "UndrainWorker",
         }
     }
 
@@ -429,6 +445,8 @@ impl Call {
                 Call::ResumePool(r) => drop(a.resume_pool(r).await?),
                 Call::ListWorkers(r) => drop(a.list_workers(r).await?),
                 Call::DrainWorker(r) => drop(a.drain_worker(r).await?),
+                Call::DeletePlan(r) => drop(m.delete_plan(r).await?),
+                Call::UndrainWorker(r) => drop(a.undrain_worker(r).await?),
             }
             Ok(())
         }
