@@ -1,5 +1,5 @@
 //! One clock for every timestamp the coordinator writes. On SQLite the
-//! coordinator is the only writer, so its wall clock is the clock (DESIGN.md,
+//! coordinator is the only writer, so its wall clock is the clock (docs/design.md,
 //! "Leases"); times are milliseconds since the Unix epoch, stored as integers.
 //!
 //! A transition reads the clock once: inside [`one_instant`], the first

@@ -2,7 +2,8 @@
 //!
 //! Keeps every migration's state in SQL, holds capacity slots and stage
 //! leases, and streams task assignments over gRPC to stateless workers. See
-//! `../shared/DESIGN.md` for the vocabulary, state machines and invariants.
+//! `docs/design.md` in the repository for the concepts, state machines,
+//! invariants, lock order and why each backend does what it does.
 //!
 //! ## Layout, top to bottom
 //!

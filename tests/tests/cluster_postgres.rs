@@ -1,4 +1,4 @@
-//! Several coordinators on one PostgreSQL database (DESIGN.md,
+//! Several coordinators on one PostgreSQL database (docs/design.md,
 //! "Persistence"): row locks keep the invariants across processes, and
 //! LISTEN/NOTIFY carries what one coordinator commits to the others.
 //!

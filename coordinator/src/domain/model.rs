@@ -1,5 +1,5 @@
 //! The coordinator's own types for migrations, stages, tasks, leases and
-//! events. They mirror the state machines of DESIGN.md; the gRPC layer
+//! events. They mirror the state machines of docs/design.md; the gRPC layer
 //! converts them to and from protobuf, so nothing below it depends on
 //! generated code.
 
@@ -97,7 +97,7 @@ string_enum!(
     }
 );
 
-/// Subject status as a client asks for it (DESIGN.md, "State machines").
+/// Subject status as a client asks for it (docs/design.md, "State machines").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubjectStatus {
     None,

@@ -1,4 +1,4 @@
-//! The state machines of DESIGN.md as SQL, shared by every transition of the
+//! The state machines of docs/design.md as SQL, shared by every transition of the
 //! PostgreSQL store: the same helpers as the SQLite store's, with the
 //! database's clock. Each runs inside the caller's transaction and guards its
 //! update with the state it expects (`WHERE state = 'pending'` and so on), so

@@ -7,7 +7,7 @@
 //! the database alone:
 //!
 //! - **One clock.** Every time is `stagecoach_now_ms()`, the database's
-//!   clock, evaluated inside the statements (DESIGN.md, "Leases"): the
+//!   clock, evaluated inside the statements (docs/design.md, "Leases and time"): the
 //!   start of the transaction (migration 0012), so a transition's checks
 //!   against time (a deadline, I10) and the times it writes are one instant.
 //! - **The migration row lock** (`FOR NO KEY UPDATE`) guards everything of

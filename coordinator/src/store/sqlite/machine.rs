@@ -1,4 +1,4 @@
-//! The state machines of DESIGN.md as SQL, shared by every transition of the
+//! The state machines of docs/design.md as SQL, shared by every transition of the
 //! SQLite store. Each helper runs inside the caller's transaction and guards
 //! its update with the state it expects (`WHERE state = 'pending'` and so
 //! on): a transition that already happened is a no-op, which is what keeps a
