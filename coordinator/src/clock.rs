@@ -1,6 +1,6 @@
 //! One clock for every timestamp the coordinator writes. On SQLite the
-//! coordinator is the only writer, so its wall clock is the clock (docs/design.md,
-//! "Leases"); times are milliseconds since the Unix epoch, stored as integers.
+//! coordinator is the only writer, so its wall clock is the clock
+//! (docs/design.md, "Leases and time"); times are milliseconds since the Unix epoch, stored as integers.
 //!
 //! A transition reads the clock once: inside [`one_instant`], the first
 //! [`now_ms`] fixes the instant and every later one returns it, so the checks
