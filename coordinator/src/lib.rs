@@ -19,7 +19,6 @@
 //! | [`config`] | the typed configuration (flags, `STAGECOACH_…` environment) |
 //! | [`conn`] | the timeouts of a connection: its HTTP/2 preface, and no call for too long |
 //! | [`tls`] | TLS and mutual TLS on the gRPC port: the certificate files, read and checked at start |
-//! | [`demo`] | `coordinator demo`: a whole local system running the sample export |
 //!
 //! Correctness never depends on in-memory state: the registry and the
 //! notification channels are caches, rebuilt when workers reconnect.
@@ -28,7 +27,6 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod conn;
-pub mod demo;
 pub mod domain;
 pub mod engine;
 pub mod error;

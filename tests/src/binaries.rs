@@ -2,7 +2,7 @@
 //!
 //! `env!("CARGO_BIN_EXE_…")` only exists for binaries of the package under
 //! test, and ours live in other packages; so each test process runs `cargo
-//! build --bins -p stagecoach-coordinator -p stagecoach-worker` once, with
+//! build --bins -p stagecoach-coordinator-bin -p stagecoach-worker-bin` once, with
 //! the same cargo, profile and target directory as the test binary itself, so
 //! the tests always run the code of the current tree. Cargo releases its
 //! build-directory lock before it runs tests, so this does not deadlock under
@@ -43,8 +43,8 @@ fn locate_or_build() -> Result<Binaries, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "--bins", "-p", "stagecoach-coordinator"])
-        .args(["-p", "stagecoach-worker", "--target-dir"])
+        .args(["build", "--bins", "-p", "stagecoach-coordinator-bin"])
+        .args(["-p", "stagecoach-worker-bin", "--target-dir"])
         .arg(&layout.target_dir)
         .args(["--profile", &layout.profile]);
     if let Some(triple) = &layout.target_triple {

@@ -122,14 +122,17 @@
 //! | `client` | one gRPC channel per coordinator address, failover of unary calls, per-call metadata |
 //! | [`tls`] | [`ClientTls`]: the CA to trust and the certificate to present to `https://` coordinators |
 //! | `backoff` | exponential backoff with jitter |
-//! | [`handlers`] | built-in handlers (`noop`, `sleep`, `fail`, `panic`, `hang`) and the sample project export |
+//!
+//! The built-in handlers (`noop`, `sleep`, `fail`, `panic`, `hang`) and the
+//! sample project export are the `stagecoach-handlers` crate
+//! (`worker/handlers/`), and the `worker` binary is `worker/bin/`: the SDK
+//! depends only on what an SDK needs.
 
 mod backoff;
 mod batch;
 mod builder;
 mod client;
 mod handler;
-pub mod handlers;
 mod heartbeat;
 mod leases;
 mod report;

@@ -26,7 +26,7 @@ fn builder(urls: &[&str]) -> WorkerBuilder {
         .handler("echo", |ctx: TaskContext| async move {
             Ok(TaskOutput::new(ctx.payload().clone()))
         })
-        .handler("sleep", stagecoach_worker::handlers::basic::sleep)
+        .handler("sleep", stagecoach_handlers::basic::sleep)
 }
 
 struct Running {

@@ -39,7 +39,7 @@ fn builder(url: &str) -> WorkerBuilder {
             }
             Ok(TaskOutput::empty())
         })
-        .handler("sleep", stagecoach_worker::handlers::basic::sleep)
+        .handler("sleep", stagecoach_handlers::basic::sleep)
 }
 
 struct Running {

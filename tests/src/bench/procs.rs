@@ -144,8 +144,8 @@ impl Layout {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
         cmd.current_dir(root)
-            .args(["build", "--bins", "-p", "stagecoach-coordinator"])
-            .args(["-p", "stagecoach-worker", "--target-dir"])
+            .args(["build", "--bins", "-p", "stagecoach-coordinator-bin"])
+            .args(["-p", "stagecoach-worker-bin", "--target-dir"])
             .arg(&self.target_dir)
             .args(["--profile", &self.profile]);
         if let Some(triple) = &self.triple {

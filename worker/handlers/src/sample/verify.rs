@@ -18,7 +18,7 @@ use sqlx::Connection;
 use super::archive::{MANIFEST, Manifest};
 use super::ndjson::{EncodeError, TableDigest, digest_reader, write_table};
 use super::{archive_path, open_source, source_path, user_tables};
-use crate::{TaskContext, TaskError, TaskOutput};
+use stagecoach_worker::{TaskContext, TaskError, TaskOutput};
 
 /// Payload `{}`. Output `{"verified_tables": n, "rows": total}`.
 pub async fn verify(shared_dir: &Path, ctx: TaskContext) -> Result<TaskOutput, TaskError> {

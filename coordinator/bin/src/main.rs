@@ -4,8 +4,10 @@
 use clap::{Parser, Subcommand};
 use stagecoach_coordinator::auth::{Role, new_token};
 use stagecoach_coordinator::config::{Config, LogFormat};
-use stagecoach_coordinator::{demo, server};
+use stagecoach_coordinator::server;
 use tokio_util::sync::CancellationToken;
+
+mod demo;
 
 #[derive(Parser)]
 #[command(

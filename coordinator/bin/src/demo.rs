@@ -11,15 +11,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use stagecoach_handlers::{register_builtin, sample};
 use stagecoach_proto::json::json_to_struct;
 use stagecoach_proto::v1::{self as pb, migration_service_client::MigrationServiceClient};
 use stagecoach_worker::Worker;
-use stagecoach_worker::handlers::{register_builtin, sample};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::config::{Config, LogFormat};
-use crate::domain::RequestLimits;
+use stagecoach_coordinator::config::{Config, LogFormat};
+use stagecoach_coordinator::domain::RequestLimits;
 
 /// Settings of `coordinator demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -59,7 +59,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         sweep_interval_ms: 250,
         default_pool_slots: 10,
         max_reassignments: 5,
-        max_request_bytes: crate::grpc::DEFAULT_MAX_REQUEST_BYTES,
+        max_request_bytes: stagecoach_coordinator::grpc::DEFAULT_MAX_REQUEST_BYTES,
         max_payload_bytes: RequestLimits::DEFAULT_MAX_PAYLOAD_BYTES,
         max_checkpoint_bytes: RequestLimits::DEFAULT_MAX_CHECKPOINT_BYTES,
         max_tasks_per_plan: RequestLimits::DEFAULT_MAX_TASKS_PER_PLAN,
@@ -77,14 +77,14 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         log_format: LogFormat::Text,
         tls: Default::default(),
         // The demo's coordinator lives as long as its migration.
-        http_listen: crate::config::HttpListen::Off,
+        http_listen: stagecoach_coordinator::config::HttpListen::Off,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
-    let server = tokio::spawn(crate::server::run(
+    let server = tokio::spawn(stagecoach_coordinator::server::run(
         config,
-        crate::server::Listeners {
+        stagecoach_coordinator::server::Listeners {
             grpc: listener,
             http: None,
         },

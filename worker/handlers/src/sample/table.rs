@@ -15,7 +15,7 @@ use super::ndjson::{EncodeError, write_table};
 use super::{
     count_rows, open_source, source_path, tables_dir, temp_path, usable_as_file_name, user_tables,
 };
-use crate::{TaskContext, TaskError, TaskOutput};
+use stagecoach_worker::{TaskContext, TaskError, TaskOutput};
 
 /// Payload `{"table": name}`. Output `{"table", "rows", "sha256", "file"}`
 /// (`file` is the absolute path written). Progress is rows done of rows in

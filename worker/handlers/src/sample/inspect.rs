@@ -6,7 +6,7 @@ use serde_json::json;
 use sqlx::Connection;
 
 use super::{EXPORT_STAGE, open_source, source_path, usable_as_file_name, user_tables};
-use crate::{TaskContext, TaskError, TaskOutput};
+use stagecoach_worker::{TaskContext, TaskError, TaskOutput};
 
 /// Payload `{}`. Output `{"tables": [name, …]}`; adds
 /// `export.table {"table": name}` to stage `export` for each table.

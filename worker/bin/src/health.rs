@@ -28,7 +28,7 @@ pub struct HealthArgs {
     timeout_secs: u64,
 
     #[command(flatten)]
-    tls: crate::bin_tls::TlsArgs,
+    tls: crate::tls::TlsArgs,
 }
 
 /// Prints the status; success only for SERVING.

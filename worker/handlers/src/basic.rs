@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::{TaskContext, TaskError, TaskOutput};
+use stagecoach_worker::{TaskContext, TaskError, TaskOutput};
 
 /// How often `sleep` records progress and checks for cancellation.
 const SLEEP_STEP: Duration = Duration::from_millis(50);

@@ -15,7 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 
 use super::ndjson::write_table;
 use super::*;
-use crate::{TaskContext, TaskError, TaskOutput};
+use stagecoach_worker::{TaskContext, TaskError, TaskOutput};
 
 const MIGRATION: i64 = 42;
 

@@ -14,9 +14,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use stagecoach_handlers::sample;
 use stagecoach_proto::json::json_to_struct;
 use stagecoach_proto::v1::{self as pb, migration_service_client::MigrationServiceClient};
-use stagecoach_worker::handlers::sample;
 use stagecoach_worker::tls::coordinator_endpoint;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
@@ -65,7 +65,7 @@ pub struct SampleArgs {
     token: Option<String>,
 
     #[command(flatten)]
-    tls: crate::bin_tls::TlsArgs,
+    tls: crate::tls::TlsArgs,
 }
 
 /// Runs the sample; success only if the migration succeeded.

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::ndjson::digest_reader;
 use super::{archive_path, migration_dir, temp_path};
-use crate::{TaskContext, TaskError, TaskOutput};
+use stagecoach_worker::{TaskContext, TaskError, TaskOutput};
 
 /// Name of the manifest inside the archive.
 pub(crate) const MANIFEST: &str = "manifest.json";

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{AssertSqlSafe, Connection};
 
-use crate::{TaskContext, TaskError, WorkerBuilder};
+use stagecoach_worker::{TaskContext, TaskError, WorkerBuilder};
 
 mod archive;
 mod inspect;

@@ -18,7 +18,7 @@
 
 use std::path::PathBuf;
 
-use crate::WorkerBuilder;
+use stagecoach_worker::WorkerBuilder;
 
 pub mod basic;
 pub mod sample;

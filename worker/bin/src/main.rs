@@ -3,8 +3,8 @@
 //! else lives in the library.
 //!
 //! Two small tools share the binary, so one container image has all an
-//! operator needs: `worker health-check` ([`bin_health`]) and `worker
-//! sample` ([`bin_sample`]).
+//! operator needs: `worker health-check` ([`health`]) and `worker
+//! sample` ([`sample`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use stagecoach_worker::{Worker, handlers};
+use stagecoach_worker::Worker;
 use tracing_subscriber::EnvFilter;
 
-mod bin_health;
-mod bin_sample;
-mod bin_tls;
+mod health;
+mod sample;
+mod tls;
 
 /// Runs Stagecoach tasks: subscribes to a coordinator, runs the built-in
 /// handlers (noop, sleep, fail, panic, hang, and the sample project export), and drains
@@ -36,11 +36,11 @@ struct Cli {
 enum Command {
     /// Ask a coordinator's grpc.health.v1 service; exit 0 only if SERVING
     /// (for container health checks).
-    HealthCheck(bin_health::HealthArgs),
+    HealthCheck(health::HealthArgs),
     /// Run the sample project export on a running cluster and wait for it:
     /// creates a source database in the shared directory, puts the plan,
     /// creates the migration, exits 0 if it succeeds.
-    Sample(bin_sample::SampleArgs),
+    Sample(sample::SampleArgs),
 }
 
 /// Settings of the worker itself (no subcommand).
@@ -86,7 +86,7 @@ struct Args {
     token: Option<String>,
 
     #[command(flatten)]
-    tls: bin_tls::TlsArgs,
+    tls: tls::TlsArgs,
 
     /// A file holding the bearer token (its first line), instead of
     /// --token: keeps the secret out of the process list.
@@ -117,10 +117,10 @@ async fn main() -> ExitCode {
             init_logging(cli.run.log_format, "info");
             run(cli.run).await.map(|()| ExitCode::SUCCESS)
         }
-        Some(Command::HealthCheck(args)) => bin_health::run(args).await,
+        Some(Command::HealthCheck(args)) => health::run(args).await,
         Some(Command::Sample(args)) => {
             init_logging(LogFormat::Text, "warn");
-            bin_sample::run(args).await
+            sample::run(args).await
         }
     };
     match result {
@@ -171,7 +171,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(tls) = args.tls.load()? {
         builder = builder.tls(tls);
     }
-    let worker = handlers::register_builtin(builder, shared_dir.clone())
+    let worker = stagecoach_handlers::register_builtin(builder, shared_dir.clone())
         .build()
         .context("invalid worker configuration")?;
     std::fs::create_dir_all(&shared_dir).with_context(|| {
