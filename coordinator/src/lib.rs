@@ -17,6 +17,7 @@
 //! | [`store`] | the `Store` trait and its backends; each state change is one transaction with its precondition in SQL |
 //! | [`domain`] | plans and their validation, migration/stage/task states, leases, events — no protobuf, no SQL |
 //! | [`config`] | the typed configuration (flags, `STAGECOACH_…` environment) |
+//! | [`background`] | the dispatcher, sweeper, listener and HTTP port as supervised tasks: one that stops early stops the coordinator |
 //! | [`conn`] | the timeouts of a connection: its HTTP/2 preface, and no call for too long |
 //! | [`tls`] | TLS and mutual TLS on the gRPC port: the certificate files, read and checked at start |
 //!
@@ -24,6 +25,7 @@
 //! notification channels are caches, rebuilt when workers reconnect.
 
 pub mod auth;
+pub mod background;
 pub mod clock;
 pub mod config;
 pub mod conn;

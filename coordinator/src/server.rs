@@ -3,6 +3,7 @@
 //! on it when configured).
 //! Shutdown is a parameter, so tests and the demo drive it.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{Auth, Authorize};
+use crate::background::Background;
 use crate::config::Config;
 use crate::conn::{Conn, Connections, CountCalls, Timeouts};
 use crate::engine::{Coordinator, run_dispatcher, run_remote_effects, run_sweeper};
@@ -34,6 +36,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Background(#[from] crate::background::Stopped),
 }
 
 /// Opens the configured store (the backend the URL's scheme names) and
@@ -106,11 +110,14 @@ pub async fn run(
         config.request_limits(),
         shutdown.clone(),
     );
+    let mut background = Background::new(shutdown.clone());
     if let Some(remote) = remote {
-        tokio::spawn(run_remote_effects(core.clone(), remote, shutdown.clone()));
+        let listener = run_remote_effects(core.clone(), remote, shutdown.clone());
+        background.spawn("listener of other coordinators", ok(listener));
     }
-    let dispatcher = tokio::spawn(run_dispatcher(core.clone(), shutdown.clone()));
-    let sweeper = tokio::spawn(run_sweeper(core.clone(), shutdown.clone()));
+    let dispatcher = run_dispatcher(core.clone(), shutdown.clone());
+    background.spawn("dispatcher", ok(dispatcher));
+    background.spawn("sweeper", ok(run_sweeper(core.clone(), shutdown.clone())));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -126,13 +133,14 @@ pub async fn run(
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1()?;
-    let http = listeners.http.map(|listener| {
+    if let Some(listener) = listeners.http {
         let router = crate::http::router(crate::http::HttpState {
             core: core.clone(),
             auth: auth.clone(),
         });
-        tokio::spawn(crate::http::serve(listener, router, shutdown.clone()))
-    });
+        let serve = crate::http::serve(listener, router, shutdown.clone());
+        background.spawn("HTTP port", serve);
+    }
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     // One limit for the three services; an over-limit request is answered
@@ -204,15 +212,13 @@ pub async fn run(
             drain,
         )
         .await?;
-    let _ = dispatcher.await;
-    let _ = sweeper.await;
-    if let Some(http) = http {
-        match http.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "the HTTP port failed"),
-            Err(e) => tracing::error!(error = %e, "the HTTP port's task panicked"),
-            Ok(Ok(())) => {}
-        }
-    }
+    background.join().await?;
     tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// A loop that ends only at shutdown, as a task [`Background`] supervises.
+async fn ok(task: impl Future<Output = ()>) -> Result<(), std::convert::Infallible> {
+    task.await;
     Ok(())
 }
