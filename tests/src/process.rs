@@ -181,6 +181,11 @@ impl Coordinator {
         self.http.map(|a| format!("http://{a}"))
     }
 
+    /// The address of its HTTP port, unless `--http-listen off`.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+
     /// `http://ADDR`, for gRPC clients and workers; `https://ADDR` when it
     /// was started with `--tls-cert` (its certificate must name 127.0.0.1).
     pub fn url(&self) -> String {

@@ -19,6 +19,7 @@
 
 pub mod calls;
 pub mod checks;
+pub mod http;
 pub mod raw;
 pub mod report;
 pub mod values;
@@ -41,6 +42,7 @@ use crate::client::Client;
 use crate::cluster::FAST;
 use crate::process::{Coordinator, Worker};
 use calls::{Call, Known, good_plan, is_server_fault};
+use http::HttpProbe;
 use raw::Raw;
 pub use report::Report;
 
@@ -69,6 +71,10 @@ pub struct Options {
     /// Per thousand requests, how many are raw frames rather than gRPC.
     #[arg(long, default_value_t = 30)]
     pub raw_per_mille: u32,
+    /// Per thousand requests, how many go to the HTTP port (metrics,
+    /// dashboard, its API).
+    #[arg(long, default_value_t = 30)]
+    pub http_per_mille: u32,
 }
 
 impl Options {
@@ -82,6 +88,7 @@ impl Options {
             concurrency: 4,
             max_rss_mb: 512,
             raw_per_mille: 30,
+            http_per_mille: 30,
         }
     }
 }
@@ -113,6 +120,9 @@ struct Shared {
     limit: u64,
     deadline: Option<Instant>,
     raw_per_mille: u32,
+    http_per_mille: u32,
+    /// The HTTP port's address.
+    http: std::net::SocketAddr,
     next: AtomicU64,
     stop: AtomicBool,
     known: RwLock<Known>,
@@ -186,6 +196,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         limit: opts.requests.unwrap_or(u64::MAX),
         deadline: opts.duration.map(|d| start + d),
         raw_per_mille: opts.raw_per_mille,
+        http_per_mille: opts.http_per_mille,
+        http: coordinator
+            .http_addr()
+            .context("the coordinator's HTTP port")?,
         next: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         known: RwLock::new(known),
@@ -242,7 +256,31 @@ async fn requests(shared: Arc<Shared>, client: Client, addr: std::net::SocketAdd
         }
         let mut rng = request_rng(shared.seed, n);
         let seed = shared.seed;
-        if rng.random_range(0..1000) < shared.raw_per_mille {
+        let pick = rng.random_range(0..1000);
+        if pick >= 1000 - shared.http_per_mille.min(1000) {
+            let probe = {
+                let known = shared.known.read().unwrap_or_else(PoisonError::into_inner);
+                HttpProbe::generate(&mut rng, &known.migrations)
+            };
+            let status = probe.send(shared.http).await;
+            let mut report = shared.report();
+            report.requests += 1;
+            report.count_http(probe.rpc(), status);
+            let fault = match status {
+                Some(code) => code >= 500,
+                None => probe.well_formed,
+            };
+            if fault {
+                drop(report);
+                shared.violation(format!(
+                    "seed {seed} request #{n} {}: {status:?}; request: {}",
+                    probe.rpc(),
+                    shown(&String::from_utf8_lossy(&probe.bytes))
+                ));
+            }
+            continue;
+        }
+        if pick < shared.raw_per_mille {
             let raw = Raw::generate(&mut rng);
             let status = raw.send(addr).await;
             let rpc = raw.rpc();

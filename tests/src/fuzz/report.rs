@@ -33,6 +33,12 @@ impl Report {
         *self.codes.entry((rpc.to_string(), code)).or_default() += 1;
     }
 
+    /// An answer of the HTTP port: its status code, or none.
+    pub fn count_http(&mut self, rpc: &str, status: Option<u16>) {
+        let code = status.map_or("no status".to_string(), |c| format!("HTTP {c}"));
+        *self.codes.entry((rpc.to_string(), code)).or_default() += 1;
+    }
+
     pub fn rate(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
