@@ -25,9 +25,10 @@ const EVENTS_SHOWN: usize = 6;
 
 /// Where the progress goes.
 pub enum WatchView {
-    /// Bars redrawn in place on a terminal.
-    Bars(Bars),
-    /// Plain lines: the last progress line printed per stage.
+    /// Bars redrawn in place on a terminal (boxed: it is large, and there
+    /// is one).
+    Bars(Box<Bars>),
+    /// Plain lines: per stage, the progress its last line showed.
     Lines(Vec<String>),
     /// JSON lines.
     Json,
@@ -38,7 +39,7 @@ impl WatchView {
     pub fn new(format: Format) -> Self {
         match format {
             Format::Json => WatchView::Json,
-            Format::Table if std::io::stdout().is_terminal() => WatchView::Bars(Bars::new()),
+            Format::Table if std::io::stdout().is_terminal() => WatchView::Bars(Box::new(Bars::new())),
             Format::Table => WatchView::Lines(Vec::new()),
         }
     }
