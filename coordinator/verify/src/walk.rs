@@ -10,7 +10,7 @@ use crate::describe_event;
 use crate::outcome::DEADLINE_EXCEEDED;
 use crate::violation::{Rule, Violation};
 
-pub(crate) fn is_task_terminal(kind: EventKind) -> bool {
+fn is_task_terminal(kind: EventKind) -> bool {
     matches!(
         kind,
         EventKind::TaskSucceeded | EventKind::TaskDead | EventKind::TaskCanceled

@@ -7,7 +7,7 @@
 //! `--output json`: every event as a JSON line, then the final migration.
 
 use std::collections::VecDeque;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, SystemTime};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -28,7 +28,7 @@ pub enum WatchView {
     /// Bars redrawn in place on a terminal (boxed: it is large, and there
     /// is one).
     Bars(Box<Bars>),
-    /// Plain lines: per stage, the progress its last line showed.
+    /// Plain lines; per stage, the progress its last line showed.
     Lines(Vec<String>),
     /// JSON lines.
     Json,
@@ -39,7 +39,9 @@ impl WatchView {
     pub fn new(format: Format) -> Self {
         match format {
             Format::Json => WatchView::Json,
-            Format::Table if std::io::stdout().is_terminal() => WatchView::Bars(Box::new(Bars::new())),
+            Format::Table if std::io::stdout().is_terminal() => {
+                WatchView::Bars(Box::new(Bars::new()))
+            }
             Format::Table => WatchView::Lines(Vec::new()),
         }
     }
@@ -50,43 +52,15 @@ impl WatchView {
         events: &[Event],
         migration: Option<&Migration>,
     ) -> Result<(), CliError> {
-        let out = Out {
-            format: Format::Json,
-        };
         match self {
-            WatchView::Json => {
-                for e in events {
-                    out.print_item(&EventLine(e))?;
-                }
-            }
-            WatchView::Lines(printed) => {
-                let text = Out {
-                    format: Format::Table,
-                };
-                for e in events {
-                    text.print_item(&EventLine(e))?;
-                }
-                if let Some(m) = migration {
-                    printed.resize(m.stages.len(), String::new());
-                    for (s, last) in m.stages.iter().zip(printed.iter_mut()) {
-                        let line = stage_line(s, SystemTime::now());
-                        // Only the progress, not the clock, decides whether
-                        // a stage's line is printed again.
-                        let key = format!(
-                            "{} {} {} {}",
-                            s.state,
-                            s.succeeded + s.failed + s.canceled,
-                            s.running,
-                            s.total
-                        );
-                        if *last != key {
-                            *last = key;
-                            println!("stage {}", line);
-                        }
-                    }
-                }
-            }
             WatchView::Bars(bars) => bars.update(events, migration),
+            WatchView::Json => print_events(Format::Json, events)?,
+            WatchView::Lines(shown) => {
+                print_events(Format::Table, events)?;
+                if let Some(m) = migration {
+                    print_progress(m, shown)?;
+                }
+            }
         }
         Ok(())
     }
@@ -100,26 +74,45 @@ impl WatchView {
 
     /// Shows how the migration ended.
     pub fn finish(&mut self, m: &Migration) -> Result<(), CliError> {
-        match self {
-            WatchView::Json => Out {
-                format: Format::Json,
-            }
-            .print_item(&Ended(m)),
-            WatchView::Lines(_) => Out {
-                format: Format::Table,
-            }
-            .print_item(&Ended(m)),
+        let format = match self {
+            WatchView::Json => Format::Json,
+            WatchView::Lines(_) => Format::Table,
             WatchView::Bars(bars) => {
                 bars.update(&[], Some(m));
                 bars.finish();
-                println!("{}", Ended(m).to_text());
-                Ok(())
+                Format::Table
             }
-        }
+        };
+        Out { format }.print_item(&Ended(m))
     }
 }
 
-/// The final line: `migration 7 succeeded in 12s`.
+fn print_events(format: Format, events: &[Event]) -> Result<(), CliError> {
+    let out = Out { format };
+    for e in events {
+        out.print_item(&EventLine(e))?;
+    }
+    Ok(())
+}
+
+/// A line for each stage whose progress is not the one `shown` last (the
+/// clock alone does not print a stage again).
+fn print_progress(m: &Migration, shown: &mut Vec<String>) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    shown.resize(m.stages.len(), String::new());
+    for (s, last) in m.stages.iter().zip(shown.iter_mut()) {
+        let done = s.succeeded + s.failed + s.canceled;
+        let progress = format!("{} {done} {} {}", s.state, s.running, s.total);
+        if *last != progress {
+            *last = progress;
+            writeln!(stdout, "stage {}", stage_line(s, SystemTime::now()))?;
+        }
+    }
+    stdout.flush()?;
+    Ok(())
+}
+
+/// The final line: `migration 7 succeeded after 12s`.
 pub struct Ended<'a>(pub &'a Migration);
 
 impl Render for Ended<'_> {
