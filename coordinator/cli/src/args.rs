@@ -165,8 +165,9 @@ pub enum PlanCommand {
     /// tasks of kind, payload, max_attempts, retry). Storing a name again
     /// makes a new version.
     Put {
-        /// The plan file (`.yaml`/`.yml` is read as YAML, anything else as
-        /// JSON); `-` reads standard input as YAML (JSON is YAML too).
+        /// The plan file: `.json` is read as JSON, anything else as YAML
+        /// (JSON is YAML too); `-` reads standard input. A PutPlan request
+        /// (`{plan: {...}}` or `{plan_json: "..."}`) is read as its plan.
         file: PathBuf,
     },
     /// List the latest version of every plan.

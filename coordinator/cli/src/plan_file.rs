@@ -14,8 +14,10 @@
 //!     tasks: [{kind: export.archive}]
 //! ```
 //!
+//! The PutPlan request itself is read too: the plan under `plan:`, or its
+//! JSON text under `plan_json:` (what grpcurl users already have on disk).
 //! The file is read here and sent as JSON; the coordinator validates it
-//! and names the field at fault (`plan_json.stages[0].tasks[1].kind`).
+//! and names the field at fault (`stages[0].tasks[1].kind`).
 
 use std::io::Read;
 use std::path::Path;
@@ -49,12 +51,21 @@ pub fn read(path: &Path) -> Result<String, CliError> {
     } else {
         serde_norway::from_str(&text).map_err(|e| error(format!("not valid YAML: {e}")))?
     };
-    if !doc.is_object() {
-        return Err(error(
+    let expected = || {
+        error(
             "expected a plan: a mapping with name and stages, e.g. {name: p, stages: [...]}".into(),
-        ));
+        )
+    };
+    let Json::Object(fields) = doc else {
+        return Err(expected());
+    };
+    // A PutPlan request rather than a plan: its one field holds the plan.
+    match (fields.len(), fields.get("plan"), fields.get("plan_json")) {
+        (1, Some(plan @ Json::Object(_)), _) => Ok(plan.to_string()),
+        (1, _, Some(Json::String(text))) => Ok(text.clone()),
+        (1, Some(_), _) | (1, _, Some(_)) => Err(expected()),
+        _ => Ok(Json::Object(fields).to_string()),
     }
-    Ok(doc.to_string())
 }
 
 #[cfg(test)]
@@ -77,6 +88,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read(&yaml).unwrap(), read(&json).unwrap());
+    }
+
+    #[test]
+    fn a_put_plan_request_gives_its_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("p.yaml");
+        std::fs::write(
+            &plain,
+            "name: p\nstages: [{name: s, tasks: [{kind: noop}]}]\n",
+        )
+        .unwrap();
+        let request = dir.path().join("request.yaml");
+        std::fs::write(
+            &request,
+            "plan:\n  name: p\n  stages: [{name: s, tasks: [{kind: noop}]}]\n",
+        )
+        .unwrap();
+        assert_eq!(read(&request).unwrap(), read(&plain).unwrap());
+        let text = dir.path().join("request.json");
+        std::fs::write(&text, r#"{"plan_json": "{\"name\":\"p\"}"}"#).unwrap();
+        assert_eq!(read(&text).unwrap(), r#"{"name":"p"}"#);
     }
 
     #[test]
