@@ -77,7 +77,6 @@ pub mod backend;
 pub mod bench;
 pub mod binaries;
 pub mod capacity;
-pub mod checker;
 pub mod client;
 pub mod cluster;
 pub mod fake_worker;
@@ -97,6 +96,9 @@ pub use fake_worker::FakeWorker;
 pub use fleet::Fleet;
 pub use process::{Coordinator, Worker};
 pub use sample::{SAMPLE_PLAN, SourceDb, build_source_db, sample_plan_json};
+/// The invariant checker, a crate of its own so the `stagecoach verify`
+/// command shares it.
+pub use stagecoach_verify as checker;
 
 /// Asserts a check passed, printing every violation otherwise.
 #[track_caller]

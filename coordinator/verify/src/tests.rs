@@ -2,7 +2,7 @@
 //! log that breaks it. These run without any binary.
 
 use super::*;
-use stagecoach_proto::v1::StageProgress;
+use stagecoach_proto::v1::{MigrationState, StageProgress, StageState};
 
 const MIGRATION: i64 = 7;
 
@@ -522,4 +522,22 @@ fn i10_nothing_moves_forward_after_the_deadline() {
     running.deadline = Some(at(1_002));
     let early = Log(log.0[..4].to_vec());
     assert_violates(&running, &early, "I10");
+}
+
+#[test]
+fn a_violation_names_the_events_that_show_it() {
+    // Task 1 ends twice: both outcomes are shown.
+    let log = valid_log().task(TaskDead, 0, 1, 1);
+    let found = violations(&succeeded(), &log.0);
+    let twice = found
+        .iter()
+        .find(|v| v.message.starts_with("second terminal outcome"))
+        .unwrap_or_else(|| panic!("no second-outcome violation in {found:#?}"));
+    assert_eq!(twice.rule, Rule::OneOutcome);
+    assert_eq!(twice.events, vec![6, 15]);
+    assert!(
+        twice
+            .to_string()
+            .starts_with("I5: second terminal outcome, first was #6")
+    );
 }
