@@ -16,7 +16,9 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{Auth, Authorize};
 use crate::config::Config;
-use crate::engine::{Coordinator, run_dispatcher, run_remote_effects, run_sweeper};
+use crate::engine::{
+    Coordinator, run_dispatcher, run_remote_effects, run_stream_claims, run_sweeper,
+};
 use crate::grpc::{AdminApi, MigrationApi, RequestLimit, WorkerApi};
 use crate::preface::Preface;
 use crate::store::Store;
@@ -104,6 +106,7 @@ pub async fn run(
     }
     let dispatcher = tokio::spawn(run_dispatcher(core.clone(), shutdown.clone()));
     let sweeper = tokio::spawn(run_sweeper(core.clone(), shutdown.clone()));
+    let claims = tokio::spawn(run_stream_claims(core.clone(), shutdown.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -183,6 +186,11 @@ pub async fn run(
         .await?;
     let _ = dispatcher.await;
     let _ = sweeper.await;
+    let _ = claims.await;
+    // Every stream has ended: the worker ids it served are free at once.
+    if let Err(e) = core.release_stream_claims().await {
+        tracing::warn!(error = %e, "forgetting this coordinator's worker streams in the database failed; other processes may take their worker ids once the claims expire");
+    }
     tracing::info!("coordinator stopped");
     Ok(())
 }

@@ -7,7 +7,7 @@ mod group_commit;
 mod loops;
 mod registry;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,10 +21,10 @@ use crate::domain::{
     validate_name,
 };
 use crate::error::{Error, Result};
-use crate::store::{Effects, PlanPage, Plans, Report, Store, SubjectView};
+use crate::store::{Effects, PlanPage, Plans, Report, Store, StreamClaim, SubjectView};
 use group_commit::GroupCommit;
 
-pub use loops::{run_dispatcher, run_remote_effects, run_sweeper};
+pub use loops::{run_dispatcher, run_remote_effects, run_stream_claims, run_sweeper};
 pub use registry::{Ineligible, Instance, Registry, WorkerEvent, WorkerSpec, WorkerView};
 
 /// Timing of the worker protocol.
@@ -76,6 +76,9 @@ pub struct Coordinator {
     worker_permits: std::sync::Mutex<HashMap<u64, OwnedSemaphorePermit>>,
     shutdown: CancellationToken,
     reports: GroupCommit,
+    /// This coordinator's random id in the database's record of worker
+    /// streams (`store::streams`), drawn at start.
+    id: String,
 }
 
 impl Coordinator {
@@ -103,6 +106,7 @@ impl Coordinator {
             worker_permits: Default::default(),
             shutdown,
             reports: GroupCommit::default(),
+            id: format!("{:016x}", rand::random::<u64>()),
         })
     }
 
@@ -339,7 +343,13 @@ impl Coordinator {
     /// Registers a worker's stream. Events for it arrive on the returned
     /// receiver; call [`Coordinator::unsubscribe`] with the connection number
     /// when the stream ends.
-    pub fn subscribe(
+    ///
+    /// One live stream per worker id (`ALREADY_EXISTS` otherwise, unless the
+    /// same worker process reconnects): the registry refuses a second one
+    /// among this coordinator's streams at no cost, then the database among
+    /// every coordinator's (`Store::claim_stream`). Until the database
+    /// agrees, the stream gets no work.
+    pub async fn subscribe(
         &self,
         spec: WorkerSpec,
         instance: Instance,
@@ -359,7 +369,7 @@ impl Coordinator {
         for (i, kind) in spec.kinds.iter().enumerate() {
             validate_name(&format!("kinds[{i}]"), kind, "task kind")?;
         }
-        let conn_worker_id = spec.worker_id.clone();
+        let worker_id = spec.worker_id.clone();
         if spec.slots == 0 || spec.slots > 10_000 {
             return Err(Error::invalid(
                 "slots",
@@ -378,32 +388,132 @@ impl Coordinator {
             ))
         })?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let conn = self.registry.connect(spec, instance, tx).map_err(|_| {
-            Error::AlreadyExists(format!(
-                "worker {conn_worker_id:?} is connected already (its Subscribe stream is open); \
-                 a worker id has one stream at a time: give this process an id of its own, or \
-                 resubscribe once the other stream has closed"
-            ))
-        })?;
+        let conn = self
+            .registry
+            .connect(spec, instance, tx)
+            .map_err(|_| stream_taken(&worker_id))?;
         self.worker_permits
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(conn, permit);
-        if self.shutdown.is_cancelled() {
-            self.unsubscribe(&conn_worker_id, conn);
-            return Err(Error::ShuttingDown);
+        let claim = self.stream_claim(&worker_id, instance, conn);
+        match self.store.claim_stream(&claim, self.stream_ttl_ms()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Undone here; the database has nothing of it.
+                self.forget(&worker_id, conn);
+                return Err(stream_taken(&worker_id));
+            }
+            Err(e) => {
+                // The claim may have committed before the failure: release it.
+                self.unsubscribe(&worker_id, conn);
+                return Err(e);
+            }
+        }
+        // While the claim ran, the same process's newer stream may have
+        // replaced this one, or the shutdown closed it.
+        let confirmed = self.registry.confirm(&worker_id, conn);
+        if !confirmed || self.shutdown.is_cancelled() {
+            self.unsubscribe(&worker_id, conn);
+            return Err(if self.shutdown.is_cancelled() {
+                Error::ShuttingDown
+            } else {
+                stream_taken(&worker_id)
+            });
         }
         self.wake.notify_one();
         Ok((conn, rx))
     }
 
+    /// Forgets an ended stream: here, and its claim of the worker id in
+    /// the database (in the background: this runs when the stream drops).
     pub fn unsubscribe(&self, worker_id: &str, conn: u64) {
+        self.forget(worker_id, conn);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, coordinator, worker_id) =
+            (self.store.clone(), self.id.clone(), worker_id.to_string());
+        runtime.spawn(async move {
+            let claim = StreamClaim {
+                worker_id: &worker_id,
+                instance: 0,
+                coordinator: &coordinator,
+                stream: conn,
+            };
+            if let Err(e) = store.release_stream(&claim).await {
+                // The claim lapses when this coordinator stops.
+                tracing::warn!(worker_id, error = %e, "forgetting an ended worker stream in the database failed; another process with its id is refused until this coordinator stops");
+            }
+        });
+    }
+
+    /// Forgets a stream here: the registry's entry and its place.
+    fn forget(&self, worker_id: &str, conn: u64) {
         self.registry.disconnect(worker_id, conn);
         // Frees the stream's place (`--max-worker-streams`).
         self.worker_permits
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&conn);
+    }
+
+    fn stream_claim<'a>(
+        &'a self,
+        worker_id: &'a str,
+        instance: Instance,
+        conn: u64,
+    ) -> StreamClaim<'a> {
+        StreamClaim {
+            worker_id,
+            instance: instance.0,
+            coordinator: &self.id,
+            stream: conn,
+        }
+    }
+
+    /// How long this coordinator's claims of its streams' worker ids
+    /// outlive its last renewal (every heartbeat interval,
+    /// [`run_stream_claims`]): three intervals, as a worker's own silence
+    /// (registry, "Eligibility"). A killed coordinator's worker ids are
+    /// free for other processes that long after; the same process moves
+    /// at once.
+    fn stream_ttl_ms(&self) -> i64 {
+        (3 * self.timing.heartbeat_interval.as_millis()).min(i64::MAX as u128) as i64
+    }
+
+    /// Keeps this coordinator's claims of its streams alive. Should they
+    /// have lapsed (renewals failed for a while), a stream whose worker id
+    /// another coordinator took meanwhile is closed: one live stream per
+    /// id holds again. Returns how many it closed.
+    pub(crate) async fn renew_stream_claims(&self) -> Result<usize> {
+        // Before the read: a stream confirmed later is not in it.
+        let ours = self.registry.claimed();
+        let Some(held) = self
+            .store
+            .renew_streams(&self.id, self.stream_ttl_ms())
+            .await?
+        else {
+            return Ok(0);
+        };
+        let held: HashSet<(String, u64)> =
+            held.into_iter().map(|h| (h.worker_id, h.stream)).collect();
+        let mut closed = 0;
+        for (worker_id, conn) in ours {
+            if !held.contains(&(worker_id.clone(), conn)) {
+                tracing::warn!(%worker_id, "closing a worker stream: its claim lapsed (this coordinator could not renew it in time) and another coordinator's stream has its worker id now");
+                self.registry.disconnect(&worker_id, conn);
+                closed += 1;
+            }
+        }
+        Ok(closed)
+    }
+
+    /// Forgets this coordinator's claims of worker ids in the database
+    /// (shutdown, once every stream ended): another process may take them
+    /// at once.
+    pub async fn release_stream_claims(&self) -> Result<()> {
+        self.store.release_streams(&self.id).await
     }
 
     /// Renews the worker's leases. Only this counts as the worker's sign of
@@ -561,6 +671,16 @@ fn plan_not_found(name: &str) -> Error {
 
 fn migration_not_found(id: i64) -> Error {
     Error::NotFound(format!("migration {id} does not exist"))
+}
+
+/// A Subscribe for a worker id whose stream is open, on this coordinator
+/// or another.
+fn stream_taken(worker_id: &str) -> Error {
+    Error::AlreadyExists(format!(
+        "worker {worker_id:?} is connected already (its Subscribe stream is open); \
+         a worker id has one stream at a time: give this process an id of its own, or \
+         resubscribe once the other stream has closed"
+    ))
 }
 
 fn not_connected(worker_id: &str) -> Error {

@@ -29,7 +29,11 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::{created_tasks, deadline_not_ahead, retry_past_deadline};
-use crate::store::{ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView};
+use crate::store::streams::{Clock, Streams};
+use crate::store::{
+    ClaimRequest, Created, Effects, HeldStream, Limits, Pass, Report, Store, StreamClaim,
+    SubjectView,
+};
 use machine::{EventAt, event};
 
 /// The SQLite store.
@@ -41,6 +45,14 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// The `worker_streams` claims (`store::streams`), on the writer.
+    fn streams(&self) -> Streams<'_, sqlx::Sqlite> {
+        Streams {
+            db: &self.writer,
+            clock: Clock::Bound,
+        }
+    }
+
     /// Opens (creating if missing) the database at `url` (`sqlite://path` or
     /// a plain path) and applies the schema migrations.
     pub async fn open(url: &str, limits: Limits) -> Result<Self> {
@@ -307,6 +319,26 @@ impl Store for SqliteStore {
 
     async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>> {
         reads::live_leases(&self.reader, worker_id).await
+    }
+
+    async fn claim_stream(&self, claim: &StreamClaim<'_>, ttl_ms: i64) -> Result<bool> {
+        self.streams().claim(claim, ttl_ms).await
+    }
+
+    async fn release_stream(&self, claim: &StreamClaim<'_>) -> Result<()> {
+        self.streams().release(claim).await
+    }
+
+    async fn renew_streams(
+        &self,
+        coordinator: &str,
+        ttl_ms: i64,
+    ) -> Result<Option<Vec<HeldStream>>> {
+        self.streams().renew(coordinator, ttl_ms).await
+    }
+
+    async fn release_streams(&self, coordinator: &str) -> Result<()> {
+        self.streams().retire(coordinator).await
     }
 }
 
