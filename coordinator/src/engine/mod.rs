@@ -3,11 +3,12 @@
 //! on the committed [`Effects`]: wake the dispatcher, tell watchers, push
 //! cancel notices. No protobuf here, so it is tested without a network.
 
+mod claims;
 mod group_commit;
 mod loops;
 mod registry;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,8 @@ use crate::domain::{
     validate_name,
 };
 use crate::error::{Error, Result};
-use crate::store::{Effects, PlanPage, Plans, Report, Store, StreamClaim, SubjectView};
+use crate::store::{Effects, PlanPage, Plans, Report, Store, SubjectView};
+use claims::{Pending, stream_taken};
 use group_commit::GroupCommit;
 
 pub use loops::{run_dispatcher, run_remote_effects, run_stream_claims, run_sweeper};
@@ -396,56 +398,35 @@ impl Coordinator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(conn, permit);
-        let claim = self.stream_claim(&worker_id, instance, conn);
-        match self.store.claim_stream(&claim, self.stream_ttl_ms()).await {
-            Ok(true) => {}
-            Ok(false) => {
-                // Undone here; the database has nothing of it.
-                self.forget(&worker_id, conn);
-                return Err(stream_taken(&worker_id));
-            }
-            Err(e) => {
-                // The claim may have committed before the failure: release it.
-                self.unsubscribe(&worker_id, conn);
-                return Err(e);
-            }
+        // Undoes the stream on every way out but success, the caller
+        // dropping this call mid-claim included.
+        let pending = Pending {
+            core: self,
+            worker_id: &worker_id,
+            conn,
+        };
+        if !self.claim_stream(&worker_id, instance, conn).await? {
+            return Err(stream_taken(&worker_id));
         }
         // While the claim ran, the same process's newer stream may have
         // replaced this one, or the shutdown closed it.
         let confirmed = self.registry.confirm(&worker_id, conn);
-        if !confirmed || self.shutdown.is_cancelled() {
-            self.unsubscribe(&worker_id, conn);
-            return Err(if self.shutdown.is_cancelled() {
-                Error::ShuttingDown
-            } else {
-                stream_taken(&worker_id)
-            });
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
         }
+        if !confirmed {
+            return Err(stream_taken(&worker_id));
+        }
+        pending.confirmed();
         self.wake.notify_one();
         Ok((conn, rx))
     }
 
     /// Forgets an ended stream: here, and its claim of the worker id in
-    /// the database (in the background: this runs when the stream drops).
+    /// the database.
     pub fn unsubscribe(&self, worker_id: &str, conn: u64) {
         self.forget(worker_id, conn);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (store, coordinator, worker_id) =
-            (self.store.clone(), self.id.clone(), worker_id.to_string());
-        runtime.spawn(async move {
-            let claim = StreamClaim {
-                worker_id: &worker_id,
-                instance: 0,
-                coordinator: &coordinator,
-                stream: conn,
-            };
-            if let Err(e) = store.release_stream(&claim).await {
-                // The claim lapses when this coordinator stops.
-                tracing::warn!(worker_id, error = %e, "forgetting an ended worker stream in the database failed; another process with its id is refused until this coordinator stops");
-            }
-        });
+        self.release_stream(worker_id, conn);
     }
 
     /// Forgets a stream here: the registry's entry and its place.
@@ -456,64 +437,6 @@ impl Coordinator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&conn);
-    }
-
-    fn stream_claim<'a>(
-        &'a self,
-        worker_id: &'a str,
-        instance: Instance,
-        conn: u64,
-    ) -> StreamClaim<'a> {
-        StreamClaim {
-            worker_id,
-            instance: instance.0,
-            coordinator: &self.id,
-            stream: conn,
-        }
-    }
-
-    /// How long this coordinator's claims of its streams' worker ids
-    /// outlive its last renewal (every heartbeat interval,
-    /// [`run_stream_claims`]): three intervals, as a worker's own silence
-    /// (registry, "Eligibility"). A killed coordinator's worker ids are
-    /// free for other processes that long after; the same process moves
-    /// at once.
-    fn stream_ttl_ms(&self) -> i64 {
-        (3 * self.timing.heartbeat_interval.as_millis()).min(i64::MAX as u128) as i64
-    }
-
-    /// Keeps this coordinator's claims of its streams alive. Should they
-    /// have lapsed (renewals failed for a while), a stream whose worker id
-    /// another coordinator took meanwhile is closed: one live stream per
-    /// id holds again. Returns how many it closed.
-    pub(crate) async fn renew_stream_claims(&self) -> Result<usize> {
-        // Before the read: a stream confirmed later is not in it.
-        let ours = self.registry.claimed();
-        let Some(held) = self
-            .store
-            .renew_streams(&self.id, self.stream_ttl_ms())
-            .await?
-        else {
-            return Ok(0);
-        };
-        let held: HashSet<(String, u64)> =
-            held.into_iter().map(|h| (h.worker_id, h.stream)).collect();
-        let mut closed = 0;
-        for (worker_id, conn) in ours {
-            if !held.contains(&(worker_id.clone(), conn)) {
-                tracing::warn!(%worker_id, "closing a worker stream: its claim lapsed (this coordinator could not renew it in time) and another coordinator's stream has its worker id now");
-                self.registry.disconnect(&worker_id, conn);
-                closed += 1;
-            }
-        }
-        Ok(closed)
-    }
-
-    /// Forgets this coordinator's claims of worker ids in the database
-    /// (shutdown, once every stream ended): another process may take them
-    /// at once.
-    pub async fn release_stream_claims(&self) -> Result<()> {
-        self.store.release_streams(&self.id).await
     }
 
     /// Renews the worker's leases. Only this counts as the worker's sign of
@@ -671,16 +594,6 @@ fn plan_not_found(name: &str) -> Error {
 
 fn migration_not_found(id: i64) -> Error {
     Error::NotFound(format!("migration {id} does not exist"))
-}
-
-/// A Subscribe for a worker id whose stream is open, on this coordinator
-/// or another.
-fn stream_taken(worker_id: &str) -> Error {
-    Error::AlreadyExists(format!(
-        "worker {worker_id:?} is connected already (its Subscribe stream is open); \
-         a worker id has one stream at a time: give this process an id of its own, or \
-         resubscribe once the other stream has closed"
-    ))
 }
 
 fn not_connected(worker_id: &str) -> Error {
