@@ -26,7 +26,7 @@ fn on<'a>(coordinator: &'a str, worker_id: &'a str, instance: u64, stream: u64) 
 }
 
 async fn claims(s: &dyn Store, claim: StreamClaim<'_>, ttl_ms: i64) -> bool {
-    s.claim_stream(&claim, ttl_ms).await.unwrap()
+    s.worker_streams().claim(&claim, ttl_ms).await.unwrap()
 }
 
 /// A live stream's id is refused to another process through another
@@ -80,7 +80,7 @@ async fn an_expired_coordinator_frees_its_ids(b: Backend) {
     assert!(claims(s, on(B, "w", 2, 3), ALIVE).await, "A expired");
 
     // A lived on after all: its renewal finds the lapse and what it holds.
-    let held = s.renew_streams(A, ALIVE).await.unwrap();
+    let held = s.worker_streams().renew(A, ALIVE).await.unwrap();
     assert_eq!(
         held,
         Some(vec![HeldStream {
@@ -89,7 +89,11 @@ async fn an_expired_coordinator_frees_its_ids(b: Backend) {
         }]),
         "w went to B while A's claims lapsed"
     );
-    assert_eq!(s.renew_streams(A, ALIVE).await.unwrap(), None, "no lapse");
+    assert_eq!(
+        s.worker_streams().renew(A, ALIVE).await.unwrap(),
+        None,
+        "no lapse"
+    );
     assert!(
         !claims(s, on(B, "v", 2, 4), ALIVE).await,
         "A is alive again"
@@ -107,7 +111,10 @@ async fn claims_run_out_unless_renewed(b: Backend) {
     assert!(claims(s, on(B, "w", 2, 2), ALIVE).await, "A did not renew");
 
     // A coordinator that never claimed has nothing: a lapse with no streams.
-    assert_eq!(s.renew_streams("fresh", ALIVE).await.unwrap(), Some(vec![]));
+    assert_eq!(
+        s.worker_streams().renew("fresh", ALIVE).await.unwrap(),
+        Some(vec![])
+    );
 }
 
 /// A stream's end frees its id — but only its own row: the end of an older
@@ -118,22 +125,22 @@ async fn an_ended_stream_releases_only_its_own_claim(b: Backend) {
     let s = &*db.store;
     assert!(claims(s, on(A, "w", 1, 1), ALIVE).await);
     assert!(claims(s, on(A, "w", 1, 2), ALIVE).await, "reconnected");
-    s.release_stream(&on(A, "w", 1, 1)).await.unwrap();
-    s.release_stream(&on(B, "w", 1, 2)).await.unwrap();
+    s.worker_streams().release(&on(A, "w", 1, 1)).await.unwrap();
+    s.worker_streams().release(&on(B, "w", 1, 2)).await.unwrap();
     assert!(
         !claims(s, on(B, "w", 2, 3), ALIVE).await,
         "stream 2 holds it"
     );
-    s.release_stream(&on(A, "w", 1, 2)).await.unwrap();
+    s.worker_streams().release(&on(A, "w", 1, 2)).await.unwrap();
     assert!(claims(s, on(B, "w", 2, 3), ALIVE).await, "released");
 
     assert!(claims(s, on(A, "x", 1, 4), ALIVE).await);
     assert!(claims(s, on(A, "y", 1, 5), ALIVE).await);
-    s.release_streams(A).await.unwrap();
+    s.worker_streams().retire(A).await.unwrap();
     assert!(claims(s, on(B, "x", 2, 6), ALIVE).await);
     assert!(claims(s, on(B, "y", 2, 7), ALIVE).await);
     assert_eq!(
-        s.renew_streams(A, ALIVE).await.unwrap(),
+        s.worker_streams().renew(A, ALIVE).await.unwrap(),
         Some(vec![]),
         "A is forgotten with its streams"
     );

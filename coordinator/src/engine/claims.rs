@@ -25,8 +25,16 @@ impl Coordinator {
         instance: Instance,
         conn: u64,
     ) -> Result<bool> {
-        let claim = self.stream_claim(worker_id, instance.0, conn);
-        self.store.claim_stream(&claim, self.stream_ttl_ms()).await
+        let claim = StreamClaim {
+            worker_id,
+            instance: instance.0,
+            coordinator: &self.id,
+            stream: conn,
+        };
+        self.store
+            .worker_streams()
+            .claim(&claim, self.stream_ttl_ms())
+            .await
     }
 
     /// Releases stream `conn`'s claim of `worker_id` in the background
@@ -49,19 +57,10 @@ impl Coordinator {
                 coordinator,
                 stream: conn,
             };
-            if let Err(e) = store.release_stream(&claim).await {
+            if let Err(e) = store.worker_streams().release(&claim).await {
                 tracing::warn!(worker_id, error = %e, "releasing an ended worker stream's claim of its worker id failed; other processes with that id are refused until this coordinator stops");
             }
         });
-    }
-
-    fn stream_claim<'a>(&'a self, worker_id: &'a str, instance: u64, conn: u64) -> StreamClaim<'a> {
-        StreamClaim {
-            worker_id,
-            instance,
-            coordinator: &self.id,
-            stream: conn,
-        }
     }
 
     /// How long this coordinator's claims outlive its last renewal: three
@@ -80,7 +79,7 @@ impl Coordinator {
         // Before the read: a stream confirmed later is not in it.
         let ours = self.registry.claimed();
         let ttl_ms = self.stream_ttl_ms();
-        let Some(held) = self.store.renew_streams(&self.id, ttl_ms).await? else {
+        let Some(held) = self.store.worker_streams().renew(&self.id, ttl_ms).await? else {
             return Ok(0);
         };
         let held: HashSet<(String, u64)> =
@@ -107,12 +106,10 @@ impl Coordinator {
     /// Releases this coordinator's claims of worker ids (shutdown, once
     /// every stream ended): other processes may take them at once.
     pub async fn release_stream_claims(&self) -> Result<()> {
-        self.store.release_streams(&self.id).await
+        self.store.worker_streams().retire(&self.id).await
     }
 }
 
-/// A Subscribe for a worker id whose stream is open, on this coordinator
-/// or another.
 /// A stream registered but not yet confirmed: dropped, it is undone (here
 /// and its claim, which may have committed) unless
 /// [`confirmed`](Pending::confirmed).
@@ -135,6 +132,8 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// A Subscribe for a worker id whose stream is open, on this coordinator
+/// or another.
 pub(super) fn stream_taken(worker_id: &str) -> Error {
     Error::AlreadyExists(format!(
         "worker {worker_id:?} is connected already (its Subscribe stream is open); \

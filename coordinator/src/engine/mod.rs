@@ -349,7 +349,7 @@ impl Coordinator {
     /// One live stream per worker id (`ALREADY_EXISTS` otherwise, unless the
     /// same worker process reconnects): the registry refuses a second one
     /// among this coordinator's streams at no cost, then the database among
-    /// every coordinator's (`Store::claim_stream`). Until the database
+    /// every coordinator's (`WorkerStreams::claim`). Until the database
     /// agrees, the stream gets no work.
     pub async fn subscribe(
         &self,

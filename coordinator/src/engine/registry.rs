@@ -242,7 +242,7 @@ impl Registry {
     }
 
     /// Lets a stream `connect` registered get work and be listed: the
-    /// database gave it the worker id (`Store::claim_stream`). False if it
+    /// database gave it the worker id (`WorkerStreams::claim`). False if it
     /// is gone meanwhile.
     pub(crate) fn confirm(&self, worker_id: &str, conn: u64) -> bool {
         let mut map = self.lock();

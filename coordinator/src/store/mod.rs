@@ -26,7 +26,7 @@ use crate::error::Result;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
-pub use streams::{HeldStream, StreamClaim};
+pub use streams::{HeldStream, StreamClaim, WorkerStreams};
 
 /// Opens the store a database URL names: `postgres://…` or `postgresql://…`
 /// for PostgreSQL (shared by several coordinators), anything else — a
@@ -378,26 +378,10 @@ pub trait Store: Send + Sync + 'static {
     /// The live leases a worker holds.
     async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>>;
 
-    /// Claims `claim.worker_id` for the stream, keeping one live stream per
-    /// worker id across every coordinator on this database (`streams`
-    /// module doc); enrols the coordinator, alive for `ttl_ms`, if it is
-    /// not yet. False: the stream of another process holds the id through
-    /// another coordinator that is alive.
-    async fn claim_stream(&self, claim: &StreamClaim<'_>, ttl_ms: i64) -> Result<bool>;
-    /// Forgets an ended stream; a newer stream's claim of the id stays.
-    async fn release_stream(&self, claim: &StreamClaim<'_>) -> Result<()>;
-    /// Keeps `coordinator` and so all its streams' claims alive for
-    /// another `ttl_ms`. `Some`: its claims had lapsed (or it had none
-    /// yet), so others may have taken ids it held; it is alive again, and
-    /// these are the streams it still holds.
-    async fn renew_streams(
-        &self,
-        coordinator: &str,
-        ttl_ms: i64,
-    ) -> Result<Option<Vec<HeldStream>>>;
-    /// Forgets `coordinator` and every stream it holds (its shutdown): the
-    /// worker ids are free at once.
-    async fn release_streams(&self, coordinator: &str) -> Result<()>;
+    /// The record of which process streams each worker id through which
+    /// coordinator: one live stream per worker id across every coordinator
+    /// on this database (`streams` module doc).
+    fn worker_streams(&self) -> Box<dyn WorkerStreams + '_>;
 
     /// Effects committed by *other* coordinators sharing this database, as
     /// they commit (PostgreSQL `LISTEN`/`NOTIFY`): this coordinator wakes its

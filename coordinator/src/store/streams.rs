@@ -11,7 +11,7 @@
 //!
 //! - `stream_coordinators`: one row per coordinator (a random id drawn at
 //!   its start) and until when it is alive. The coordinator renews its row
-//!   every heartbeat interval ([`Store::renew_streams`]); a killed one's
+//!   every heartbeat interval ([`WorkerStreams::renew`]); a killed one's
 //!   row expires, which frees every worker id it held at once. Renewing one
 //!   row instead of each stream's keeps the cost flat however many workers
 //!   stream.
@@ -26,9 +26,8 @@
 //! row comes back and the Subscribe is refused. The times are the store's
 //! clock: the database's on PostgreSQL (one clock for every coordinator),
 //! the coordinator's on SQLite ([`Clock`]).
-//!
-//! [`Store::renew_streams`]: crate::store::Store::renew_streams
 
+use async_trait::async_trait;
 use sqlx::{
     AssertSqlSafe, Database, Encode, Executor, FromRow, IntoArguments, Pool, SqlSafeStr, Type,
 };
@@ -155,8 +154,33 @@ enum Arg<'q> {
     Int(i64),
 }
 
-/// The claims on one backend's pool: the statements above run the same way
-/// on both, only the clock differs.
+/// The record of live worker streams (module doc), as a store keeps it
+/// ([`Store::worker_streams`]).
+///
+/// [`Store::worker_streams`]: crate::store::Store::worker_streams
+#[async_trait]
+pub trait WorkerStreams: Send + Sync {
+    /// Claims `claim.worker_id` for the stream, keeping one live stream
+    /// per worker id across every coordinator on this database; enrols
+    /// the coordinator, alive for `ttl_ms`, if it is not yet. False: the
+    /// stream of another process holds the id through another coordinator
+    /// that is alive.
+    async fn claim(&self, claim: &StreamClaim<'_>, ttl_ms: i64) -> Result<bool>;
+    /// Forgets an ended stream, by worker id, coordinator and stream (not
+    /// instance): a newer stream's claim of the id stays.
+    async fn release(&self, claim: &StreamClaim<'_>) -> Result<()>;
+    /// Keeps `coordinator` and so all its streams' claims alive for
+    /// another `ttl_ms`. `Some`: its claims had lapsed (or it had none
+    /// yet), so others may have taken ids it held; it is alive again, and
+    /// these are the streams it still holds.
+    async fn renew(&self, coordinator: &str, ttl_ms: i64) -> Result<Option<Vec<HeldStream>>>;
+    /// Forgets `coordinator` and every stream it holds (its shutdown): the
+    /// worker ids are free at once.
+    async fn retire(&self, coordinator: &str) -> Result<()>;
+}
+
+/// The record on one backend's pool: the statements above run the same
+/// way on both, only the clock differs.
 pub(crate) struct Streams<'a, DB: Database> {
     pub db: &'a Pool<DB>,
     pub clock: Clock,
@@ -165,13 +189,11 @@ pub(crate) struct Streams<'a, DB: Database> {
 impl<DB> Streams<'_, DB>
 where
     DB: Database,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     DB::Arguments: IntoArguments<DB>,
     for<'q> i64: Encode<'q, DB>,
     for<'q> &'q str: Encode<'q, DB>,
     i64: Type<DB>,
     str: Type<DB>,
-    for<'r> (String, i64): FromRow<'r, DB::Row>,
 {
     /// `sql` with `args` bound, then the clock read at `now` where the
     /// backend binds it (a [`Statement`]'s; `None` for a statement without).
@@ -193,8 +215,21 @@ where
             _ => q,
         }
     }
+}
 
-    pub async fn claim(&self, claim: &StreamClaim<'_>, ttl_ms: i64) -> Result<bool> {
+#[async_trait]
+impl<DB> WorkerStreams for Streams<'_, DB>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'q> i64: Encode<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB>,
+    i64: Type<DB>,
+    str: Type<DB>,
+    for<'r> (String, i64): FromRow<'r, DB::Row>,
+{
+    async fn claim(&self, claim: &StreamClaim<'_>, ttl_ms: i64) -> Result<bool> {
         let now = Some(now_ms());
         let coordinator = Arg::Text(claim.coordinator);
         self.query(ENROL.sql(self.clock), &[coordinator, Arg::Int(ttl_ms)], now)
@@ -213,7 +248,7 @@ where
         Ok(claimed.is_some())
     }
 
-    pub async fn release(&self, claim: &StreamClaim<'_>) -> Result<()> {
+    async fn release(&self, claim: &StreamClaim<'_>) -> Result<()> {
         let args = [
             Arg::Text(claim.worker_id),
             Arg::Text(claim.coordinator),
@@ -223,7 +258,7 @@ where
         Ok(())
     }
 
-    pub async fn renew(&self, coordinator: &str, ttl_ms: i64) -> Result<Option<Vec<HeldStream>>> {
+    async fn renew(&self, coordinator: &str, ttl_ms: i64) -> Result<Option<Vec<HeldStream>>> {
         let now = Some(now_ms());
         let args = [Arg::Text(coordinator), Arg::Int(ttl_ms)];
         let renewed = self
@@ -250,7 +285,7 @@ where
         Ok(Some(held))
     }
 
-    pub async fn retire(&self, coordinator: &str) -> Result<()> {
+    async fn retire(&self, coordinator: &str) -> Result<()> {
         for sql in RETIRE {
             self.query(sql, &[Arg::Text(coordinator)], None)
                 .execute(self.db)

@@ -67,8 +67,7 @@ use crate::error::{Error, Result};
 use crate::store::common::plain_completions;
 use crate::store::streams::{Clock, Streams};
 use crate::store::{
-    ClaimRequest, Created, Effects, HeldStream, Limits, Pass, Report, Store, StreamClaim,
-    SubjectView,
+    ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView, WorkerStreams,
 };
 
 /// Advisory-lock namespace of plan names: versions of one plan are numbered
@@ -99,14 +98,6 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// The `worker_streams` claims (`store::streams`), on the pool.
-    fn streams(&self) -> Streams<'_, sqlx::Postgres> {
-        Streams {
-            db: &self.db,
-            clock: Clock::Database,
-        }
-    }
-
     /// Connects to `url` (`postgres://…` or `postgresql://…`) and applies the
     /// schema migrations (sqlx serialises concurrent migrators with an
     /// advisory lock, so coordinators may start together).
@@ -498,24 +489,11 @@ impl Store for PostgresStore {
         reads::live_leases(&self.db, worker_id).await
     }
 
-    async fn claim_stream(&self, claim: &StreamClaim<'_>, ttl_ms: i64) -> Result<bool> {
-        self.streams().claim(claim, ttl_ms).await
-    }
-
-    async fn release_stream(&self, claim: &StreamClaim<'_>) -> Result<()> {
-        self.streams().release(claim).await
-    }
-
-    async fn renew_streams(
-        &self,
-        coordinator: &str,
-        ttl_ms: i64,
-    ) -> Result<Option<Vec<HeldStream>>> {
-        self.streams().renew(coordinator, ttl_ms).await
-    }
-
-    async fn release_streams(&self, coordinator: &str) -> Result<()> {
-        self.streams().retire(coordinator).await
+    fn worker_streams(&self) -> Box<dyn WorkerStreams + '_> {
+        Box::new(Streams {
+            db: &self.db,
+            clock: Clock::Database,
+        })
     }
 
     /// Effects other coordinators commit, from `LISTEN stagecoach_effects`.

@@ -31,8 +31,7 @@ use crate::error::{Error, Result};
 use crate::store::common::{created_tasks, deadline_not_ahead, retry_past_deadline};
 use crate::store::streams::{Clock, Streams};
 use crate::store::{
-    ClaimRequest, Created, Effects, HeldStream, Limits, Pass, Report, Store, StreamClaim,
-    SubjectView,
+    ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView, WorkerStreams,
 };
 use machine::{EventAt, event};
 
@@ -45,14 +44,6 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// The `worker_streams` claims (`store::streams`), on the writer.
-    fn streams(&self) -> Streams<'_, sqlx::Sqlite> {
-        Streams {
-            db: &self.writer,
-            clock: Clock::Bound,
-        }
-    }
-
     /// Opens (creating if missing) the database at `url` (`sqlite://path` or
     /// a plain path) and applies the schema migrations.
     pub async fn open(url: &str, limits: Limits) -> Result<Self> {
@@ -321,24 +312,11 @@ impl Store for SqliteStore {
         reads::live_leases(&self.reader, worker_id).await
     }
 
-    async fn claim_stream(&self, claim: &StreamClaim<'_>, ttl_ms: i64) -> Result<bool> {
-        self.streams().claim(claim, ttl_ms).await
-    }
-
-    async fn release_stream(&self, claim: &StreamClaim<'_>) -> Result<()> {
-        self.streams().release(claim).await
-    }
-
-    async fn renew_streams(
-        &self,
-        coordinator: &str,
-        ttl_ms: i64,
-    ) -> Result<Option<Vec<HeldStream>>> {
-        self.streams().renew(coordinator, ttl_ms).await
-    }
-
-    async fn release_streams(&self, coordinator: &str) -> Result<()> {
-        self.streams().retire(coordinator).await
+    fn worker_streams(&self) -> Box<dyn WorkerStreams + '_> {
+        Box::new(Streams {
+            db: &self.writer,
+            clock: Clock::Bound,
+        })
     }
 }
 
