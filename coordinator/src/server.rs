@@ -19,7 +19,9 @@ use crate::auth::{Auth, Authorize};
 use crate::background::Background;
 use crate::config::Config;
 use crate::conn::{Conn, Connections, CountCalls, Timeouts};
-use crate::engine::{Coordinator, run_dispatcher, run_remote_effects, run_sweeper};
+use crate::engine::{
+    Coordinator, run_dispatcher, run_remote_effects, run_stream_claims, run_sweeper,
+};
 use crate::grpc::{AdminApi, MigrationApi, RequestLimit, WorkerApi};
 use crate::store::Store;
 
@@ -118,6 +120,8 @@ pub async fn run(
     let dispatcher = run_dispatcher(core.clone(), shutdown.clone());
     background.spawn("dispatcher", ok(dispatcher));
     background.spawn("sweeper", ok(run_sweeper(core.clone(), shutdown.clone())));
+    let claims = run_stream_claims(core.clone(), shutdown.clone());
+    background.spawn("renewal of worker stream claims", ok(claims));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -212,7 +216,12 @@ pub async fn run(
             drain,
         )
         .await?;
-    background.join().await?;
+    let stopped = background.join().await;
+    // Every stream has ended: the worker ids it served are free at once.
+    if let Err(e) = core.release_stream_claims().await {
+        tracing::warn!(error = %e, "forgetting this coordinator's worker streams in the database failed; other processes may take their worker ids once the claims expire");
+    }
+    stopped?;
     tracing::info!("coordinator stopped");
     Ok(())
 }

@@ -45,6 +45,7 @@
 //! | `semantics.rs` | deadline, subject exclusivity, idempotency, subject status, serial and dynamic stages (I8, I10) |
 //! | `fuzz_smoke.rs` | a few seconds of the fuzzer: no crash, no `INTERNAL` for bad input, SERVING, bounded memory, the checker clean on every migration |
 //! | `cluster_postgres.rs` | three coordinators on one PostgreSQL database: a fleet, a `kill -9`, racing admissions, a cancel across coordinators (I2, I3, I6, I9) |
+//! | `cluster_streams.rs` | one live `Subscribe` stream per worker id across two coordinators on one PostgreSQL database; instant failover of the same worker process |
 //!
 //! # A test, typically
 //!

@@ -160,3 +160,22 @@ pub async fn run_remote_effects(
         }
     }
 }
+
+/// Renews this coordinator's claims of its streams' worker ids every
+/// heartbeat interval until shutdown (`Coordinator::renew_stream_claims`).
+/// A failed renewal is logged and the streams keep running: the claims
+/// outlive a renewal by three intervals, and a lapse is repaired by the
+/// next renewal that works.
+pub async fn run_stream_claims(core: Arc<Coordinator>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(core.timing.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if let Err(e) = core.renew_stream_claims().await {
+            tracing::error!(error = %e, "renewing the claims of this coordinator's worker streams failed; trying again on the next tick");
+        }
+    }
+}

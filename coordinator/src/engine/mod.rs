@@ -3,6 +3,7 @@
 //! on the committed [`Effects`]: wake the dispatcher, tell watchers, push
 //! cancel notices. No protobuf here, so it is tested without a network.
 
+mod claims;
 mod group_commit;
 mod loops;
 mod registry;
@@ -22,9 +23,10 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::{Effects, PlanPage, Plans, Report, Store, SubjectView};
+use claims::{Pending, stream_taken};
 use group_commit::GroupCommit;
 
-pub use loops::{run_dispatcher, run_remote_effects, run_sweeper};
+pub use loops::{run_dispatcher, run_remote_effects, run_stream_claims, run_sweeper};
 pub use registry::{Ineligible, Instance, Registry, WorkerEvent, WorkerSpec, WorkerView};
 
 /// Timing of the worker protocol.
@@ -76,6 +78,9 @@ pub struct Coordinator {
     worker_permits: std::sync::Mutex<HashMap<u64, OwnedSemaphorePermit>>,
     shutdown: CancellationToken,
     reports: GroupCommit,
+    /// This coordinator's random id in the database's record of worker
+    /// streams (`store::streams`), drawn at start.
+    id: String,
 }
 
 impl Coordinator {
@@ -103,6 +108,7 @@ impl Coordinator {
             worker_permits: Default::default(),
             shutdown,
             reports: GroupCommit::default(),
+            id: format!("{:016x}", rand::random::<u64>()),
         })
     }
 
@@ -339,7 +345,13 @@ impl Coordinator {
     /// Registers a worker's stream. Events for it arrive on the returned
     /// receiver; call [`Coordinator::unsubscribe`] with the connection number
     /// when the stream ends.
-    pub fn subscribe(
+    ///
+    /// One live stream per worker id (`ALREADY_EXISTS` otherwise, unless the
+    /// same worker process reconnects): the registry refuses a second one
+    /// among this coordinator's streams at no cost, then the database among
+    /// every coordinator's (`WorkerStreams::claim`). Until the database
+    /// agrees, the stream gets no work.
+    pub async fn subscribe(
         &self,
         spec: WorkerSpec,
         instance: Instance,
@@ -359,7 +371,7 @@ impl Coordinator {
         for (i, kind) in spec.kinds.iter().enumerate() {
             validate_name(&format!("kinds[{i}]"), kind, "task kind")?;
         }
-        let conn_worker_id = spec.worker_id.clone();
+        let worker_id = spec.worker_id.clone();
         if spec.slots == 0 || spec.slots > 10_000 {
             return Err(Error::invalid(
                 "slots",
@@ -378,26 +390,47 @@ impl Coordinator {
             ))
         })?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let conn = self.registry.connect(spec, instance, tx).map_err(|_| {
-            Error::AlreadyExists(format!(
-                "worker {conn_worker_id:?} is connected already (its Subscribe stream is open); \
-                 a worker id has one stream at a time: give this process an id of its own, or \
-                 resubscribe once the other stream has closed"
-            ))
-        })?;
+        let conn = self
+            .registry
+            .connect(spec, instance, tx)
+            .map_err(|_| stream_taken(&worker_id))?;
         self.worker_permits
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(conn, permit);
+        // Undoes the stream on every way out but success, the caller
+        // dropping this call mid-claim included.
+        let pending = Pending {
+            core: self,
+            worker_id: &worker_id,
+            conn,
+        };
+        if !self.claim_stream(&worker_id, instance, conn).await? {
+            return Err(stream_taken(&worker_id));
+        }
+        // While the claim ran, the same process's newer stream may have
+        // replaced this one, or the shutdown closed it.
+        let confirmed = self.registry.confirm(&worker_id, conn);
         if self.shutdown.is_cancelled() {
-            self.unsubscribe(&conn_worker_id, conn);
             return Err(Error::ShuttingDown);
         }
+        if !confirmed {
+            return Err(stream_taken(&worker_id));
+        }
+        pending.confirmed();
         self.wake.notify_one();
         Ok((conn, rx))
     }
 
+    /// Forgets an ended stream: here, and its claim of the worker id in
+    /// the database.
     pub fn unsubscribe(&self, worker_id: &str, conn: u64) {
+        self.forget(worker_id, conn);
+        self.release_stream(worker_id, conn);
+    }
+
+    /// Forgets a stream here: the registry's entry and its place.
+    fn forget(&self, worker_id: &str, conn: u64) {
         self.registry.disconnect(worker_id, conn);
         // Frees the stream's place (`--max-worker-streams`).
         self.worker_permits

@@ -86,6 +86,10 @@ struct Connected {
     draining: bool,
     /// Whether the last pass found it ineligible: its change is logged once.
     benched: bool,
+    /// Whether the database gave it the worker id ([`Registry::confirm`]):
+    /// until then it gets no work and is not listed, as it may yet be
+    /// refused for a stream of the id on another coordinator.
+    claimed: bool,
 }
 
 /// A Subscribe refused: the worker id has an open stream of another
@@ -190,7 +194,8 @@ impl Registry {
     }
 
     /// Registers a stream and returns its connection number for
-    /// `disconnect`. A new stream is a sign of life, as a heartbeat is.
+    /// `disconnect`. A new stream is a sign of life, as a heartbeat is. It
+    /// gets work once [`confirm`](Self::confirm)ed.
     ///
     /// One stream per worker id: while the id's stream is open (its
     /// receiver not dropped), a second Subscribe would let anyone who knows
@@ -230,12 +235,37 @@ impl Registry {
             lease_lost: None,
             draining,
             benched: false,
+            claimed: false,
         };
         map.insert(spec.worker_id, entry);
         Ok(conn)
     }
 
-    /// Forgets a stream, unless a newer one of the same worker replaced it.
+    /// Lets a stream `connect` registered get work and be listed: the
+    /// database gave it the worker id (`WorkerStreams::claim`). False if it
+    /// is gone meanwhile.
+    pub(crate) fn confirm(&self, worker_id: &str, conn: u64) -> bool {
+        let mut map = self.lock();
+        match map.get_mut(worker_id) {
+            Some(c) if c.conn == conn => {
+                c.claimed = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The confirmed streams, as `(worker id, connection number)`.
+    pub(crate) fn claimed(&self) -> Vec<(String, u64)> {
+        self.lock()
+            .values()
+            .filter(|c| c.claimed)
+            .map(|c| (c.spec.worker_id.clone(), c.conn))
+            .collect()
+    }
+
+    /// Forgets a stream, unless a newer one of the same worker replaced it;
+    /// if it was open, dropping its sender ends it.
     pub(crate) fn disconnect(&self, worker_id: &str, conn: u64) {
         let mut map = self.lock();
         if map.get(worker_id).is_some_and(|c| c.conn == conn) {
@@ -314,6 +344,7 @@ impl Registry {
         let mut map = self.lock();
         let eligible = map
             .values_mut()
+            .filter(|c| c.claimed)
             .filter_map(|c| {
                 let status = self.status(c, now);
                 // A closing stream leaves the registry at once: nothing to say.
@@ -366,7 +397,12 @@ impl Registry {
     /// Every connected worker, by id, with its eligibility now.
     pub fn list(&self) -> Vec<WorkerView> {
         let now = Instant::now();
-        let mut out: Vec<_> = self.lock().values().map(|c| self.view(c, now)).collect();
+        let mut out: Vec<_> = self
+            .lock()
+            .values()
+            .filter(|c| c.claimed)
+            .map(|c| self.view(c, now))
+            .collect();
         out.sort_by(|a, b| a.spec.worker_id.cmp(&b.spec.worker_id));
         out
     }
@@ -406,6 +442,42 @@ mod tests {
         }
     }
 
+    /// Connects and confirms, as a Subscribe the database accepted.
+    fn join(
+        r: &Registry,
+        spec: WorkerSpec,
+        instance: Instance,
+        tx: mpsc::UnboundedSender<WorkerEvent>,
+    ) -> Result<u64, Taken> {
+        let id = spec.worker_id.clone();
+        let conn = r.connect(spec, instance, tx)?;
+        assert!(r.confirm(&id, conn));
+        Ok(conn)
+    }
+
+    #[test]
+    fn a_stream_gets_work_only_once_the_database_gave_it_the_id() {
+        let r = Registry::new(Duration::from_secs(60));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let first = r.connect(spec("a"), Instance(1), tx).unwrap();
+        assert!(r.pass().0.is_empty() && r.list().is_empty() && r.claimed().is_empty());
+        let (tx, _rx2) = mpsc::unbounded_channel();
+        assert_eq!(
+            r.connect(spec("a"), Instance(2), tx),
+            Err(Taken),
+            "an unconfirmed stream holds its id here all the same"
+        );
+        let (tx, _rx3) = mpsc::unbounded_channel();
+        let second = r.connect(spec("a"), Instance(1), tx).unwrap();
+        assert!(!r.confirm("a", first), "replaced meanwhile");
+        assert!(r.confirm("a", second));
+        assert_eq!(ids(&r.pass().0), ["a"]);
+        assert_eq!(r.claimed(), [("a".to_string(), second)]);
+        // A refused stream is undone: the id is free again.
+        r.disconnect("a", second);
+        assert!(r.list().is_empty() && r.claimed().is_empty());
+    }
+
     fn ids(eligible: &[Eligible]) -> Vec<&str> {
         let mut ids: Vec<_> = eligible.iter().map(|e| e.spec.worker_id.as_str()).collect();
         ids.sort();
@@ -416,15 +488,15 @@ mod tests {
     fn one_stream_per_worker_id_unless_the_same_instance_reconnects() {
         let r = Registry::new(Duration::from_secs(60));
         let (tx1, rx1) = mpsc::unbounded_channel();
-        let first = r.connect(spec("a"), Instance(1), tx1).unwrap();
+        let first = join(&r, spec("a"), Instance(1), tx1).unwrap();
         for other in [Instance(0), Instance(2)] {
             let (tx, _rx) = mpsc::unbounded_channel();
-            assert_eq!(r.connect(spec("a"), other, tx), Err(Taken));
+            assert_eq!(join(&r, spec("a"), other, tx), Err(Taken));
         }
         assert!(r.drain("a").is_some());
         // The same process: takes over, stays drained; the old stream ends.
         let (tx2, rx2) = mpsc::unbounded_channel();
-        let second = r.connect(spec("a"), Instance(1), tx2).unwrap();
+        let second = join(&r, spec("a"), Instance(1), tx2).unwrap();
         assert!(rx1.is_closed(), "the old stream's sender is gone");
         assert!(r.list()[0].draining);
         // The old stream's late disconnect leaves the new one registered.
@@ -433,7 +505,7 @@ mod tests {
         // Once the stream is closed, anyone may take the id.
         drop(rx2);
         let (tx3, _rx3) = mpsc::unbounded_channel();
-        assert!(r.connect(spec("a"), Instance(0), tx3).is_ok());
+        assert!(join(&r, spec("a"), Instance(0), tx3).is_ok());
         r.disconnect("a", second);
         assert_eq!(r.list().len(), 1);
         assert!(!r.list()[0].draining);
@@ -443,9 +515,8 @@ mod tests {
     fn a_worker_whose_lease_expired_waits_for_its_next_heartbeat() {
         let r = Registry::new(Duration::from_secs(60));
         let (tx, _rx) = mpsc::unbounded_channel();
-        r.connect(spec("a"), Instance::default(), tx.clone())
-            .unwrap();
-        r.connect(spec("b"), Instance::default(), tx).unwrap();
+        join(&r, spec("a"), Instance::default(), tx.clone()).unwrap();
+        join(&r, spec("b"), Instance::default(), tx).unwrap();
         assert_eq!(
             ids(&r.pass().0),
             ["a", "b"],
@@ -488,7 +559,7 @@ mod tests {
     fn a_worker_that_never_heartbeats_stops_getting_work_and_says_why() {
         let r = Registry::new(Duration::from_millis(1));
         let (tx, _rx) = mpsc::unbounded_channel();
-        r.connect(spec("quiet"), Instance::default(), tx).unwrap();
+        join(&r, spec("quiet"), Instance::default(), tx).unwrap();
         std::thread::sleep(Duration::from_millis(10));
         let (eligible, changes) = r.pass();
         assert!(eligible.is_empty());
@@ -513,9 +584,9 @@ mod tests {
     fn drained_and_closed_workers_get_nothing() {
         let r = Registry::new(Duration::from_secs(60));
         let (tx, rx) = mpsc::unbounded_channel();
-        r.connect(spec("d"), Instance::default(), tx).unwrap();
+        join(&r, spec("d"), Instance::default(), tx).unwrap();
         let (tx, _rx) = mpsc::unbounded_channel();
-        r.connect(spec("e"), Instance::default(), tx).unwrap();
+        join(&r, spec("e"), Instance::default(), tx).unwrap();
         r.drain("e");
         drop(rx);
         let (eligible, changes) = r.pass();

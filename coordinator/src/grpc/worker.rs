@@ -137,7 +137,10 @@ impl WorkerService for WorkerApi {
             kinds: r.kinds,
             slots: r.slots,
         };
-        let (conn, rx) = self.core.subscribe(spec.clone(), Instance(r.instance))?;
+        let (conn, rx) = self
+            .core
+            .subscribe(spec.clone(), Instance(r.instance))
+            .await?;
         tracing::info!(worker_id = %spec.worker_id, kinds = ?spec.kinds, slots = spec.slots, "worker subscribed");
         let timing = self.core.timing();
         let welcome = pb::WorkerMessage {

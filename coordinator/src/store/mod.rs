@@ -10,6 +10,7 @@
 mod common;
 mod postgres;
 mod sqlite;
+mod streams;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::error::Result;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+pub use streams::{HeldStream, StreamClaim, WorkerStreams};
 
 /// Opens the store a database URL names: `postgres://…` or `postgresql://…`
 /// for PostgreSQL (shared by several coordinators), anything else — a
@@ -375,6 +377,11 @@ pub trait Store: Send + Sync + 'static {
     async fn sweep(&self) -> Result<(SweepReport, Effects)>;
     /// The live leases a worker holds.
     async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>>;
+
+    /// The record of which process streams each worker id through which
+    /// coordinator: one live stream per worker id across every coordinator
+    /// on this database (`streams` module doc).
+    fn worker_streams(&self) -> Box<dyn WorkerStreams + '_>;
 
     /// Effects committed by *other* coordinators sharing this database, as
     /// they commit (PostgreSQL `LISTEN`/`NOTIFY`): this coordinator wakes its

@@ -65,7 +65,10 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::plain_completions;
-use crate::store::{ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView};
+use crate::store::streams::{Clock, Streams};
+use crate::store::{
+    ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView, WorkerStreams,
+};
 
 /// Advisory-lock namespace of plan names: versions of one plan are numbered
 /// one after another.
@@ -484,6 +487,13 @@ impl Store for PostgresStore {
 
     async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>> {
         reads::live_leases(&self.db, worker_id).await
+    }
+
+    fn worker_streams(&self) -> Box<dyn WorkerStreams + '_> {
+        Box::new(Streams {
+            db: &self.db,
+            clock: Clock::Database,
+        })
     }
 
     /// Effects other coordinators commit, from `LISTEN stagecoach_effects`.

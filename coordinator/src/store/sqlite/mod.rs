@@ -29,7 +29,10 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::{created_tasks, deadline_not_ahead, retry_past_deadline};
-use crate::store::{ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView};
+use crate::store::streams::{Clock, Streams};
+use crate::store::{
+    ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView, WorkerStreams,
+};
 use machine::{EventAt, event};
 
 /// The SQLite store.
@@ -307,6 +310,13 @@ impl Store for SqliteStore {
 
     async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>> {
         reads::live_leases(&self.reader, worker_id).await
+    }
+
+    fn worker_streams(&self) -> Box<dyn WorkerStreams + '_> {
+        Box::new(Streams {
+            db: &self.writer,
+            clock: Clock::Bound,
+        })
     }
 }
 
