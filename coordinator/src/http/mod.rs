@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Auth, HTTP_READ};
 use crate::engine::Coordinator;
 
+mod dashboard;
+
 /// What the HTTP handlers read.
 #[derive(Clone)]
 pub struct HttpState {
@@ -37,13 +39,14 @@ pub struct HttpState {
 /// Every route of the HTTP port.
 pub fn router(state: HttpState) -> Router {
     // Routes that need a token when auth is on.
-    let guarded: Router<HttpState> = Router::new();
+    let guarded: Router<HttpState> = Router::new().merge(dashboard::api(&state));
     let guarded = guarded.layer(middleware::from_fn_with_state(
         state.clone(),
         require_reader,
     ));
     Router::new()
         .merge(guarded)
+        .merge(dashboard::pages())
         // For load balancers and container checks, which hold no token.
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)

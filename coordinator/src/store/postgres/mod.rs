@@ -65,7 +65,9 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::plain_completions;
-use crate::store::{ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView};
+use crate::store::{
+    ClaimRequest, Created, Effects, LeasedTask, Limits, Pass, Report, Store, SubjectView,
+};
 
 /// Advisory-lock namespace of plan names: versions of one plan are numbered
 /// one after another.
@@ -484,6 +486,10 @@ impl Store for PostgresStore {
 
     async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>> {
         reads::live_leases(&self.db, worker_id).await
+    }
+
+    async fn leased_tasks(&self, migration_id: i64, limit: u32) -> Result<Vec<LeasedTask>> {
+        reads::leased_tasks(&self.db, migration_id, limit).await
     }
 
     /// Effects other coordinators commit, from `LISTEN stagecoach_effects`.

@@ -29,7 +29,9 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::{created_tasks, deadline_not_ahead, retry_past_deadline};
-use crate::store::{ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView};
+use crate::store::{
+    ClaimRequest, Created, Effects, LeasedTask, Limits, Pass, Report, Store, SubjectView,
+};
 use machine::{EventAt, event};
 
 /// The SQLite store.
@@ -307,6 +309,10 @@ impl Store for SqliteStore {
 
     async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>> {
         reads::live_leases(&self.reader, worker_id).await
+    }
+
+    async fn leased_tasks(&self, migration_id: i64, limit: u32) -> Result<Vec<LeasedTask>> {
+        reads::leased_tasks(&self.reader, migration_id, limit).await
     }
 }
 

@@ -11,7 +11,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::{self, corrupt, event_kind};
-use crate::store::{PlanPage, Plans, SubjectView};
+use crate::store::{LeasedTask, PlanPage, Plans, SubjectView};
 
 fn decode_plan(spec: &str) -> Result<PlanSpec> {
     serde_json::from_str(spec).map_err(|e| Error::Corrupt(format!("stored plan: {e}")))
@@ -309,5 +309,40 @@ pub(super) async fn live_leases(db: &SqlitePool, worker_id: &str) -> Result<Vec<
             task_id,
             attempt: a as u32,
         })
+        .collect())
+}
+
+/// A migration's leased tasks; `tasks_stage` (migration_id, stage_idx,
+/// state) finds them without reading its finished ones.
+pub(super) async fn leased_tasks(
+    db: &SqlitePool,
+    migration_id: i64,
+    limit: u32,
+) -> Result<Vec<LeasedTask>> {
+    let rows: Vec<(i64, i64, i64, String, Option<String>, i64, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT id, attempt, stage_idx, kind, lease_worker, progress_done, progress_total,
+                    lease_expires_at
+             FROM tasks WHERE migration_id = ? AND state = 'leased' ORDER BY id LIMIT ?",
+    )
+    .bind(migration_id)
+    .bind(limit as i64)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(task_id, attempt, stage, kind, worker, done, total, expires)| LeasedTask {
+                lease: LeaseToken {
+                    task_id,
+                    attempt: attempt as u32,
+                },
+                stage_index: stage as u32,
+                kind,
+                worker_id: worker.unwrap_or_default(),
+                done: done.max(0) as u64,
+                total: total.max(0) as u64,
+                lease_expires_at_ms: expires,
+            },
+        )
         .collect())
 }
