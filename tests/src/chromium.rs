@@ -280,6 +280,27 @@ impl Page<'_> {
     }
 }
 
+impl Page<'_> {
+    /// Saves a PNG of the whole page (beyond the viewport) to `path`.
+    pub async fn screenshot(&self, path: &Path) {
+        use base64::Engine;
+        let shot = self
+            .command(
+                "Page.captureScreenshot",
+                json!({"format": "png", "captureBeyondViewport": true}),
+            )
+            .await;
+        let data = shot["data"]
+            .as_str()
+            .expect("captureScreenshot answers data");
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .expect("a base64 screenshot");
+        std::fs::write(path, png)
+            .unwrap_or_else(|e| panic!("write screenshot {}: {e}", path.display()));
+    }
+}
+
 /// Where Chromium prints its DevTools endpoint: `DevToolsActivePort` in the
 /// profile, the port on its first line and the browser's path on its second.
 async fn devtools_endpoint(profile: &Path, child: &mut Child, log: &Path) -> String {

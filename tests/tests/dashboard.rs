@@ -457,6 +457,16 @@ fn text_of(selector: &str) -> String {
     format!("document.querySelector({selector:?})?.textContent")
 }
 
+/// Saves a screenshot of `page` as `name.png` in `STAGECOACH_SCREENSHOTS`,
+/// when that names a directory (to look at the page a test saw).
+async fn screenshot(page: &Page<'_>, name: &str) {
+    if let Some(dir) = std::env::var_os("STAGECOACH_SCREENSHOTS") {
+        let dir = Path::new(&dir);
+        std::fs::create_dir_all(dir).expect("create the screenshot dir");
+        page.screenshot(&dir.join(format!("{name}.png"))).await;
+    }
+}
+
 /// The page scrolls horizontally by this many pixels (0: it fits).
 async fn overflow(page: &Page<'_>) -> i64 {
     page.eval("document.scrollingElement.scrollWidth - window.innerWidth")
@@ -523,6 +533,7 @@ async fn browser_shows_migrations_and_follows_one_live() {
         .await;
     }
     assert_eq!(page.eval(&text_of("#live")).await, "live");
+    screenshot(&page, "list").await;
     // The hostile subject is text: no element made of it, no script run.
     let subject = format!("tr[data-migration-id=\"{hostile}\"] .subject");
     assert_eq!(page.eval(&text_of(&subject)).await, HOSTILE);
@@ -575,6 +586,7 @@ async fn browser_shows_migrations_and_follows_one_live() {
             .await,
         0
     );
+    screenshot(&page, "migration").await;
 
     // Live: a slow migration's open page follows it to the end, no reload.
     let slow = plan(
@@ -604,6 +616,7 @@ async fn browser_shows_migrations_and_follows_one_live() {
         &text_of("#view"),
     )
     .await;
+    screenshot(&page, "running").await;
     page.wait_for(
         &format!("{} === 'succeeded'", text_of("#migration-state")),
         WAIT,
@@ -648,6 +661,11 @@ async fn browser_shows_migrations_and_follows_one_live() {
     ] {
         phone.goto(&format!("{base}/{route}")).await;
         phone.wait_for(ready, WAIT, &text_of("#view")).await;
+        let name = match route.trim_start_matches("#/") {
+            "" => "migrations".to_string(),
+            r => r.replace('/', "-"),
+        };
+        screenshot(&phone, &format!("phone-{name}")).await;
         let width = phone
             .eval("document.scrollingElement.scrollWidth")
             .await

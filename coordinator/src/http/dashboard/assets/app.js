@@ -82,7 +82,7 @@ function table(columns, rows, attrsOf) {
       const td = el("td", { "data-label": columns[j] }, cell);
       return td;
     }))));
-  return el("table", {}, head, body);
+  return el("div", { class: "table-wrap" }, el("table", {}, head, body));
 }
 
 // --- the API ---------------------------------------------------------------
@@ -325,8 +325,11 @@ VIEWS.migration = {
     if (m.reason) facts.push(["Reason", m.reason]);
     facts.push(["Parameters", el("pre", {}, JSON.stringify(d.parameters, null, 2))]);
     shell.facts.replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
-    shell.gantt.replaceChildren(gantt(m.stages, d.spans, d.now_ms),
-      d.log_complete ? null : el("p", { class: "hint" }, `A long log: ${d.events_read} events read so far.`));
+    const width = shell.gantt.clientWidth || 600;
+    shell.gantt.replaceChildren(gantt(m.stages, d.spans, d.now_ms, width));
+    if (!d.log_complete) {
+      shell.gantt.appendChild(el("p", { class: "hint" }, `A long log: ${d.events_read} events read so far; the chart fills in as the rest is read.`));
+    }
     shell.stages.replaceChildren(table(["#", "Stage", "State", "Done", "Running", "Failed"],
       m.stages.map((s) => {
         const done = s.succeeded + s.failed + s.canceled;
@@ -362,15 +365,17 @@ function stageName(stages, index) {
 }
 
 // The stage timeline: one row per stage, one rect per run from the log.
-function gantt(stages, spans, nowMs) {
-  const W = 1000, PAD = 10, ROW = 64, BAR = 24;
-  const height = PAD * 2 + Math.max(1, stages.length) * ROW + 30;
+// Drawn in CSS pixels at the container's width, so its text stays legible
+// on a phone and on a wide screen alike.
+function gantt(stages, spans, nowMs, width) {
+  const W = Math.max(240, Math.floor(width)), PAD = 8, ROW = 40, BAR = 16;
+  const height = PAD * 2 + Math.max(1, stages.length) * ROW + 22;
   const svg = svgEl("svg", {
-    id: "gantt", viewBox: `0 0 ${W} ${height}`, role: "img",
+    id: "gantt", width: W, height, viewBox: `0 0 ${W} ${height}`, role: "img",
     "aria-label": "stage timeline",
   });
   if (!spans.length) {
-    svg.appendChild(svgEl("text", { x: PAD, y: PAD + 30 }, "No stage has started yet."));
+    svg.appendChild(svgEl("text", { x: PAD, y: PAD + 16 }, "No stage has started yet."));
     return svg;
   }
   const t0 = Math.min(...spans.map((s) => s.start_ms));
@@ -378,8 +383,8 @@ function gantt(stages, spans, nowMs) {
   const x = (t) => PAD + ((W - 2 * PAD) * (t - t0)) / (t1 - t0);
   stages.forEach((stage, row) => {
     const y = PAD + row * ROW;
-    svg.appendChild(svgEl("text", { x: PAD, y: y + 24 }, `${stage.name} (${stage.state})`));
-    svg.appendChild(svgEl("rect", { class: "track", x: PAD, y: y + 32, width: W - 2 * PAD, height: BAR }));
+    svg.appendChild(svgEl("text", { x: PAD, y: y + 14 }, `${stage.name} (${stage.state})`));
+    svg.appendChild(svgEl("rect", { class: "track", x: PAD, y: y + 20, width: W - 2 * PAD, height: BAR }));
   });
   for (const s of spans) {
     const row = stages.findIndex((st) => st.index === s.stage_index);
@@ -388,14 +393,14 @@ function gantt(stages, spans, nowMs) {
     const left = x(s.start_ms);
     const rect = svgEl("rect", {
       class: "span " + s.outcome, "data-stage": s.stage_index,
-      x: left, y: PAD + row * ROW + 32, width: Math.max(2, x(end) - left), height: BAR,
+      x: left, y: PAD + row * ROW + 20, width: Math.max(2, x(end) - left), height: BAR,
     }, svgEl("title", {}, `${stageName(stages, s.stage_index)}: ${s.outcome}, ${duration(end - s.start_ms)}`));
     svg.appendChild(rect);
   }
   const axisY = PAD + stages.length * ROW + 4;
   svg.appendChild(svgEl("line", { class: "axis", x1: PAD, y1: axisY, x2: W - PAD, y2: axisY }));
-  svg.appendChild(svgEl("text", { x: PAD, y: axisY + 26 }, new Date(t0).toLocaleTimeString()));
-  svg.appendChild(svgEl("text", { x: W - PAD, y: axisY + 26, "text-anchor": "end" }, `+${duration(t1 - t0)}`));
+  svg.appendChild(svgEl("text", { x: PAD, y: axisY + 16 }, new Date(t0).toLocaleTimeString()));
+  svg.appendChild(svgEl("text", { x: W - PAD, y: axisY + 16, "text-anchor": "end" }, `+${duration(t1 - t0)}`));
   return svg;
 }
 
@@ -512,6 +517,13 @@ async function startLive() {
 setInterval(() => {
   if (app.route && (app.route.view === "pools" || app.route.view === "workers")) refresh();
 }, 5000);
+
+// The chart is drawn at the page's width: redraw when that changes.
+let lastWidth = window.innerWidth;
+window.addEventListener("resize", () => {
+  if (window.innerWidth !== lastWidth && app.route && app.route.view === "migration") refreshSoon();
+  lastWidth = window.innerWidth;
+});
 
 document.getElementById("auth").querySelector("form").addEventListener("submit", onAuthSubmit);
 window.addEventListener("hashchange", onRoute);
