@@ -34,6 +34,7 @@ const MAX_PAGE: u32 = 500;
 const MAX_LEASED: u32 = 200;
 
 /// An error answer.
+#[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     field: Option<String>,
@@ -520,7 +521,7 @@ mod tests {
             (&[("page_size", "x")][..], "page_size"),
             (&[("page_token", "-3")][..], "page_token"),
         ] {
-            let e = list_filter(query(pairs)).err().expect("refused");
+            let e = list_filter(query(pairs)).expect_err("refused");
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
             assert_eq!(e.field.as_deref(), Some(field), "{pairs:?}");
         }

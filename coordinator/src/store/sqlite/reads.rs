@@ -10,7 +10,7 @@ use crate::domain::{
     StageState,
 };
 use crate::error::{Error, Result};
-use crate::store::common::{self, corrupt, event_kind};
+use crate::store::common::{self, LeasedTaskRow, corrupt, event_kind};
 use crate::store::{LeasedTask, PlanPage, Plans, SubjectView};
 
 fn decode_plan(spec: &str) -> Result<PlanSpec> {
@@ -319,30 +319,14 @@ pub(super) async fn leased_tasks(
     migration_id: i64,
     limit: u32,
 ) -> Result<Vec<LeasedTask>> {
-    let rows: Vec<(i64, i64, i64, String, Option<String>, i64, i64, Option<i64>)> = sqlx::query_as(
+    let rows: Vec<LeasedTaskRow> = sqlx::query_as(
         "SELECT id, attempt, stage_idx, kind, lease_worker, progress_done, progress_total,
-                    lease_expires_at
-             FROM tasks WHERE migration_id = ? AND state = 'leased' ORDER BY id LIMIT ?",
+                lease_expires_at
+         FROM tasks WHERE migration_id = ? AND state = 'leased' ORDER BY id LIMIT ?",
     )
     .bind(migration_id)
     .bind(limit as i64)
     .fetch_all(db)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(task_id, attempt, stage, kind, worker, done, total, expires)| LeasedTask {
-                lease: LeaseToken {
-                    task_id,
-                    attempt: attempt as u32,
-                },
-                stage_index: stage as u32,
-                kind,
-                worker_id: worker.unwrap_or_default(),
-                done: done.max(0) as u64,
-                total: total.max(0) as u64,
-                lease_expires_at_ms: expires,
-            },
-        )
-        .collect())
+    Ok(rows.into_iter().map(common::leased_task).collect())
 }
