@@ -135,14 +135,7 @@ async fn api_lists_filters_pages_and_shows_one_migration(backend: Backend) {
     let c = cluster.client().await;
     let base = cluster.coordinator.http_url().expect("an HTTP port");
 
-    let three = plan(
-        "three",
-        vec![
-            stage("extract", vec![task("noop", json!({}))]),
-            stage("transform", vec![task("noop", json!({})); 2]),
-            stage("load", vec![task("noop", json!({}))]),
-        ],
-    );
+    let three = three_stages();
     let doomed = plan(
         "doomed",
         vec![stage("only", vec![task("fail", json!({}))]).with_retry(retry(1, 0, 0, 0))],
@@ -340,6 +333,18 @@ async fn api_lists_filters_pages_and_shows_one_migration(backend: Backend) {
     );
 }
 
+/// Three stages of noop tasks (1, 2, 1): three spans in the chart.
+fn three_stages() -> stagecoach_proto::v1::Plan {
+    plan(
+        "three",
+        vec![
+            stage("extract", vec![task("noop", json!({}))]),
+            stage("transform", vec![task("noop", json!({})); 2]),
+            stage("load", vec![task("noop", json!({}))]),
+        ],
+    )
+}
+
 /// Polls `path` until `pick` finds what it wants in the answer.
 async fn wait_json<T>(base: &str, path: &str, pick: impl Fn(&Json) -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -359,16 +364,17 @@ async fn wait_json<T>(base: &str, path: &str, pick: impl Fn(&Json) -> Option<T>)
 
 // --- tokens ------------------------------------------------------------------
 
-/// Tokens of every role and the tokens file that holds them.
+/// A token of every role.
 struct Tokens {
-    file: std::path::PathBuf,
     admin: String,
     worker: String,
     viewer: String,
     client: String,
 }
 
-async fn tokens(dir: &Path) -> Tokens {
+/// A coordinator (SQLite, in `dir`) whose tokens file holds a token of
+/// every role.
+async fn with_tokens(dir: &Path) -> (Coordinator, Tokens) {
     let mut lines = Vec::new();
     let mut made = Vec::new();
     for role in ["admin", "worker", "viewer", "client"] {
@@ -394,13 +400,15 @@ async fn tokens(dir: &Path) -> Tokens {
     let file = dir.join("tokens");
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     let [admin, worker, viewer, client] = made.try_into().expect("four tokens");
-    Tokens {
-        file,
+    let file = file.to_str().expect("a utf-8 path");
+    let coord = Coordinator::start(Backend::Sqlite, &dir.join("c"), &["--auth-tokens", file]).await;
+    let tokens = Tokens {
         admin,
         worker,
         viewer,
         client,
-    }
+    };
+    (coord, tokens)
 }
 
 /// With a tokens file: the page is open, the API needs a viewer or an
@@ -409,14 +417,7 @@ async fn tokens(dir: &Path) -> Tokens {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn api_needs_a_viewer_or_admin_token() {
     let tmp = tempfile::tempdir().unwrap();
-    let t = tokens(tmp.path()).await;
-    let file = t.file.to_str().unwrap();
-    let coord = Coordinator::start(
-        Backend::Sqlite,
-        &tmp.path().join("c"),
-        &["--auth-tokens", file],
-    )
-    .await;
+    let (coord, t) = with_tokens(tmp.path()).await;
     let base = coord.http_url().unwrap();
 
     for path in ["/", "/app.js", "/style.css"] {
@@ -482,14 +483,7 @@ async fn browser_shows_migrations_and_follows_one_live() {
     let cluster = Cluster::start_fast(Backend::Sqlite, &[], 1, 4).await;
     let c = cluster.client().await;
     let base = cluster.coordinator.http_url().expect("an HTTP port");
-    let three = plan(
-        "three",
-        vec![
-            stage("extract", vec![task("noop", json!({}))]),
-            stage("transform", vec![task("noop", json!({})); 2]),
-            stage("load", vec![task("noop", json!({}))]),
-        ],
-    );
+    let three = three_stages();
     let done = c
         .create(create_inline(three.clone(), "project/a"))
         .await
@@ -682,14 +676,7 @@ async fn browser_shows_migrations_and_follows_one_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn browser_asks_for_a_token() {
     let tmp = tempfile::tempdir().unwrap();
-    let t = tokens(tmp.path()).await;
-    let file = t.file.to_str().unwrap();
-    let coord = Coordinator::start(
-        Backend::Sqlite,
-        &tmp.path().join("c"),
-        &["--auth-tokens", file],
-    )
-    .await;
+    let (coord, t) = with_tokens(tmp.path()).await;
     let base = coord.http_url().unwrap();
     let admin = Client::connect_with_token(&coord.url(), Some(&t.admin)).await;
     let one = plan("one", vec![stage("s", vec![task("noop", json!({}))])]);
