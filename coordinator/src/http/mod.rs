@@ -9,9 +9,10 @@
 //! handlers call: there is no second source of truth.
 //!
 //! Tokens work as on the gRPC port: with a tokens file every route but
-//! `/healthz` needs `authorization: Bearer TOKEN` of a role that may read
-//! pools and workers ([`HTTP_READ`]); no token answers `401`, another role
-//! `403`, with the same messages as gRPC.
+//! `/healthz` and the dashboard's page itself (`/`, `/app.js`, `/style.css`:
+//! no data, see `dashboard`) needs `authorization: Bearer TOKEN` of a role
+//! that may read pools and workers ([`HTTP_READ`]); no token answers `401`,
+//! another role `403`, with the same messages as gRPC.
 
 use std::sync::Arc;
 
