@@ -18,6 +18,7 @@
 //! | [`plans`] | short builders for the plans tests write |
 //! | [`sample`] | the sample export plan and a source database to export |
 //! | [`archive`] | [`check_archive`]: the export archive checked against its source |
+//! | [`chromium`] | [`chromium::Chromium`]: headless Chromium over the DevTools protocol, installed when missing |
 //!
 //! The test files under `tests/` are the scenarios. Each scenario runs on
 //! both backends, as `sqlite::NAME` and `postgres::NAME`
@@ -44,6 +45,7 @@
 //! | `cancel_retry.rs` | cancel mid-stage and retry after a failure (I9) |
 //! | `semantics.rs` | deadline, subject exclusivity, idempotency, subject status, serial and dynamic stages (I8, I10) |
 //! | `fuzz_smoke.rs` | a few seconds of the fuzzer: no crash, no `INTERNAL` for bad input, SERVING, bounded memory, the checker clean on every migration |
+//! | `dashboard.rs` | the web dashboard: its JSON API (filters, paging, spans, tail, leased tasks, live feed, tokens) and the page in headless Chromium (states, Gantt chart, a live update without reload, hostile subjects as text, 390 px, the token prompt) |
 //! | `cluster_postgres.rs` | three coordinators on one PostgreSQL database: a fleet, a `kill -9`, racing admissions, a cancel across coordinators (I2, I3, I6, I9) |
 //! | `cluster_streams.rs` | one live `Subscribe` stream per worker id across two coordinators on one PostgreSQL database; instant failover of the same worker process |
 //!
@@ -78,6 +80,7 @@ pub mod backend;
 pub mod bench;
 pub mod binaries;
 pub mod capacity;
+pub mod chromium;
 pub mod client;
 pub mod cluster;
 pub mod fake_worker;

@@ -22,7 +22,7 @@ use crate::domain::{
     validate_name,
 };
 use crate::error::{Error, Result};
-use crate::store::{Effects, PlanPage, Plans, Report, Store, SubjectView};
+use crate::store::{Effects, LeasedTask, PlanPage, Plans, Report, Store, SubjectView};
 use claims::{Pending, stream_taken};
 use group_commit::GroupCommit;
 
@@ -282,6 +282,13 @@ impl Coordinator {
     ) -> Result<Vec<Event>> {
         self.get_migration(migration_id).await?;
         self.store.list_events(migration_id, after_id, limit).await
+    }
+
+    /// The tasks of a migration under lease now, with their workers and
+    /// last reported progress, at most `limit` (the dashboard's view of
+    /// one migration). Read-only.
+    pub async fn leased_tasks(&self, migration_id: i64, limit: u32) -> Result<Vec<LeasedTask>> {
+        self.store.leased_tasks(migration_id, limit).await
     }
 
     /// Cancels it; with `by` (the caller's token name) the reason, which

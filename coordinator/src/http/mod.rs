@@ -9,9 +9,10 @@
 //! handlers call: there is no second source of truth.
 //!
 //! Tokens work as on the gRPC port: with a tokens file every route but
-//! `/healthz` needs `authorization: Bearer TOKEN` of a role that may read
-//! pools and workers ([`HTTP_READ`]); no token answers `401`, another role
-//! `403`, with the same messages as gRPC.
+//! `/healthz` and the dashboard's page itself (`/`, `/app.js`, `/style.css`:
+//! no data, see `dashboard`) needs `authorization: Bearer TOKEN` of a role
+//! that may read pools and workers ([`HTTP_READ`]); no token answers `401`,
+//! another role `403`, with the same messages as gRPC.
 
 use std::sync::Arc;
 
@@ -27,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Auth, HTTP_READ};
 use crate::engine::Coordinator;
 
+mod dashboard;
+
 /// What the HTTP handlers read.
 #[derive(Clone)]
 pub struct HttpState {
@@ -37,13 +40,14 @@ pub struct HttpState {
 /// Every route of the HTTP port.
 pub fn router(state: HttpState) -> Router {
     // Routes that need a token when auth is on.
-    let guarded: Router<HttpState> = Router::new();
+    let guarded: Router<HttpState> = Router::new().merge(dashboard::api(&state));
     let guarded = guarded.layer(middleware::from_fn_with_state(
         state.clone(),
         require_reader,
     ));
     Router::new()
         .merge(guarded)
+        .merge(dashboard::pages())
         // For load balancers and container checks, which hold no token.
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)

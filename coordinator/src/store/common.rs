@@ -11,7 +11,7 @@ use crate::domain::{
     StageSpec, SubjectStatus, TaskSpec, shown, validate_task,
 };
 use crate::error::{Error, Result};
-use crate::store::{ClaimRequest, Effects, Report};
+use crate::store::{ClaimRequest, Effects, LeasedTask, Report};
 
 /// The error for a stored value this build does not know (a state or kind
 /// name written by another version, or a damaged row).
@@ -452,6 +452,26 @@ pub(crate) fn backoff_ms(initial: i64, max: i64, failures: i64) -> i64 {
     let exp = initial.saturating_mul(1i64 << (failures - 1).clamp(0, 30));
     let delay = exp.min(max).max(1);
     delay / 2 + rand::rng().random_range(0..=delay / 2)
+}
+
+/// A row of `leased_tasks`: id, attempt, stage_idx, kind, lease_worker,
+/// progress_done, progress_total, lease_expires_at.
+pub(crate) type LeasedTaskRow = (i64, i64, i64, String, Option<String>, i64, i64, Option<i64>);
+
+pub(crate) fn leased_task(row: LeasedTaskRow) -> LeasedTask {
+    let (task_id, attempt, stage, kind, worker, done, total, expires) = row;
+    LeasedTask {
+        lease: LeaseToken {
+            task_id,
+            attempt: attempt as u32,
+        },
+        stage_index: stage as u32,
+        kind,
+        worker_id: worker.unwrap_or_default(),
+        done: done.max(0) as u64,
+        total: total.max(0) as u64,
+        lease_expires_at_ms: expires,
+    }
 }
 
 #[cfg(test)]

@@ -251,6 +251,20 @@ pub struct SubjectView {
     pub last_succeeded: Option<Migration>,
 }
 
+/// A task under lease, with its worker's last reported progress (for the
+/// dashboard's view of one migration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedTask {
+    pub lease: LeaseToken,
+    pub stage_index: u32,
+    pub kind: String,
+    pub worker_id: String,
+    /// Progress from the last heartbeat (0 of 0 before the first).
+    pub done: u64,
+    pub total: u64,
+    pub lease_expires_at_ms: Option<i64>,
+}
+
 /// The store interface. Mutating methods name the invariant they keep.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -377,6 +391,8 @@ pub trait Store: Send + Sync + 'static {
     async fn sweep(&self) -> Result<(SweepReport, Effects)>;
     /// The live leases a worker holds.
     async fn live_leases(&self, worker_id: &str) -> Result<Vec<LeaseToken>>;
+    /// The leased tasks of a migration, by task id, at most `limit`.
+    async fn leased_tasks(&self, migration_id: i64, limit: u32) -> Result<Vec<LeasedTask>>;
 
     /// The record of which process streams each worker id through which
     /// coordinator: one live stream per worker id across every coordinator

@@ -67,7 +67,8 @@ use crate::error::{Error, Result};
 use crate::store::common::plain_completions;
 use crate::store::streams::{Clock, Streams};
 use crate::store::{
-    ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView, WorkerStreams,
+    ClaimRequest, Created, Effects, LeasedTask, Limits, Pass, Report, Store, SubjectView,
+    WorkerStreams,
 };
 
 /// Advisory-lock namespace of plan names: versions of one plan are numbered
@@ -494,6 +495,10 @@ impl Store for PostgresStore {
             db: &self.db,
             clock: Clock::Database,
         })
+    }
+
+    async fn leased_tasks(&self, migration_id: i64, limit: u32) -> Result<Vec<LeasedTask>> {
+        reads::leased_tasks(&self.db, migration_id, limit).await
     }
 
     /// Effects other coordinators commit, from `LISTEN stagecoach_effects`.

@@ -31,7 +31,8 @@ use crate::error::{Error, Result};
 use crate::store::common::{created_tasks, deadline_not_ahead, retry_past_deadline};
 use crate::store::streams::{Clock, Streams};
 use crate::store::{
-    ClaimRequest, Created, Effects, Limits, Pass, Report, Store, SubjectView, WorkerStreams,
+    ClaimRequest, Created, Effects, LeasedTask, Limits, Pass, Report, Store, SubjectView,
+    WorkerStreams,
 };
 use machine::{EventAt, event};
 
@@ -317,6 +318,10 @@ impl Store for SqliteStore {
             db: &self.writer,
             clock: Clock::Bound,
         })
+    }
+
+    async fn leased_tasks(&self, migration_id: i64, limit: u32) -> Result<Vec<LeasedTask>> {
+        reads::leased_tasks(&self.reader, migration_id, limit).await
     }
 }
 

@@ -10,8 +10,8 @@ use crate::domain::{
     StageState,
 };
 use crate::error::{Error, Result};
-use crate::store::common::{self, corrupt, event_kind};
-use crate::store::{PlanPage, Plans, SubjectView};
+use crate::store::common::{self, LeasedTaskRow, corrupt, event_kind};
+use crate::store::{LeasedTask, PlanPage, Plans, SubjectView};
 
 fn decode_plan(spec: &str) -> Result<PlanSpec> {
     serde_json::from_str(spec).map_err(|e| Error::Corrupt(format!("stored plan: {e}")))
@@ -310,4 +310,23 @@ pub(super) async fn live_leases(db: &SqlitePool, worker_id: &str) -> Result<Vec<
             attempt: a as u32,
         })
         .collect())
+}
+
+/// A migration's leased tasks; `tasks_stage` (migration_id, stage_idx,
+/// state) finds them without reading its finished ones.
+pub(super) async fn leased_tasks(
+    db: &SqlitePool,
+    migration_id: i64,
+    limit: u32,
+) -> Result<Vec<LeasedTask>> {
+    let rows: Vec<LeasedTaskRow> = sqlx::query_as(
+        "SELECT id, attempt, stage_idx, kind, lease_worker, progress_done, progress_total,
+                lease_expires_at
+         FROM tasks WHERE migration_id = ? AND state = 'leased' ORDER BY id LIMIT ?",
+    )
+    .bind(migration_id)
+    .bind(limit as i64)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(common::leased_task).collect())
 }
