@@ -62,7 +62,6 @@ fn guarded<S>(
 }
 
 /// The tokens of `--auth-tokens`, or auth off; says at start which it is.
-
 fn load_auth(config: &Config) -> Result<Auth, ServeError> {
     let Some(path) = &config.auth_tokens else {
         if config.is_open_to_others() {

@@ -189,16 +189,17 @@ fn belongs(name: &str, family: &str, kind: &str) -> bool {
         "histogram" => ["_bucket", "_sum", "_count"]
             .iter()
             .any(|s| name.strip_suffix(s) == Some(family)),
-        "summary" => name == family || name == format!("{family}_sum") || name == format!("{family}_count"),
+        "summary" => {
+            name == family || name == format!("{family}_sum") || name == format!("{family}_count")
+        }
         _ => name == family,
     }
 }
 
 fn check_name(name: &str) -> Result<(), String> {
-    let ok = name
-        .chars()
-        .enumerate()
-        .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()));
+    let ok = name.chars().enumerate().all(|(i, c)| {
+        c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+    });
     if ok && !name.is_empty() {
         Ok(())
     } else {
@@ -278,7 +279,10 @@ fn check_histogram(name: &str, family: &Family) -> Result<(), String> {
     let mut counts = BTreeMap::new();
     for s in &family.samples {
         if s.name.ends_with("_bucket") {
-            let le = s.labels.get("le").ok_or(format!("{name}: a bucket without le"))?;
+            let le = s
+                .labels
+                .get("le")
+                .ok_or(format!("{name}: a bucket without le"))?;
             let le = if le == "+Inf" {
                 f64::INFINITY
             } else {
@@ -292,8 +296,14 @@ fn check_histogram(name: &str, family: &Family) -> Result<(), String> {
     for (labels, b) in &buckets {
         let rising = b.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1);
         let last = b.last().copied();
-        if !rising || last.map(|l| l.0) != Some(f64::INFINITY) || last.map(|l| l.1) != counts.get(labels).copied() {
-            return Err(format!("{name}{labels:?}: buckets {b:?}, count {:?}", counts.get(labels)));
+        if !rising
+            || last.map(|l| l.0) != Some(f64::INFINITY)
+            || last.map(|l| l.1) != counts.get(labels).copied()
+        {
+            return Err(format!(
+                "{name}{labels:?}: buckets {b:?}, count {:?}",
+                counts.get(labels)
+            ));
         }
     }
     Ok(())
@@ -320,12 +330,12 @@ mod tests {
     #[test]
     fn malformed_expositions_are_refused() {
         for bad in [
-            "a 1\n",                                                    // no # TYPE
-            "# TYPE a gauge\nb 1\n",                                    // another family's sample
-            "# TYPE a gauge\n# TYPE a gauge\n",                          // a family twice
-            "# TYPE a gauge\na{k=\"v} 1\n",                              // unclosed value
-            "# TYPE a gauge\na one\n",                                  // not a number
-            "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_count 2\n",    // no +Inf bucket
+            "a 1\n",                                                 // no # TYPE
+            "# TYPE a gauge\nb 1\n",                                 // another family's sample
+            "# TYPE a gauge\n# TYPE a gauge\n",                      // a family twice
+            "# TYPE a gauge\na{k=\"v} 1\n",                          // unclosed value
+            "# TYPE a gauge\na one\n",                               // not a number
+            "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_count 2\n", // no +Inf bucket
             "# TYPE h histogram\nh_bucket{le=\"1\"} 3\nh_bucket{le=\"+Inf\"} 2\nh_count 2\n",
         ] {
             assert!(Scrape::parse(bad).is_err(), "accepted {bad:?}");

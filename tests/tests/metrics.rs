@@ -57,7 +57,10 @@ async fn run(client: &Client, req: CreateMigrationRequest) -> MigrationState {
 /// A migration whose only task no worker handles: it runs, and its task
 /// stays ready.
 async fn create_stuck(client: &Client, subject: &str) -> i64 {
-    let stuck = plan("stuck", vec![stage("s", vec![task("nobody.handles", json!({}))])]);
+    let stuck = plan(
+        "stuck",
+        vec![stage("s", vec![task("nobody.handles", json!({}))])],
+    );
     let m = client.create(create_inline(stuck, subject)).await;
     m.expect("CreateMigration").id
 }
@@ -109,7 +112,10 @@ async fn the_families_count_what_happened(backend: Backend) {
     client.cancel(canceled.id, "enough").await.expect("cancel");
     create_stuck(&client, "project/stuck").await;
     let refused = client
-        .create(create_inline(plan("p", vec![stage("s", vec![task("noop", json!({}))])]), ""))
+        .create(create_inline(
+            plan("p", vec![stage("s", vec![task("noop", json!({}))])]),
+            "",
+        ))
         .await
         .expect_err("an empty subject is refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
@@ -147,7 +153,12 @@ async fn the_families_count_what_happened(backend: Backend) {
         s.assert_type(family, kind);
     }
 
-    let by_state = |state| s.value("stagecoach_migrations", &[("pool", "default"), ("state", state)]);
+    let by_state = |state| {
+        s.value(
+            "stagecoach_migrations",
+            &[("pool", "default"), ("state", state)],
+        )
+    };
     assert_eq!(
         ["queued", "running", "succeeded", "failed", "canceled"].map(by_state),
         [0.0, 1.0, 1.0, 1.0, 1.0],
@@ -161,7 +172,11 @@ async fn the_families_count_what_happened(backend: Backend) {
         s.value("stagecoach_tasks_ready", &[("kind", "nobody.handles")]),
         1.0
     );
-    assert_eq!(s.family("stagecoach_tasks_ready").samples.len(), 1, "no other kind is ready");
+    assert_eq!(
+        s.family("stagecoach_tasks_ready").samples.len(),
+        1,
+        "no other kind is ready"
+    );
     assert_eq!(s.value("stagecoach_tasks_dead", &[]), 1.0);
     assert_eq!(s.value("stagecoach_database_read_success", &[]), 1.0);
 
@@ -185,7 +200,10 @@ async fn the_families_count_what_happened(backend: Backend) {
     assert_eq!(tasks("succeeded"), 6.0, "one observation per task run");
     assert_eq!(tasks("failed"), 3.0);
     assert!(
-        s.value("stagecoach_task_duration_seconds_sum", &[("outcome", "succeeded")]) >= 0.02,
+        s.value(
+            "stagecoach_task_duration_seconds_sum",
+            &[("outcome", "succeeded")]
+        ) >= 0.02,
         "the sleep task took its 20 ms"
     );
     assert_eq!(
@@ -264,8 +282,12 @@ async fn metrics_need_a_viewer_token_when_auth_is_on() {
     let file = dir.path().join("tokens");
     std::fs::write(&file, format!("{v}\n{w}\n")).unwrap();
     let file = file.to_str().unwrap();
-    let coordinator =
-        Coordinator::start(Backend::Sqlite, &dir.path().join("c"), &["--auth-tokens", file]).await;
+    let coordinator = Coordinator::start(
+        Backend::Sqlite,
+        &dir.path().join("c"),
+        &["--auth-tokens", file],
+    )
+    .await;
     let base = coordinator.http_url().expect("an HTTP port");
 
     let none = get(&base, "/metrics", None).await;
@@ -277,7 +299,10 @@ async fn metrics_need_a_viewer_token_when_auth_is_on() {
     assert_eq!(as_worker.status, 403, "{as_worker:?}");
     assert!(as_worker.body.contains("role worker"), "{as_worker:?}");
     let s = scrape(&base, Some(&viewer)).await;
-    assert_eq!(s.value("stagecoach_pool_slots", &[("pool", "default")]), 10.0);
+    assert_eq!(
+        s.value("stagecoach_pool_slots", &[("pool", "default")]),
+        10.0
+    );
     assert_eq!(get(&base, "/healthz", None).await.status, 200);
 }
 
@@ -325,7 +350,10 @@ async fn two_coordinators_on_one_database_report_the_same_gauges() {
     let workers = |s: &Scrape| s.value("stagecoach_workers_connected", &[]);
     assert_eq!([workers(&scrapes[0]), workers(&scrapes[1])], [1.0, 0.0]);
     assert_eq!(
-        scrapes[0].value("stagecoach_task_duration_seconds_count", &[("outcome", "succeeded")]),
+        scrapes[0].value(
+            "stagecoach_task_duration_seconds_count",
+            &[("outcome", "succeeded")]
+        ),
         4.0,
         "the first coordinator handed out and recorded the four tasks"
     );

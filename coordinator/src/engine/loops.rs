@@ -84,7 +84,8 @@ pub(super) async fn deliver(
     let mut touched = BTreeSet::new();
     for (worker, batch) in workers.iter().zip(claimed) {
         let worker_id = &worker.spec.worker_id;
-        core.metrics.assigned(worker_id, batch.iter().map(|a| a.lease));
+        core.metrics
+            .assigned(worker_id, batch.iter().map(|a| a.lease));
         for a in batch {
             let (lease, migration_id) = (a.lease, a.migration_id);
             touched.insert(migration_id);

@@ -192,7 +192,9 @@ fn database_families(read: crate::error::Result<Gauges>, took: Duration) -> Vec<
         for state in STATES {
             migrations.with_label_values(&[pool.name.as_str(), state.as_str()]);
         }
-        slots.with_label_values(&[&pool.name]).set(pool.slots.into());
+        slots
+            .with_label_values(&[&pool.name])
+            .set(pool.slots.into());
         used.with_label_values(&[&pool.name])
             .set(pool.running.into());
         paused

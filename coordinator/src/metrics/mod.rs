@@ -20,7 +20,9 @@ mod tasks;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
 
 use crate::domain::{LeaseToken, ReportAck, SweepReport};
 use crate::error::{Error, Result};
@@ -205,7 +207,8 @@ impl Metrics {
         let m = &self.inner;
         m.lease_expiries.inc_by(report.leases_expired.into());
         m.attempt_timeouts.inc_by(report.attempts_timed_out.into());
-        m.deadlines_exceeded.inc_by(report.deadlines_exceeded.into());
+        m.deadlines_exceeded
+            .inc_by(report.deadlines_exceeded.into());
     }
 
     /// Starts the timers of leases just sent to `worker`.

@@ -250,7 +250,7 @@ async fn finish_and_start(
 ) -> Result<(Option<Option<i64>>, Option<(i64, bool)>)> {
     let (finished, ran_ms, total, serial): (bool, Option<i64>, Option<i64>, Option<bool>) =
         sqlx::query_as(
-        "WITH finished AS (
+            "WITH finished AS (
              UPDATE stages SET state = 'succeeded', finished_at = stagecoach_now_ms()
              WHERE migration_id = $1 AND idx = $2 AND state = 'running' AND succeeded = total
              RETURNING migration_id, idx, finished_at - started_at AS ran_ms),
@@ -271,14 +271,14 @@ async fn finish_and_start(
                AND EXISTS (SELECT 1 FROM started WHERE NOT serial))
          SELECT EXISTS (SELECT 1 FROM finished), (SELECT ran_ms FROM finished),
                 (SELECT total FROM started), (SELECT serial FROM started)",
-    )
-    .bind(migration_id)
-    .bind(finish)
-    .bind(idx)
-    .bind(EventKind::StageSucceeded.as_str())
-    .bind(EventKind::StageStarted.as_str())
-    .fetch_one(conn)
-    .await?;
+        )
+        .bind(migration_id)
+        .bind(finish)
+        .bind(idx)
+        .bind(EventKind::StageSucceeded.as_str())
+        .bind(EventKind::StageStarted.as_str())
+        .fetch_one(conn)
+        .await?;
     Ok((finished.then_some(ran_ms), total.zip(serial)))
 }
 
