@@ -10,7 +10,8 @@
 //!   duration counts, the RPC counts of CreateMigration by code, the
 //!   reports the group commits held, the connected workers;
 //! - with a tokens file: no token answers 401, a worker token 403, a viewer
-//!   token 200 (and `/healthz` needs none);
+//!   token 200 (and `/healthz` needs none); scrapes within a second share
+//!   one database read;
 //! - two coordinators on one PostgreSQL database report the same
 //!   database-read gauges, and each its own workers.
 
@@ -304,6 +305,19 @@ async fn metrics_need_a_viewer_token_when_auth_is_on() {
         10.0
     );
     assert_eq!(get(&base, "/healthz", None).await.status, 200);
+
+    // Scrapes within a second share one database read: the same read,
+    // down to the nanoseconds it took.
+    let read = |s: &Scrape| s.value("stagecoach_database_read_duration_seconds", &[]);
+    let started = std::time::Instant::now();
+    let first = scrape(&base, Some(&viewer)).await;
+    let second = scrape(&base, Some(&viewer)).await;
+    if started.elapsed() < Duration::from_millis(900) {
+        assert_eq!(read(&first), read(&second), "a second read within a second");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let third = scrape(&base, Some(&viewer)).await;
+    assert_ne!(read(&second), read(&third), "no new read after a second");
 }
 
 /// Two coordinators on one PostgreSQL database: the same database gauges
