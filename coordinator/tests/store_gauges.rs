@@ -4,8 +4,8 @@
 //! the deaths and each succeeded stage's duration.
 
 use serde_json::json;
-use stagecoach_coordinator::domain::{Failure, MigrationState, Pool};
-use stagecoach_coordinator::store::{Gauges, Report};
+use stagecoach_coordinator::domain::{Assignment, Failure, MigrationState, Pool};
+use stagecoach_coordinator::store::{Effects, Gauges, Report, Store};
 
 mod support;
 
@@ -19,6 +19,18 @@ fn default_pool(running: u32) -> Vec<Pool> {
         queued: 0,
         paused: false,
     }]
+}
+
+/// Reports a retryable failure of `a`, held by `W`; its effects.
+async fn fail(s: &dyn Store, a: &Assignment) -> Effects {
+    let failure = Failure {
+        lease: a.lease,
+        secret: a.secret,
+        error: "no".into(),
+        retryable: true,
+    };
+    let (_, fx) = s.fail(W, &failure).await.unwrap();
+    fx
 }
 
 async fn gauges_follow_tasks_from_ready_to_dead(b: Backend) {
@@ -53,30 +65,14 @@ async fn gauges_follow_tasks_from_ready_to_dead(b: Backend) {
     assert_eq!(g.ready_tasks, vec![("other".to_string(), 1)]);
     assert_eq!(g.live_leases, 2);
 
-    let fail = |a: &stagecoach_coordinator::domain::Assignment| {
-        Report::Fail(Failure {
-            lease: a.lease,
-            secret: a.secret,
-            error: "no".into(),
-            retryable: true,
-        })
-    };
     // The first failure retries; the second, after its backoff, kills the
     // task and fails the migration.
-    let results = s
-        .report_many(&[(W.to_string(), fail(&held[0]))])
-        .await
-        .unwrap();
-    let (_, fx) = results.into_iter().next().unwrap().unwrap();
+    let fx = fail(s, &held[0]).await;
     assert_eq!((fx.counted.retries, fx.counted.dead), (1, 0));
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let again = s.claim(W, &kinds(&["noop"]), 10).await.unwrap();
     assert_eq!(again.len(), 1, "{again:?}");
-    let results = s
-        .report_many(&[(W.to_string(), fail(&again[0]))])
-        .await
-        .unwrap();
-    let (_, fx) = results.into_iter().next().unwrap().unwrap();
+    let fx = fail(s, &again[0]).await;
     assert_eq!((fx.counted.retries, fx.counted.dead), (0, 1));
 
     let g = s.gauges().await.unwrap();
