@@ -161,8 +161,15 @@ fn the_image_has_the_binaries_the_services_run() {
             "{name}'s token is in the tokens file with role {role}"
         );
     }
-    assert_eq!(services["coordinator-a"].ports, ["50051:50051"]);
-    assert_eq!(services["coordinator-b"].ports, ["50052:50051"]);
+    // gRPC, then the HTTP port (metrics, dashboard).
+    assert_eq!(
+        services["coordinator-a"].ports,
+        ["50051:50051", "9464:9464"]
+    );
+    assert_eq!(
+        services["coordinator-b"].ports,
+        ["50052:50051", "9465:9464"]
+    );
     let worker = &services["worker"];
     assert_eq!(worker.command[0], "worker");
     assert!(

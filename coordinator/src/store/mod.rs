@@ -68,7 +68,7 @@ impl Effects {
     }
 }
 
-/// Events of a transition that are counted per process (`engine::metrics`).
+/// Events of a transition that are counted per process (`crate::metrics`).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Counted {
     /// Failed attempts whose task will run again (TaskRetrying).
