@@ -11,6 +11,7 @@
 //! |---|---|
 //! | [`server`] | assembles store, core, loops and the gRPC server; `run(config, listener, shutdown)` |
 //! | [`http`] | the HTTP port (`--http-listen`): health, metrics and the dashboard, behind the same tokens |
+//! | [`metrics`] | what this process counts for `/metrics` (retries, leases expired, task, stage and RPC durations) and the gRPC layer that times each call |
 //! | [`auth`] | bearer tokens with roles: the tokens file, the role of each RPC, the check wrapped around each service |
 //! | [`grpc`] | thin `MigrationService`, `WorkerService`, `AdminService` handlers; all proto ↔ domain conversions; the error → status mapping |
 //! | [`engine`] | the scheduling core: validation, one store transition per call, acting on its effects; the connected-worker registry; the dispatcher and sweeper loops |
@@ -34,6 +35,7 @@ pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod tls;

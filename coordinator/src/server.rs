@@ -23,6 +23,7 @@ use crate::engine::{
     Coordinator, run_dispatcher, run_remote_effects, run_stream_claims, run_sweeper,
 };
 use crate::grpc::{AdminApi, MigrationApi, RequestLimit, WorkerApi};
+use crate::metrics::{Metrics, ObserveRpc, RpcMethods};
 use crate::store::Store;
 
 /// Why a coordinator could not start or stopped with an error.
@@ -53,13 +54,20 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServeError> {
     Ok(store)
 }
 
-/// The tokens of `--auth-tokens`, or auth off; says at start which it is.
 /// A Stagecoach service behind the token check, then the request size
-/// limit: a refused call is answered before its body is decoded.
-fn guarded<S>(service: S, limit: usize, auth: &Auth) -> Authorize<RequestLimit<S>> {
-    Authorize::new(RequestLimit::new(service, limit), auth.clone())
+/// limit: a refused call is answered before its body is decoded. Every
+/// call, refused or not, is timed for `/metrics` (`metrics::ObserveRpc`).
+fn guarded<S>(
+    service: S,
+    limit: usize,
+    auth: &Auth,
+    observe: &(Metrics, RpcMethods),
+) -> ObserveRpc<Authorize<RequestLimit<S>>> {
+    let guarded = Authorize::new(RequestLimit::new(service, limit), auth.clone());
+    ObserveRpc::new(guarded, observe.0.clone(), observe.1.clone())
 }
 
+/// The tokens of `--auth-tokens`, or auth off; says at start which it is.
 fn load_auth(config: &Config) -> Result<Auth, ServeError> {
     let Some(path) = &config.auth_tokens else {
         if config.is_open_to_others() {
@@ -157,6 +165,7 @@ pub async fn run(
             .map(Duration::from_millis),
     };
     let connections = Arc::new(Connections::default());
+    let observe = (core.metrics().clone(), RpcMethods::stagecoach());
     on_ready();
     let drain = {
         let core = core.clone();
@@ -194,16 +203,19 @@ pub async fn run(
                 .max_decoding_message_size(limit),
             limit,
             &auth,
+            &observe,
         ))
         .add_service(guarded(
             WorkerServiceServer::new(WorkerApi::new(core.clone())).max_decoding_message_size(limit),
             limit,
             &auth,
+            &observe,
         ))
         .add_service(guarded(
             AdminServiceServer::new(AdminApi::new(core.clone())).max_decoding_message_size(limit),
             limit,
             &auth,
+            &observe,
         ))
         .serve_with_incoming_shutdown(
             // TCP_NODELAY: without it Nagle's algorithm meets delayed ACKs and

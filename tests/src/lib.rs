@@ -14,6 +14,7 @@
 //! | [`checker`] | [`check_invariants`]: the invariants I1–I10 read from one migration's log |
 //! | [`capacity`] | [`check_capacity`] (I3) and [`check_worker_slots`] (I12) on the merged log of all migrations |
 //! | [`fuzz`] | the `fuzz` command: hostile input against a live coordinator, and its checks |
+//! | [`metrics`] | `/metrics` over HTTP ([`metrics::get`]) and a strict parser of the Prometheus text format |
 //! | [`fake_worker`] | [`FakeWorker`]: a worker over raw gRPC whose every report the test sends by hand |
 //! | [`plans`] | short builders for the plans tests write |
 //! | [`sample`] | the sample export plan and a source database to export |
@@ -46,6 +47,7 @@
 //! | `semantics.rs` | deadline, subject exclusivity, idempotency, subject status, serial and dynamic stages (I8, I10) |
 //! | `fuzz_smoke.rs` | a few seconds of the fuzzer: no crash, no `INTERNAL` for bad input, SERVING, bounded memory, the checker clean on every migration |
 //! | `dashboard.rs` | the web dashboard: its JSON API (filters, paging, spans, tail, leased tasks, live feed, tokens) and the page in headless Chromium (states, Gantt chart, a live update without reload, hostile subjects as text, 390 px, the token prompt) |
+//! | `metrics.rs` | `/metrics`: every family with its type, counts matching a run of succeeded, failed, canceled and stuck migrations; 401/403/200 by token; two coordinators on one PostgreSQL report the same database gauges |
 //! | `cluster_postgres.rs` | three coordinators on one PostgreSQL database: a fleet, a `kill -9`, racing admissions, a cancel across coordinators (I2, I3, I6, I9) |
 //! | `cluster_streams.rs` | one live `Subscribe` stream per worker id across two coordinators on one PostgreSQL database; instant failover of the same worker process |
 //!
@@ -86,6 +88,7 @@ pub mod cluster;
 pub mod fake_worker;
 pub mod fleet;
 pub mod fuzz;
+pub mod metrics;
 pub mod plans;
 pub mod process;
 pub mod sample;

@@ -83,13 +83,17 @@ pub(super) async fn deliver(
     let mut assigned = 0;
     let mut touched = BTreeSet::new();
     for (worker, batch) in workers.iter().zip(claimed) {
+        let worker_id = &worker.spec.worker_id;
+        core.metrics
+            .assigned(worker_id, batch.iter().map(|a| a.lease));
         for a in batch {
             let (lease, migration_id) = (a.lease, a.migration_id);
             touched.insert(migration_id);
             if worker.tx.send(WorkerEvent::Assign(a)).is_err() {
                 // The stream closed between the claim and the send: give the
                 // task back at once instead of waiting for the lease to expire.
-                let fx = core.store.release(&worker.spec.worker_id, lease).await?;
+                core.metrics.released(worker_id, lease);
+                let fx = core.store.release(worker_id, lease).await?;
                 core.apply(fx);
             } else {
                 assigned += 1;
@@ -133,6 +137,7 @@ pub async fn run_sweeper(core: Arc<Coordinator>, shutdown: CancellationToken) {
         }
         match core.store.sweep().await {
             Ok((report, fx)) => {
+                core.metrics.swept(&report);
                 if report != SweepReport::default() {
                     tracing::info!(?report, "sweep");
                 }

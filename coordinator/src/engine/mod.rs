@@ -22,6 +22,7 @@ use crate::domain::{
     validate_name,
 };
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::store::{Effects, LeasedTask, PlanPage, Plans, Report, Store, SubjectView};
 use claims::{Pending, stream_taken};
 use group_commit::GroupCommit;
@@ -81,6 +82,8 @@ pub struct Coordinator {
     /// This coordinator's random id in the database's record of worker
     /// streams (`store::streams`), drawn at start.
     id: String,
+    /// What this process counts for `/metrics`.
+    metrics: Metrics,
 }
 
 impl Coordinator {
@@ -109,6 +112,7 @@ impl Coordinator {
             shutdown,
             reports: GroupCommit::default(),
             id: format!("{:016x}", rand::random::<u64>()),
+            metrics: Metrics::new(),
         })
     }
 
@@ -129,8 +133,13 @@ impl Coordinator {
         self.store.as_ref()
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Acts on what a committed transition changed.
     fn apply(&self, fx: Effects) {
+        self.metrics.applied(&fx);
         // Before any wake-up: the pass it triggers must not pick them.
         for worker_id in &fx.lost {
             self.registry.lost_lease(worker_id);
@@ -482,7 +491,7 @@ impl Coordinator {
             .map(|(c, _)| (worker_id.to_string(), Report::Complete(c.clone())))
             .collect();
         let mut recorded = self.record(items).await.into_iter();
-        checked
+        let results: Vec<_> = checked
             .into_iter()
             .map(|ok| match ok {
                 Ok(()) => recorded.next().unwrap_or_else(|| {
@@ -490,7 +499,11 @@ impl Coordinator {
                 }),
                 Err(e) => Err(e),
             })
-            .collect()
+            .collect();
+        let leases = reports.iter().map(|c| c.lease);
+        self.metrics
+            .reported("complete", worker_id, leases, &results);
+        results
     }
 
     /// Records failed attempts (group commit with concurrent reports).
@@ -499,7 +512,10 @@ impl Coordinator {
             .iter()
             .map(|f| (worker_id.to_string(), Report::Fail(f.clone())))
             .collect();
-        self.record(items).await
+        let results = self.record(items).await;
+        let leases = reports.iter().map(|f| f.lease);
+        self.metrics.reported("fail", worker_id, leases, &results);
+        results
     }
 
     async fn record(&self, items: Vec<(String, Report)>) -> Vec<Result<ReportAck>> {
@@ -514,7 +530,9 @@ impl Coordinator {
     /// without waking the dispatcher for another.
     async fn commit_reports(&self, batch: Vec<(String, Report)>) -> Result<Vec<Result<ReportAck>>> {
         let (workers, requests) = loops::claim_requests(self);
+        let started = std::time::Instant::now();
         let (results, pass) = self.store.report_and_claim(&batch, &requests).await?;
+        self.metrics.committed(batch.len(), started.elapsed());
         // Without a pass, or after one that left work behind, the
         // dispatcher is woken as usual.
         let dispatched = loops::pass_settles(&workers, pass.as_ref());

@@ -14,6 +14,8 @@
 //! that may read pools and workers ([`HTTP_READ`]); no token answers `401`,
 //! another role `403`, with the same messages as gRPC.
 
+mod metrics;
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -40,7 +42,9 @@ pub struct HttpState {
 /// Every route of the HTTP port.
 pub fn router(state: HttpState) -> Router {
     // Routes that need a token when auth is on.
-    let guarded: Router<HttpState> = Router::new().merge(dashboard::api(&state));
+    let guarded: Router<HttpState> = Router::new()
+        .merge(dashboard::api(&state))
+        .merge(metrics::routes());
     let guarded = guarded.layer(middleware::from_fn_with_state(
         state.clone(),
         require_reader,

@@ -8,6 +8,7 @@
 //! reply to a client or worker is sent only after the commit (I11).
 
 mod common;
+mod gauges;
 mod postgres;
 mod sqlite;
 mod streams;
@@ -24,6 +25,7 @@ use crate::domain::{
 };
 use crate::error::Result;
 
+pub use gauges::Gauges;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use streams::{HeldStream, StreamClaim, WorkerStreams};
@@ -55,11 +57,37 @@ pub struct Effects {
     /// Absent from notices of older coordinators, hence the default.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub lost: BTreeSet<String>,
+    /// What the transition did that `/metrics` counts. Never sent to the
+    /// other coordinators: each counts the transitions it committed, so a
+    /// sum over the coordinators counts each once.
+    #[serde(skip)]
+    pub counted: Counted,
 }
 
 impl Effects {
     pub(crate) fn touch(&mut self, migration_id: i64) {
         self.touched.insert(migration_id);
+    }
+}
+
+/// Events of a transition that are counted per process (`crate::metrics`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Counted {
+    /// Failed attempts whose task will run again (TaskRetrying).
+    pub retries: u32,
+    /// Tasks that died (TaskDead), by a report or a sweep.
+    pub dead: u32,
+    /// How long each stage that succeeded ran, in milliseconds of the
+    /// database clock (`finished_at - started_at`).
+    pub stages_ms: Vec<i64>,
+}
+
+impl Counted {
+    /// Adds `more` to these counts.
+    pub fn add(&mut self, more: Counted) {
+        self.retries += more.retries;
+        self.dead += more.dead;
+        self.stages_ms.extend(more.stages_ms);
     }
 }
 
@@ -289,6 +317,9 @@ pub trait Store: Send + Sync + 'static {
     async fn set_pool_paused(&self, name: &str, paused: bool) -> Result<(Pool, Effects)>;
     /// Every pool with its usage.
     async fn list_pools(&self) -> Result<Vec<Pool>>;
+    /// Counts of the whole system for `/metrics`, read in one snapshot;
+    /// read-only and cheap (see `store::gauges`).
+    async fn gauges(&self) -> Result<Gauges>;
 
     /// Creates a migration and admits it if its pool has a free slot.
     /// Keeps I8 (one unfinished run per subject, idempotency keys) and I3.

@@ -205,9 +205,10 @@ async fn advance(
     loop {
         let (finished, started) = finish_and_start(conn, migration_id, finish, idx).await?;
         if finish.is_some() {
-            if !finished {
+            let Some(ran_ms) = finished else {
                 return Ok(None);
-            }
+            };
+            fx.counted.stages_ms.extend(ran_ms);
             fx.touch(migration_id);
         }
         let Some((total, serial)) = started else {
@@ -239,18 +240,20 @@ async fn advance(
 /// become ready. Their events go in in that order. One round trip for both
 /// is one less on the path of every stage transition; a data-modifying CTE
 /// runs whether or not the query reads it. Returns whether `finish`
-/// succeeded, and the started stage's task count and seriality.
+/// succeeded (with how long it ran, in ms, if it has a start time), and the
+/// started stage's task count and seriality.
 async fn finish_and_start(
     conn: &mut PgConnection,
     migration_id: i64,
     finish: Option<i64>,
     idx: i64,
-) -> Result<(bool, Option<(i64, bool)>)> {
-    let (finished, total, serial): (bool, Option<i64>, Option<bool>) = sqlx::query_as(
-        "WITH finished AS (
+) -> Result<(Option<Option<i64>>, Option<(i64, bool)>)> {
+    let (finished, ran_ms, total, serial): (bool, Option<i64>, Option<i64>, Option<bool>) =
+        sqlx::query_as(
+            "WITH finished AS (
              UPDATE stages SET state = 'succeeded', finished_at = stagecoach_now_ms()
              WHERE migration_id = $1 AND idx = $2 AND state = 'running' AND succeeded = total
-             RETURNING migration_id, idx),
+             RETURNING migration_id, idx, finished_at - started_at AS ran_ms),
          started AS (
              UPDATE stages SET state = 'running', started_at = stagecoach_now_ms()
              WHERE migration_id = $1 AND idx = $3 AND state = 'pending'
@@ -266,17 +269,17 @@ async fn finish_and_start(
              UPDATE tasks SET state = 'ready', ready_at = stagecoach_now_ms()
              WHERE migration_id = $1 AND stage_idx = $3 AND state = 'pending'
                AND EXISTS (SELECT 1 FROM started WHERE NOT serial))
-         SELECT EXISTS (SELECT 1 FROM finished), (SELECT total FROM started),
-                (SELECT serial FROM started)",
-    )
-    .bind(migration_id)
-    .bind(finish)
-    .bind(idx)
-    .bind(EventKind::StageSucceeded.as_str())
-    .bind(EventKind::StageStarted.as_str())
-    .fetch_one(conn)
-    .await?;
-    Ok((finished, total.zip(serial)))
+         SELECT EXISTS (SELECT 1 FROM finished), (SELECT ran_ms FROM finished),
+                (SELECT total FROM started), (SELECT serial FROM started)",
+        )
+        .bind(migration_id)
+        .bind(finish)
+        .bind(idx)
+        .bind(EventKind::StageSucceeded.as_str())
+        .bind(EventKind::StageStarted.as_str())
+        .fetch_one(conn)
+        .await?;
+    Ok((finished.then_some(ran_ms), total.zip(serial)))
 }
 
 /// The migration's running stage, if one is: its index and whether it is

@@ -240,6 +240,7 @@ pub(super) fn merge(fx: &mut Effects, more: Effects) {
     fx.revoked.extend(more.revoked);
     fx.dispatch |= more.dispatch;
     fx.lost.extend(more.lost);
+    fx.counted.add(more.counted);
 }
 
 /// Text a worker or client sent that the store writes as is: PostgreSQL
@@ -325,6 +326,10 @@ impl Store for PostgresStore {
 
     async fn list_pools(&self) -> Result<Vec<Pool>> {
         reads::list_pools(&self.db).await
+    }
+
+    async fn gauges(&self) -> Result<crate::store::Gauges> {
+        reads::gauges(&self.db).await
     }
 
     async fn create_and_claim(

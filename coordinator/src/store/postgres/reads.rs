@@ -11,7 +11,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::{self, LeasedTaskRow, corrupt, event_kind};
-use crate::store::{LeasedTask, PlanPage, Plans, SubjectView};
+use crate::store::{Gauges, LeasedTask, PlanPage, Plans, SubjectView, gauges};
 
 fn decode_plan(spec: &str) -> Result<PlanSpec> {
     serde_json::from_str(spec).map_err(|e| Error::Corrupt(format!("stored plan: {e}")))
@@ -60,6 +60,18 @@ pub(super) async fn pool(db: &PgPool, name: &str) -> Result<Option<Pool>> {
     let sql = sqlx::AssertSqlSafe(format!("{POOL_SELECT} WHERE p.name = $1"));
     let row = sqlx::query(sql).bind(name).fetch_optional(db).await?;
     row.as_ref().map(decode_pool).transpose()
+}
+
+/// The gauges of `/metrics`, in one read-only snapshot (REPEATABLE READ),
+/// so their numbers agree with each other; plain MVCC reads, no locks.
+pub(super) async fn gauges(db: &PgPool) -> Result<Gauges> {
+    let mut tx = db.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let rows = gauges::read_rows!(tx);
+    tx.commit().await?;
+    rows.gauges()
 }
 
 pub(super) async fn list_pools(db: &PgPool) -> Result<Vec<Pool>> {

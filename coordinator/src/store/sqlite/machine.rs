@@ -239,17 +239,19 @@ async fn finish_stage(
     idx: i64,
     fx: &mut Effects,
 ) -> Result<bool> {
-    let done = sqlx::query(
+    let ran_ms: Option<Option<i64>> = sqlx::query_scalar(
         "UPDATE stages SET state = 'succeeded', finished_at = ?
-         WHERE migration_id = ? AND idx = ? AND state = 'running' AND succeeded = total",
+         WHERE migration_id = ? AND idx = ? AND state = 'running' AND succeeded = total
+         RETURNING finished_at - started_at",
     )
     .bind(now_ms())
     .bind(migration_id)
     .bind(idx)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if done == 1 {
+    .fetch_optional(&mut *conn)
+    .await?;
+    let done = ran_ms.is_some();
+    if let Some(ran_ms) = ran_ms {
+        fx.counted.stages_ms.extend(ran_ms);
         fx.touch(migration_id);
         event(
             conn,
@@ -262,7 +264,7 @@ async fn finish_stage(
         )
         .await?;
     }
-    Ok(done == 1)
+    Ok(done)
 }
 
 /// Counts `n` more successes of stage `idx` and acts on them: after the

@@ -191,6 +191,10 @@ impl Store for SqliteStore {
         reads::list_pools(&self.reader).await
     }
 
+    async fn gauges(&self) -> Result<crate::store::Gauges> {
+        reads::gauges(&self.reader).await
+    }
+
     async fn create_and_claim(
         &self,
         m: &NewMigration,

@@ -11,7 +11,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::store::common::{self, LeasedTaskRow, corrupt, event_kind};
-use crate::store::{LeasedTask, PlanPage, Plans, SubjectView};
+use crate::store::{Gauges, LeasedTask, PlanPage, Plans, SubjectView, gauges};
 
 fn decode_plan(spec: &str) -> Result<PlanSpec> {
     serde_json::from_str(spec).map_err(|e| Error::Corrupt(format!("stored plan: {e}")))
@@ -59,6 +59,15 @@ pub(super) async fn pool(db: &SqlitePool, name: &str) -> Result<Option<Pool>> {
     let sql = sqlx::AssertSqlSafe(format!("{POOL_SELECT} WHERE p.name = ?"));
     let row = sqlx::query(sql).bind(name).fetch_optional(db).await?;
     Ok(row.as_ref().map(decode_pool))
+}
+
+/// The gauges of `/metrics`, in one read transaction: one snapshot of the
+/// database (WAL), never waiting for the writer.
+pub(super) async fn gauges(db: &SqlitePool) -> Result<Gauges> {
+    let mut tx = db.begin().await?;
+    let rows = gauges::read_rows!(tx);
+    tx.commit().await?;
+    rows.gauges()
 }
 
 pub(super) async fn list_pools(db: &SqlitePool) -> Result<Vec<Pool>> {

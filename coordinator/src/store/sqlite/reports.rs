@@ -373,6 +373,7 @@ pub(super) async fn record_failure(
         },
     )
     .await?;
+    fx.counted.retries += 1;
     fx.touch(t.migration_id);
     fx.dispatch = true;
     Ok(())
@@ -427,6 +428,7 @@ pub(super) async fn kill_task(
         },
     )
     .await?;
+    fx.counted.dead += 1;
     machine::abort_migration(conn, migration_id, MigrationState::Failed, d.reason, fx).await?;
     Ok(())
 }
