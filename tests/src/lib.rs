@@ -14,6 +14,7 @@
 //! | [`checker`] | [`check_invariants`]: the invariants I1–I10 read from one migration's log |
 //! | [`capacity`] | [`check_capacity`] (I3) and [`check_worker_slots`] (I12) on the merged log of all migrations |
 //! | [`fuzz`] | the `fuzz` command: hostile input against a live coordinator, and its checks |
+//! | [`python`] | the Python examples (`worker/examples/python/`): their virtualenv under the target dir, stubs, processes |
 //! | [`fake_worker`] | [`FakeWorker`]: a worker over raw gRPC whose every report the test sends by hand |
 //! | [`plans`] | short builders for the plans tests write |
 //! | [`sample`] | the sample export plan and a source database to export |
@@ -44,6 +45,7 @@
 //! | `cancel_retry.rs` | cancel mid-stage and retry after a failure (I9) |
 //! | `semantics.rs` | deadline, subject exclusivity, idempotency, subject status, serial and dynamic stages (I8, I10) |
 //! | `fuzz_smoke.rs` | a few seconds of the fuzzer: no crash, no `INTERNAL` for bad input, SERVING, bounded memory, the checker clean on every migration |
+//! | `python_clients.rs` | the Python example worker and client (stubs generated from our proto) run a migration, a forged lease secret is refused, a killed Python worker's task is redone (SQLite only) |
 //! | `cluster_postgres.rs` | three coordinators on one PostgreSQL database: a fleet, a `kill -9`, racing admissions, a cancel across coordinators (I2, I3, I6, I9) |
 //!
 //! # A test, typically
@@ -85,6 +87,7 @@ pub mod fleet;
 pub mod fuzz;
 pub mod plans;
 pub mod process;
+pub mod python;
 pub mod sample;
 
 pub use archive::check_archive;

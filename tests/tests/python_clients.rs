@@ -1,0 +1,406 @@
+//! Clients in another language: the Python examples of
+//! `worker/examples/python/`, their stubs generated from our proto by their
+//! own `generate.sh`, against the real coordinator with bearer tokens (the
+//! worker's from `$STAGECOACH_TOKEN`, the client's from `--token`):
+//!
+//! - `client.py` stores a plan (a noop fan-out, then a sleep longer than a
+//!   lease), runs it and follows it to the end, printing stage progress, and
+//!   exits 0; `worker.py` (2 slots) ran every task, its heartbeats kept the
+//!   sleep's lease alive, and the checker finds the log clean (I1–I12). A
+//!   plan whose sleep payload is bad fails, and `client.py` exits 1. SIGTERM
+//!   stops the worker cleanly;
+//! - a report naming the Python worker's id and lease token but not its
+//!   lease secret, sent through the generated stubs, is FAILED_PRECONDITION
+//!   and changes nothing: the worker's own report, with the secret, wins;
+//! - `kill -9` of the Python worker mid-sleep: its lease expires, a second
+//!   Python worker runs the task's next attempt, the migration succeeds.
+//!
+//! SQLite only: what is on trial is the Python side of the protocol, not
+//! the store. The first run builds a virtualenv under the target
+//! directory (see `stagecoach_tests::python`); later runs reuse it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use stagecoach_proto::v1::{EventKind, ListMigrationsRequest, Migration, MigrationState};
+use stagecoach_tests::binaries::binaries;
+use stagecoach_tests::python::{Examples, PythonProcess, python};
+use stagecoach_tests::{
+    Backend, Client, Coordinator, FAST, assert_ok, check_worker_slots, of_kind, wait_for,
+};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Slots of every Python worker.
+const SLOTS: u32 = 2;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_worker_and_client_run_a_migration() {
+    let s = Setup::start().await;
+    let mut worker = s.worker("py-1");
+    s.admin.wait_for_workers(&["py-1"], WAIT).await;
+
+    // 2.5 s of sleep on a 1.5 s lease: only heartbeats keep it.
+    let plan = s.plan_file("fan-out-then-sleep", 6, json!({"ms": 2_500}));
+    let out = Examples::output(s.client(&plan, "python/1"), WAIT).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client.py: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "stored plan fan-out-then-sleep v1",
+        "stage 1/2 fan-out      6/6 done  0 running  succeeded",
+        "stage 2/2 sleep        1/1 done  0 running  succeeded",
+        "succeeded in",
+    ] {
+        assert!(
+            stdout.contains(line),
+            "client.py printed no {line:?}:\n{stdout}"
+        );
+    }
+
+    let m = s.migration_of("python/1").await;
+    assert_eq!(m.state(), MigrationState::Succeeded, "{}", m.reason);
+    let (_, events) = s.admin.check(m.id).await;
+    for kind in [EventKind::TaskAssigned, EventKind::TaskSucceeded] {
+        let of = of_kind(&events, kind);
+        assert_eq!(of.len(), 7, "{kind:?} once per task");
+        assert!(of.iter().all(|e| e.worker_id == "py-1"), "{of:?}");
+    }
+    assert!(
+        events
+            .iter()
+            .all(|e| e.worker_id.is_empty() || e.worker_id == "py-1")
+    );
+    for kind in [EventKind::TaskLeaseExpired, EventKind::TaskRetrying] {
+        assert!(of_kind(&events, kind).is_empty(), "no {kind:?}: {events:?}");
+    }
+    let most = check_worker_slots(&events, |_| SLOTS as usize);
+    assert_ok("I12", most.map(|_| ()));
+
+    // A bad payload: the Python handler refuses it, the task dies, the
+    // migration fails and the client says so with exit code 1.
+    let bad = s.plan_file("bad-sleep", 1, json!({"ms": "soon"}));
+    let out = Examples::output(s.client(&bad, "python/2"), WAIT).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "client.py:\n{stdout}");
+    let m = s.migration_of("python/2").await;
+    assert_eq!(m.state(), MigrationState::Failed);
+    assert!(
+        m.reason
+            .contains("payload \"ms\" must be a non-negative integer"),
+        "{}",
+        m.reason
+    );
+    assert!(stdout.contains(" failed in "), "{stdout}");
+    s.admin.check(m.id).await;
+
+    worker.terminate();
+    let status = worker.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "worker.py on SIGTERM: {status:?}"
+    );
+    assert!(worker.logs().contains("worker stopped worker_id=py-1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_with_a_forged_lease_secret_is_refused() {
+    let s = Setup::start().await;
+    let _worker = s.worker("py-1");
+    s.admin.wait_for_workers(&["py-1"], WAIT).await;
+    let plan = s.plan_file("forged", 0, json!({"ms": 3_000}));
+    let mut client = s.spawn_client(&plan, "python/forged");
+    let m = s.wait_for_migration("python/forged").await;
+    let assigned = s
+        .admin
+        .wait_for_event(m.id, "the sleep's TASK_ASSIGNED", WAIT, |e| {
+            e.kind() == EventKind::TaskAssigned
+        })
+        .await;
+    assert_eq!(assigned.worker_id, "py-1");
+
+    // The right worker id and lease token, any secret but the lease's.
+    let forge = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python_clients/forge_report.py");
+    let task_id = assigned.task_id.to_string();
+    let attempt = assigned.attempt.to_string();
+    let args = [
+        "--coordinator",
+        &s.address,
+        "--token",
+        &s.worker_token,
+        "--worker-id",
+        "py-1",
+        "--task-id",
+        &task_id,
+        "--attempt",
+        &attempt,
+    ];
+    let out = Examples::output(s.examples.command(&forge, &args), WAIT).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "forge_report.py: {out:?}");
+    let answers: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(answers.len(), 2, "{stdout}");
+    for (answer, rpc) in answers.iter().zip(["Complete", "Fail"]) {
+        assert_eq!(answer["rpc"], rpc);
+        assert_eq!(answer["code"], "FAILED_PRECONDITION", "{answer}");
+    }
+
+    let status = client.wait_exit(WAIT).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "client.py: {status:?}\n{}",
+        client.logs()
+    );
+    let (m, events) = s.admin.check(m.id).await;
+    assert_eq!(m.state(), MigrationState::Succeeded, "{}", m.reason);
+    let done = of_kind(&events, EventKind::TaskSucceeded);
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        (done[0].task_id, done[0].attempt, done[0].worker_id.as_str()),
+        (assigned.task_id, 1, "py-1"),
+        "the worker's own report, with the secret, was accepted"
+    );
+    let rejected = of_kind(&events, EventKind::ReportRejected);
+    assert_eq!(rejected.len(), 2, "both forged reports are logged");
+    assert!(
+        rejected.iter().all(|e| e.task_id == assigned.task_id),
+        "{rejected:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_python_workers_task_is_redone_by_another() {
+    let s = Setup::start().await;
+    let mut first = s.worker("py-a");
+    s.admin.wait_for_workers(&["py-a"], WAIT).await;
+    let plan = s.plan_file("crash", 3, json!({"ms": 3_000}));
+    let mut client = s.spawn_client(&plan, "python/crash");
+    let m = s.wait_for_migration("python/crash").await;
+    let sleeping = s
+        .admin
+        .wait_for_event(m.id, "the sleep's TASK_ASSIGNED", WAIT, |e| {
+            e.kind() == EventKind::TaskAssigned && e.stage_index == Some(1)
+        })
+        .await;
+    assert_eq!(sleeping.worker_id, "py-a");
+    let held = format!("task assigned task_id={} ", sleeping.task_id);
+    wait_for("py-a to start the sleep", WAIT, async || {
+        first.logs().contains(&held).then_some(())
+    })
+    .await;
+    first.kill9().await;
+    let _second = s.worker("py-b");
+
+    let status = client.wait_exit(WAIT).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "client.py: {status:?}\n{}",
+        client.logs()
+    );
+    let (m, events) = s.admin.check(m.id).await;
+    assert_eq!(m.state(), MigrationState::Succeeded, "{}", m.reason);
+    let of_task = |kind| -> Vec<(u32, String)> {
+        of_kind(&events, kind)
+            .into_iter()
+            .filter(|e| e.task_id == sleeping.task_id)
+            .map(|e| (e.attempt, e.worker_id.clone()))
+            .collect()
+    };
+    assert_eq!(
+        of_task(EventKind::TaskLeaseExpired),
+        [(1, "py-a".to_string())]
+    );
+    assert_eq!(
+        of_task(EventKind::TaskAssigned),
+        [(1, "py-a".to_string()), (2, "py-b".to_string())]
+    );
+    assert_eq!(of_task(EventKind::TaskSucceeded), [(2, "py-b".to_string())]);
+    let most = check_worker_slots(&events, |_| SLOTS as usize);
+    assert_ok("I12", most.map(|_| ()));
+}
+
+/// A coordinator with a tokens file, stubs generated for it, and clients.
+struct Setup {
+    /// Reads everything, as the test's own judge.
+    admin: Client,
+    examples: Examples,
+    /// `127.0.0.1:PORT`, as the Python scripts take it.
+    address: String,
+    worker_token: String,
+    client_token: String,
+    coordinator: Coordinator,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Setup {
+    async fn start() -> Setup {
+        let python = tokio::task::spawn_blocking(python)
+            .await
+            .expect("prepare Python");
+        let dir = tempfile::Builder::new()
+            .prefix("stagecoach-python-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path();
+        let mut lines = Vec::new();
+        let mut tokens = Vec::new();
+        for (role, name) in [
+            ("admin", "ops"),
+            ("worker", "py-fleet"),
+            ("client", "py-app"),
+        ] {
+            let (token, line) = create_token(role, name).await;
+            tokens.push(token);
+            lines.push(line);
+        }
+        let file = path.join("tokens");
+        std::fs::write(&file, lines.join("\n") + "\n").expect("write tokens");
+        let args: Vec<&str> = FAST
+            .iter()
+            .copied()
+            .chain(["--auth-tokens", file.to_str().expect("utf-8 path")])
+            .collect();
+        let coordinator =
+            Coordinator::start(Backend::Sqlite, &path.join("coordinator"), &args).await;
+        let examples = python.generate_stubs(&path.join("stubs"));
+        let admin = Client::connect_with_token(&coordinator.url(), Some(&tokens[0])).await;
+        Setup {
+            admin,
+            examples,
+            address: coordinator.addr().to_string(),
+            worker_token: tokens[1].clone(),
+            client_token: tokens[2].clone(),
+            coordinator,
+            dir: Some(dir),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.coordinator
+            .dir()
+            .parent()
+            .expect("the coordinator's dir is in the test's")
+            .to_path_buf()
+    }
+
+    /// `worker.py` with id `id` and [`SLOTS`] slots, its token from
+    /// `$STAGECOACH_TOKEN`.
+    fn worker(&self, id: &str) -> PythonProcess {
+        let slots = SLOTS.to_string();
+        let args = [
+            "--coordinator",
+            &self.address,
+            "--worker-id",
+            id,
+            "--slots",
+            &slots,
+        ];
+        let mut cmd = self.examples.command(Path::new("worker.py"), &args);
+        cmd.env("STAGECOACH_TOKEN", &self.worker_token);
+        Examples::spawn(cmd, id, &self.path().join(format!("{id}.log")))
+    }
+
+    /// `client.py` running the plan in `plan_file` for `subject`.
+    fn client(&self, plan_file: &Path, subject: &str) -> tokio::process::Command {
+        let args = [
+            "--coordinator",
+            &self.address,
+            "--token",
+            &self.client_token,
+            "--plan-file",
+            plan_file.to_str().expect("utf-8 path"),
+            "--subject",
+            subject,
+            "--timeout",
+            "80",
+        ];
+        self.examples.command(Path::new("client.py"), &args)
+    }
+
+    /// [`Self::client`] in the background, logging beside the workers.
+    fn spawn_client(&self, plan_file: &Path, subject: &str) -> PythonProcess {
+        let log = self.path().join("client.log");
+        Examples::spawn(self.client(plan_file, subject), "client.py", &log)
+    }
+
+    /// A plan named `name`: stage `fan-out` of `noops` noop tasks (none if
+    /// 0), then stage `sleep` of one sleep task with `sleep_payload`.
+    fn plan_file(&self, name: &str, noops: usize, sleep_payload: Value) -> PathBuf {
+        let mut stages = Vec::new();
+        if noops > 0 {
+            let tasks: Vec<Value> = (0..noops)
+                .map(|i| json!({"kind": "noop", "payload": {"part": i}}))
+                .collect();
+            stages.push(json!({"name": "fan-out", "tasks": tasks}));
+        }
+        stages
+            .push(json!({"name": "sleep", "tasks": [{"kind": "sleep", "payload": sleep_payload}]}));
+        let path = self.path().join(format!("{name}.json"));
+        let plan = json!({"name": name, "stages": stages});
+        std::fs::write(&path, plan.to_string()).expect("write plan");
+        path
+    }
+
+    /// The migration of `subject` (there is one), as it is now.
+    async fn migration_of(&self, subject: &str) -> Migration {
+        self.find_migration(subject)
+            .await
+            .unwrap_or_else(|| panic!("no migration of {subject}"))
+    }
+
+    /// Waits until `client.py` created the migration of `subject`.
+    async fn wait_for_migration(&self, subject: &str) -> Migration {
+        wait_for(&format!("a migration of {subject}"), WAIT, async || {
+            self.find_migration(subject).await
+        })
+        .await
+    }
+
+    async fn find_migration(&self, subject: &str) -> Option<Migration> {
+        let page = self
+            .admin
+            .migrations
+            .clone()
+            .list_migrations(ListMigrationsRequest {
+                subject: subject.to_string(),
+                ..Default::default()
+            })
+            .await
+            .expect("ListMigrations")
+            .into_inner();
+        page.migrations.into_iter().next()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("===== test files kept in {} =====", dir.keep().display());
+        }
+    }
+}
+
+/// `coordinator token create`: the token, and its tokens-file line.
+async fn create_token(role: &str, name: &str) -> (String, String) {
+    let out = tokio::process::Command::new(&binaries().coordinator)
+        .args(["token", "create", "--role", role, "--name", name])
+        .output()
+        .await
+        .expect("run coordinator token create");
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    match stdout.lines().collect::<Vec<_>>()[..] {
+        [token, line] => (token.to_string(), line.to_string()),
+        _ => panic!("token create printed {stdout:?}, wanted the token and its line"),
+    }
+}
