@@ -45,7 +45,7 @@
 //! | `cancel_retry.rs` | cancel mid-stage and retry after a failure (I9) |
 //! | `semantics.rs` | deadline, subject exclusivity, idempotency, subject status, serial and dynamic stages (I8, I10) |
 //! | `fuzz_smoke.rs` | a few seconds of the fuzzer: no crash, no `INTERNAL` for bad input, SERVING, bounded memory, the checker clean on every migration |
-//! | `python_clients.rs` | the Python example worker and client (stubs generated from our proto) run a migration, a forged lease secret is refused, a killed Python worker's task is redone (SQLite only) |
+//! | `python_clients.rs` | the Python example worker and client (stubs generated from our proto) run a migration, a forged lease secret is refused, a killed Python worker's task is redone, `--tls-ca` (SQLite only) |
 //! | `cluster_postgres.rs` | three coordinators on one PostgreSQL database: a fleet, a `kill -9`, racing admissions, a cancel across coordinators (I2, I3, I6, I9) |
 //!
 //! # A test, typically

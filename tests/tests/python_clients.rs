@@ -13,7 +13,9 @@
 //!   lease secret, sent through the generated stubs, is FAILED_PRECONDITION
 //!   and changes nothing: the worker's own report, with the secret, wins;
 //! - `kill -9` of the Python worker mid-sleep: its lease expires, a second
-//!   Python worker runs the task's next attempt, the migration succeeds.
+//!   Python worker runs the task's next attempt, the migration succeeds;
+//! - with `--tls-ca`, both scripts run a migration on a coordinator that
+//!   serves TLS only; without it the client is turned away (exit 1).
 //!
 //! SQLite only: what is on trial is the Python side of the protocol, not
 //! the store. The first run builds a virtualenv under the target
@@ -23,12 +25,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use stagecoach_proto::v1::{EventKind, ListMigrationsRequest, Migration, MigrationState};
+use stagecoach_proto::v1::{Event, EventKind, ListMigrationsRequest, Migration, MigrationState};
 use stagecoach_tests::binaries::binaries;
 use stagecoach_tests::python::{Examples, PythonProcess, python};
 use stagecoach_tests::{
     Backend, Client, Coordinator, FAST, assert_ok, check_worker_slots, of_kind, wait_for,
 };
+use tonic::transport::{Certificate, ClientTlsConfig};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -37,9 +40,7 @@ const SLOTS: u32 = 2;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_python_worker_and_client_run_a_migration() {
-    let s = Setup::start().await;
-    let mut worker = s.worker("py-1");
-    s.admin.wait_for_workers(&["py-1"], WAIT).await;
+    let (s, mut worker) = Setup::with_worker("py-1").await;
 
     // 2.5 s of sleep on a 1.5 s lease: only heartbeats keep it.
     let plan = s.plan_file("fan-out-then-sleep", 6, json!({"ms": 2_500}));
@@ -110,19 +111,10 @@ async fn a_python_worker_and_client_run_a_migration() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_report_with_a_forged_lease_secret_is_refused() {
-    let s = Setup::start().await;
-    let _worker = s.worker("py-1");
-    s.admin.wait_for_workers(&["py-1"], WAIT).await;
-    let plan = s.plan_file("forged", 0, json!({"ms": 3_000}));
-    let mut client = s.spawn_client(&plan, "python/forged");
-    let m = s.wait_for_migration("python/forged").await;
-    let assigned = s
-        .admin
-        .wait_for_event(m.id, "the sleep's TASK_ASSIGNED", WAIT, |e| {
-            e.kind() == EventKind::TaskAssigned
-        })
+    let (s, _worker) = Setup::with_worker("py-1").await;
+    let (client, m, assigned) = s
+        .until_the_sleep_runs("forged", 0, 6_000, "python/forged")
         .await;
-    assert_eq!(assigned.worker_id, "py-1");
 
     // The right worker id and lease token, any secret but the lease's.
     let forge = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python_clients/forge_report.py");
@@ -153,14 +145,7 @@ async fn a_report_with_a_forged_lease_secret_is_refused() {
         assert_eq!(answer["code"], "FAILED_PRECONDITION", "{answer}");
     }
 
-    let status = client.wait_exit(WAIT).await;
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "client.py: {status:?}\n{}",
-        client.logs()
-    );
-    let (m, events) = s.admin.check(m.id).await;
-    assert_eq!(m.state(), MigrationState::Succeeded, "{}", m.reason);
+    let (_, events) = s.client_succeeded(client, m.id).await;
     let done = of_kind(&events, EventKind::TaskSucceeded);
     assert_eq!(done.len(), 1);
     assert_eq!(
@@ -171,26 +156,19 @@ async fn a_report_with_a_forged_lease_secret_is_refused() {
     let rejected = of_kind(&events, EventKind::ReportRejected);
     assert_eq!(rejected.len(), 2, "both forged reports are logged");
     assert!(
-        rejected.iter().all(|e| e.task_id == assigned.task_id),
-        "{rejected:?}"
+        rejected
+            .iter()
+            .all(|e| e.task_id == assigned.task_id && e.id < done[0].id),
+        "refused while the lease was live, so for the secret alone: {rejected:?}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_python_workers_task_is_redone_by_another() {
-    let s = Setup::start().await;
-    let mut first = s.worker("py-a");
-    s.admin.wait_for_workers(&["py-a"], WAIT).await;
-    let plan = s.plan_file("crash", 3, json!({"ms": 3_000}));
-    let mut client = s.spawn_client(&plan, "python/crash");
-    let m = s.wait_for_migration("python/crash").await;
-    let sleeping = s
-        .admin
-        .wait_for_event(m.id, "the sleep's TASK_ASSIGNED", WAIT, |e| {
-            e.kind() == EventKind::TaskAssigned && e.stage_index == Some(1)
-        })
+    let (s, mut first) = Setup::with_worker("py-a").await;
+    let (client, m, sleeping) = s
+        .until_the_sleep_runs("crash", 3, 4_000, "python/crash")
         .await;
-    assert_eq!(sleeping.worker_id, "py-a");
     let held = format!("task assigned task_id={} ", sleeping.task_id);
     wait_for("py-a to start the sleep", WAIT, async || {
         first.logs().contains(&held).then_some(())
@@ -199,14 +177,7 @@ async fn a_killed_python_workers_task_is_redone_by_another() {
     first.kill9().await;
     let _second = s.worker("py-b");
 
-    let status = client.wait_exit(WAIT).await;
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "client.py: {status:?}\n{}",
-        client.logs()
-    );
-    let (m, events) = s.admin.check(m.id).await;
-    assert_eq!(m.state(), MigrationState::Succeeded, "{}", m.reason);
+    let (_, events) = s.client_succeeded(client, m.id).await;
     let of_task = |kind| -> Vec<(u32, String)> {
         of_kind(&events, kind)
             .into_iter()
@@ -227,6 +198,29 @@ async fn a_killed_python_workers_task_is_redone_by_another() {
     assert_ok("I12", most.map(|_| ()));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_scripts_speak_tls_with_tls_ca() {
+    let s = Setup::start(true).await;
+    let _worker = s.worker("py-tls");
+    s.admin.wait_for_workers(&["py-tls"], WAIT).await;
+    let plan = s.plan_file("over-tls", 2, json!({"ms": 100}));
+    let out = Examples::output(s.client(&plan, "python/tls"), WAIT).await;
+    assert!(out.status.success(), "client.py over TLS: {out:?}");
+    let m = s.migration_of("python/tls").await;
+    let (m, events) = s.admin.check(m.id).await;
+    assert_eq!(m.state(), MigrationState::Succeeded, "{}", m.reason);
+    let done = of_kind(&events, EventKind::TaskSucceeded);
+    assert_eq!(done.len(), 3);
+    assert!(done.iter().all(|e| e.worker_id == "py-tls"), "{done:?}");
+
+    // Without --tls-ca the client speaks plaintext, and gets nowhere.
+    let cmd = s.client_without_tls(&plan, "python/plaintext");
+    let out = Examples::output(cmd, WAIT).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr.contains("UNAVAILABLE"), "{stderr}");
+}
+
 /// A coordinator with a tokens file, stubs generated for it, and clients.
 struct Setup {
     /// Reads everything, as the test's own judge.
@@ -234,6 +228,8 @@ struct Setup {
     examples: Examples,
     /// `127.0.0.1:PORT`, as the Python scripts take it.
     address: String,
+    /// The coordinator's certificate, when it serves TLS.
+    tls_ca: Option<PathBuf>,
     worker_token: String,
     client_token: String,
     coordinator: Coordinator,
@@ -241,10 +237,13 @@ struct Setup {
 }
 
 impl Setup {
-    async fn start() -> Setup {
+    /// With `tls`, the coordinator serves TLS only, with a self-signed
+    /// certificate for 127.0.0.1 that every client is given as `--tls-ca`.
+    async fn start(tls: bool) -> Setup {
+        // Building the venv blocks; its panic says what is missing.
         let python = tokio::task::spawn_blocking(python)
             .await
-            .expect("prepare Python");
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let dir = tempfile::Builder::new()
             .prefix("stagecoach-python-")
             .tempdir()
@@ -263,16 +262,35 @@ impl Setup {
         }
         let file = path.join("tokens");
         std::fs::write(&file, lines.join("\n") + "\n").expect("write tokens");
-        let args: Vec<&str> = FAST
-            .iter()
-            .copied()
-            .chain(["--auth-tokens", file.to_str().expect("utf-8 path")])
-            .collect();
+        let mut args: Vec<String> = FAST.iter().map(|a| a.to_string()).collect();
+        args.extend(["--auth-tokens".into(), utf8(&file).into()]);
+        let tls_ca = tls.then(|| {
+            let made = rcgen::generate_simple_self_signed(["127.0.0.1".to_string()])
+                .expect("a self-signed certificate");
+            let (cert, key) = (path.join("cert.pem"), path.join("key.pem"));
+            std::fs::write(&cert, made.cert.pem()).expect("write cert.pem");
+            std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key.pem");
+            args.extend(["--tls-cert".into(), utf8(&cert).into(), "--tls-key".into()]);
+            args.push(utf8(&key).into());
+            cert
+        });
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let coordinator =
             Coordinator::start(Backend::Sqlite, &path.join("coordinator"), &args).await;
         let examples = python.generate_stubs(&path.join("stubs"));
-        let admin = Client::connect_with_token(&coordinator.url(), Some(&tokens[0])).await;
+        let url = coordinator.url();
+        let admin = match &tls_ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca).expect("read cert.pem");
+                let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+                Client::connect_tls(&url, tls)
+                    .await
+                    .with_token(Some(&tokens[0]))
+            }
+            None => Client::connect_with_token(&url, Some(&tokens[0])).await,
+        };
         Setup {
+            tls_ca,
             admin,
             examples,
             address: coordinator.addr().to_string(),
@@ -281,6 +299,60 @@ impl Setup {
             coordinator,
             dir: Some(dir),
         }
+    }
+
+    /// [`Self::start`], and `worker.py` with id `id`, connected.
+    async fn with_worker(id: &str) -> (Setup, PythonProcess) {
+        let s = Setup::start(false).await;
+        let worker = s.worker(id);
+        s.admin.wait_for_workers(&[id], WAIT).await;
+        (s, worker)
+    }
+
+    /// Starts `client.py` in the background on plan `name` (`noops` noop
+    /// tasks, then a sleep of `ms`) for `subject`, and waits until the sleep is
+    /// assigned, to the one worker there is; returns the running client,
+    /// the migration and that TASK_ASSIGNED.
+    async fn until_the_sleep_runs(
+        &self,
+        name: &str,
+        noops: usize,
+        ms: u64,
+        subject: &str,
+    ) -> (PythonProcess, Migration, Event) {
+        let plan = self.plan_file(name, noops, json!({"ms": ms}));
+        let log = self.path().join("client.log");
+        let client = Examples::spawn(self.client(&plan, subject), "client.py", &log);
+        let m = wait_for(&format!("a migration of {subject}"), WAIT, async || {
+            self.find_migration(subject).await
+        })
+        .await;
+        let sleep_stage = u32::from(noops > 0);
+        let assigned = self
+            .admin
+            .wait_for_event(m.id, "the sleep's TASK_ASSIGNED", WAIT, |e| {
+                e.kind() == EventKind::TaskAssigned && e.stage_index == Some(sleep_stage)
+            })
+            .await;
+        (client, m, assigned)
+    }
+
+    /// Waits until `client` exits, asserts it exited 0 and the migration
+    /// succeeded, and returns it with its log, checked.
+    async fn client_succeeded(
+        &self,
+        mut client: PythonProcess,
+        migration_id: i64,
+    ) -> (Migration, Vec<Event>) {
+        let status = client.wait_exit(WAIT).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "client.py: {status:?}\n{}",
+            client.logs()
+        );
+        let (m, events) = self.admin.check(migration_id).await;
+        assert_eq!(m.state(), MigrationState::Succeeded, "{}", m.reason);
+        (m, events)
     }
 
     fn path(&self) -> PathBuf {
@@ -304,19 +376,27 @@ impl Setup {
             &slots,
         ];
         let mut cmd = self.examples.command(Path::new("worker.py"), &args);
-        cmd.env("STAGECOACH_TOKEN", &self.worker_token);
+        cmd.args(self.tls_args())
+            .env("STAGECOACH_TOKEN", &self.worker_token);
         Examples::spawn(cmd, id, &self.path().join(format!("{id}.log")))
     }
 
     /// `client.py` running the plan in `plan_file` for `subject`.
     fn client(&self, plan_file: &Path, subject: &str) -> tokio::process::Command {
+        let mut cmd = self.client_without_tls(plan_file, subject);
+        cmd.args(self.tls_args());
+        cmd
+    }
+
+    /// [`Self::client`] without `--tls-ca`, so over plaintext.
+    fn client_without_tls(&self, plan_file: &Path, subject: &str) -> tokio::process::Command {
         let args = [
             "--coordinator",
             &self.address,
             "--token",
             &self.client_token,
             "--plan-file",
-            plan_file.to_str().expect("utf-8 path"),
+            utf8(plan_file),
             "--subject",
             subject,
             "--timeout",
@@ -325,10 +405,12 @@ impl Setup {
         self.examples.command(Path::new("client.py"), &args)
     }
 
-    /// [`Self::client`] in the background, logging beside the workers.
-    fn spawn_client(&self, plan_file: &Path, subject: &str) -> PythonProcess {
-        let log = self.path().join("client.log");
-        Examples::spawn(self.client(plan_file, subject), "client.py", &log)
+    /// `--tls-ca FILE` when the coordinator serves TLS.
+    fn tls_args(&self) -> Vec<&str> {
+        match &self.tls_ca {
+            Some(ca) => vec!["--tls-ca", utf8(ca)],
+            None => Vec::new(),
+        }
     }
 
     /// A plan named `name`: stage `fan-out` of `noops` noop tasks (none if
@@ -356,14 +438,6 @@ impl Setup {
             .unwrap_or_else(|| panic!("no migration of {subject}"))
     }
 
-    /// Waits until `client.py` created the migration of `subject`.
-    async fn wait_for_migration(&self, subject: &str) -> Migration {
-        wait_for(&format!("a migration of {subject}"), WAIT, async || {
-            self.find_migration(subject).await
-        })
-        .await
-    }
-
     async fn find_migration(&self, subject: &str) -> Option<Migration> {
         let page = self
             .admin
@@ -388,6 +462,10 @@ impl Drop for Setup {
             eprintln!("===== test files kept in {} =====", dir.keep().display());
         }
     }
+}
+
+fn utf8(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 temporary path")
 }
 
 /// `coordinator token create`: the token, and its tokens-file line.
