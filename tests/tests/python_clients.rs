@@ -14,6 +14,9 @@
 //!   and changes nothing: the worker's own report, with the secret, wins;
 //! - `kill -9` of the Python worker mid-sleep: its lease expires, a second
 //!   Python worker runs the task's next attempt, the migration succeeds;
+//! - SIGTERM of the Python worker mid-sleep: past its drain bound it
+//!   cancels the task and hands the lease back (TASK_RETRYING, no expiry);
+//!   another Python worker runs it;
 //! - with `--tls-ca`, both scripts run a migration on a coordinator that
 //!   serves TLS only; without it the client is turned away (exit 1).
 //!
@@ -221,6 +224,44 @@ async fn the_python_scripts_speak_tls_with_tls_ca() {
     assert!(stderr.contains("UNAVAILABLE"), "{stderr}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_python_worker_hands_its_task_back() {
+    let s = Setup::start(false).await;
+    let mut first = s.worker_with("py-1", &["--drain-timeout", "0.2"]);
+    s.admin.wait_for_workers(&["py-1"], WAIT).await;
+    let (client, m, sleeping) = s
+        .until_the_sleep_runs("hand-back", 0, 4_000, "python/term")
+        .await;
+    let held = format!("task assigned task_id={} ", sleeping.task_id);
+    wait_for("py-1 to start the sleep", WAIT, async || {
+        first.logs().contains(&held).then_some(())
+    })
+    .await;
+    first.terminate();
+    let status = first.wait_exit(Duration::from_secs(15)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "worker.py on SIGTERM: {status:?}"
+    );
+    let _second = s.worker("py-2");
+
+    let (_, events) = s.client_succeeded(client, m.id).await;
+    let retrying = of_kind(&events, EventKind::TaskRetrying);
+    assert_eq!(retrying.len(), 1, "handed back, not left to expire");
+    assert_eq!(
+        (retrying[0].attempt, retrying[0].worker_id.as_str()),
+        (1, "py-1")
+    );
+    assert!(
+        retrying[0].message.contains("canceled"),
+        "{:?}",
+        retrying[0].message
+    );
+    assert!(of_kind(&events, EventKind::TaskLeaseExpired).is_empty());
+    let done = of_kind(&events, EventKind::TaskSucceeded);
+    assert_eq!((done[0].attempt, done[0].worker_id.as_str()), (2, "py-2"));
+}
+
 /// A coordinator with a tokens file, stubs generated for it, and clients.
 struct Setup {
     /// Reads everything, as the test's own judge.
@@ -366,6 +407,11 @@ impl Setup {
     /// `worker.py` with id `id` and [`SLOTS`] slots, its token from
     /// `$STAGECOACH_TOKEN`.
     fn worker(&self, id: &str) -> PythonProcess {
+        self.worker_with(id, &[])
+    }
+
+    /// [`Self::worker`] with more flags.
+    fn worker_with(&self, id: &str, extra: &[&str]) -> PythonProcess {
         let slots = SLOTS.to_string();
         let args = [
             "--coordinator",
@@ -377,6 +423,7 @@ impl Setup {
         ];
         let mut cmd = self.examples.command(Path::new("worker.py"), &args);
         cmd.args(self.tls_args())
+            .args(extra)
             .env("STAGECOACH_TOKEN", &self.worker_token);
         Examples::spawn(cmd, id, &self.path().join(format!("{id}.log")))
     }
