@@ -114,9 +114,9 @@ async fn a_python_worker_and_client_run_a_migration() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_report_with_a_forged_lease_secret_is_refused() {
-    let (s, _worker) = Setup::with_worker("py-1").await;
+    let (s, worker) = Setup::with_worker("py-1").await;
     let (client, m, assigned) = s
-        .until_the_sleep_runs("forged", 0, 6_000, "python/forged")
+        .until_the_sleep_runs(&worker, "forged", 0, 6_000, "python/forged")
         .await;
 
     // The right worker id and lease token, any secret but the lease's.
@@ -170,13 +170,8 @@ async fn a_report_with_a_forged_lease_secret_is_refused() {
 async fn a_killed_python_workers_task_is_redone_by_another() {
     let (s, mut first) = Setup::with_worker("py-a").await;
     let (client, m, sleeping) = s
-        .until_the_sleep_runs("crash", 3, 4_000, "python/crash")
+        .until_the_sleep_runs(&first, "crash", 3, 4_000, "python/crash")
         .await;
-    let held = format!("task assigned task_id={} ", sleeping.task_id);
-    wait_for("py-a to start the sleep", WAIT, async || {
-        first.logs().contains(&held).then_some(())
-    })
-    .await;
     first.kill9().await;
     let _second = s.worker("py-b");
 
@@ -230,13 +225,8 @@ async fn a_terminated_python_worker_hands_its_task_back() {
     let mut first = s.worker_with("py-1", &["--drain-timeout", "0.2"]);
     s.admin.wait_for_workers(&["py-1"], WAIT).await;
     let (client, m, sleeping) = s
-        .until_the_sleep_runs("hand-back", 0, 4_000, "python/term")
+        .until_the_sleep_runs(&first, "hand-back", 0, 4_000, "python/term")
         .await;
-    let held = format!("task assigned task_id={} ", sleeping.task_id);
-    wait_for("py-1 to start the sleep", WAIT, async || {
-        first.logs().contains(&held).then_some(())
-    })
-    .await;
     first.terminate();
     let status = first.wait_exit(Duration::from_secs(15)).await;
     assert!(
@@ -249,8 +239,12 @@ async fn a_terminated_python_worker_hands_its_task_back() {
     let retrying = of_kind(&events, EventKind::TaskRetrying);
     assert_eq!(retrying.len(), 1, "handed back, not left to expire");
     assert_eq!(
-        (retrying[0].attempt, retrying[0].worker_id.as_str()),
-        (1, "py-1")
+        (
+            retrying[0].task_id,
+            retrying[0].attempt,
+            retrying[0].worker_id.as_str()
+        ),
+        (sleeping.task_id, 1, "py-1")
     );
     assert!(
         retrying[0].message.contains("canceled"),
@@ -351,11 +345,12 @@ impl Setup {
     }
 
     /// Starts `client.py` in the background on plan `name` (`noops` noop
-    /// tasks, then a sleep of `ms`) for `subject`, and waits until the sleep is
-    /// assigned, to the one worker there is; returns the running client,
-    /// the migration and that TASK_ASSIGNED.
+    /// tasks, then a sleep of `ms`) for `subject`, and waits until the sleep
+    /// runs on `worker`, the one worker there is; returns the running
+    /// client, the migration and the sleep's TASK_ASSIGNED.
     async fn until_the_sleep_runs(
         &self,
+        worker: &PythonProcess,
         name: &str,
         noops: usize,
         ms: u64,
@@ -375,6 +370,11 @@ impl Setup {
                 e.kind() == EventKind::TaskAssigned && e.stage_index == Some(sleep_stage)
             })
             .await;
+        let held = format!("task assigned task_id={} ", assigned.task_id);
+        wait_for("the worker to start the sleep", WAIT, async || {
+            worker.logs().contains(&held).then_some(())
+        })
+        .await;
         (client, m, assigned)
     }
 
