@@ -14,6 +14,7 @@
 //! | [`checker`] | [`check_invariants`]: the invariants I1–I10 read from one migration's log |
 //! | [`capacity`] | [`check_capacity`] (I3) and [`check_worker_slots`] (I12) on the merged log of all migrations |
 //! | [`fuzz`] | the `fuzz` command: hostile input against a live coordinator, and its checks |
+//! | [`chaos`] | the `chaos` command: random, seeded faults against a cluster of real processes, every migration checked |
 //! | [`fake_worker`] | [`FakeWorker`]: a worker over raw gRPC whose every report the test sends by hand |
 //! | [`plans`] | short builders for the plans tests write |
 //! | [`sample`] | the sample export plan and a source database to export |
@@ -44,6 +45,7 @@
 //! | `cancel_retry.rs` | cancel mid-stage and retry after a failure (I9) |
 //! | `semantics.rs` | deadline, subject exclusivity, idempotency, subject status, serial and dynamic stages (I8, I10) |
 //! | `fuzz_smoke.rs` | a few seconds of the fuzzer: no crash, no `INTERNAL` for bad input, SERVING, bounded memory, the checker clean on every migration |
+//! | `chaos_smoke.rs` | 30 s of the chaos harness on each backend: faults of several kinds, every migration as its plan implies, 0 violations |
 //! | `cluster_postgres.rs` | three coordinators on one PostgreSQL database: a fleet, a `kill -9`, racing admissions, a cancel across coordinators (I2, I3, I6, I9) |
 //!
 //! # A test, typically
@@ -77,6 +79,7 @@ pub mod backend;
 pub mod bench;
 pub mod binaries;
 pub mod capacity;
+pub mod chaos;
 pub mod checker;
 pub mod client;
 pub mod cluster;
