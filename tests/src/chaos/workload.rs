@@ -129,11 +129,12 @@ pub async fn drive(seed: u64, n: u64, clients: Vec<Client>, markers: PathBuf) ->
     let (plan, max_attempts) = plan_of(shape, &mut rng, &marker);
     let mut req = create_inline(plan, &format!("chaos/{n}"));
     req.idempotency_key = format!("chaos-{seed}-{n}");
-    if shape == Shape::Deadline {
-        let at = SystemTime::now() + Duration::from_millis(rng.random_range(1_500..5_000));
-        req.deadline = Some(prost_types::Timestamp::from(at));
-    }
-    let m = create(&clients, n, req).await?;
+    // Counted from each send: a create refused or lost to a fault is sent
+    // again later, and a deadline already past would be refused (the
+    // idempotency key finds a create that did commit, whatever its deadline).
+    let deadline_in = (shape == Shape::Deadline)
+        .then(|| Duration::from_millis(rng.random_range(1_500..5_000)));
+    let m = create(&clients, n, req, deadline_in).await?;
     let mut tracked = Tracked {
         n,
         id: m.id,
@@ -296,10 +297,17 @@ fn plan_of(shape: Shape, rng: &mut StdRng, marker: &Path) -> (Plan, u32) {
     }
 }
 
-/// Creates the migration, trying each coordinator in turn through faults.
-async fn create(clients: &[Client], n: u64, req: CreateMigrationRequest) -> Result<Migration, String> {
+/// Creates the migration, trying each coordinator in turn through faults;
+/// with a deadline `deadline_in` after each send.
+async fn create(
+    clients: &[Client],
+    n: u64,
+    req: CreateMigrationRequest,
+    deadline_in: Option<Duration>,
+) -> Result<Migration, String> {
     call(clients, n, "CreateMigration", |c| {
-        let req = req.clone();
+        let mut req = req.clone();
+        req.deadline = deadline_in.map(|d| prost_types::Timestamp::from(SystemTime::now() + d));
         async move { c.create(req).await }
     })
     .await
