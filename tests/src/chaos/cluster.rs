@@ -108,10 +108,7 @@ impl ChaosCluster {
         );
         if let Some(proxy) = &pg_proxy {
             args.push("--database".into());
-            args.push(format!(
-                "postgres://postgres@{}/postgres",
-                proxy.addr()
-            ));
+            args.push(format!("postgres://postgres@{}/postgres", proxy.addr()));
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut coordinators = Vec::new();
@@ -222,8 +219,10 @@ impl ChaosCluster {
 }
 
 async fn proxy_to(target: std::net::SocketAddr) -> Result<Proxy, SetupError> {
-    Proxy::start(target).await.map_err(|source| SetupError::Proxy {
-        target: target.to_string(),
-        source,
-    })
+    Proxy::start(target)
+        .await
+        .map_err(|source| SetupError::Proxy {
+            target: target.to_string(),
+            source,
+        })
 }

@@ -155,7 +155,11 @@ pub async fn inject(
 
 /// Applies one fault and undoes it; returns what it did, or why the
 /// cluster could not be brought back.
-async fn apply(cluster: &mut ChaosCluster, rng: &mut StdRng, kind: FaultKind) -> Result<String, String> {
+async fn apply(
+    cluster: &mut ChaosCluster,
+    rng: &mut StdRng,
+    kind: FaultKind,
+) -> Result<String, String> {
     let ms = |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_millis(rng.random_range(lo..hi));
     match kind {
         FaultKind::KillCoordinator => {

@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use cluster::{ChaosCluster, SetupError};
 pub use options::{BadOption, Options};
 pub use report::Report;
-use workload::Driven;
+use workload::{Calls, Driven};
 
 /// Why a run could not start; what it finds is in the [`Report`].
 #[derive(Debug, thiserror::Error)]
@@ -74,11 +74,12 @@ pub async fn run(opts: Options) -> Result<Report, RunError> {
 
     let started = Instant::now();
     let until = started + opts.duration;
+    let calls = Calls::new(clients.clone());
     let workload = tokio::spawn(create_migrations(
         seed,
         until,
         Duration::from_millis(opts.create_every_ms),
-        clients.clone(),
+        calls.clone(),
         markers,
     ));
     let mut rng = StdRng::seed_from_u64(seed);
@@ -100,8 +101,11 @@ pub async fn run(opts: Options) -> Result<Report, RunError> {
         ..Report::default()
     };
     eprintln!("chaos: faults stopped; waiting for the clients' last calls");
-    let driven = workload.await.unwrap_or_else(|e| vec![Err(format!("the workload panicked: {e}"))]);
+    let driven = workload
+        .await
+        .unwrap_or_else(|e| vec![Err(format!("the workload panicked: {e}"))]);
     report.elapsed = started.elapsed();
+    report.retried_calls = calls.retried();
     let mut tracked = Vec::new();
     for d in driven {
         match d {
@@ -132,7 +136,7 @@ async fn create_migrations(
     seed: u64,
     until: Instant,
     every: Duration,
-    clients: Vec<crate::client::Client>,
+    calls: Calls,
     markers: std::path::PathBuf,
 ) -> Vec<Driven> {
     let mut drivers = JoinSet::new();
@@ -140,7 +144,7 @@ async fn create_migrations(
     let mut n = 0;
     while Instant::now() < until {
         tick.tick().await;
-        drivers.spawn(workload::drive(seed, n, clients.clone(), markers.clone()));
+        drivers.spawn(workload::drive(seed, n, calls.clone(), markers.clone()));
         n += 1;
     }
     let mut out = Vec::new();
@@ -149,5 +153,3 @@ async fn create_migrations(
     }
     out
 }
-
-

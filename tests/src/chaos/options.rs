@@ -84,7 +84,11 @@ impl Options {
             })
         };
         if self.duration < Duration::from_secs(5) {
-            return bad("duration", &format!("{:?}", self.duration), "give at least 5s");
+            return bad(
+                "duration",
+                &format!("{:?}", self.duration),
+                "give at least 5s",
+            );
         }
         if self.backend == Backend::Postgres && !(1..=8).contains(&self.coordinators) {
             return bad("coordinators", &self.coordinators, "give 1 to 8");

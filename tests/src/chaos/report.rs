@@ -28,6 +28,9 @@ pub struct Report {
     /// Assignments beyond each task's first (after a lease expired, a
     /// retry, a hand-back or a client retry).
     pub reassignments: usize,
+    /// The workload's calls sent again after a transient answer, by RPC
+    /// and code.
+    pub retried_calls: BTreeMap<(String, String), u64>,
     /// The most migrations running at once, and leases one worker held.
     pub max_running: usize,
     pub max_worker_leases: usize,
@@ -84,8 +87,19 @@ impl fmt::Display for Report {
         ] {
             writeln!(f, "{label:<30} {:>6}", self.event(kind))?;
         }
-        writeln!(f, "{:<30} {:>6}", "most migrations running", self.max_running)?;
-        writeln!(f, "{:<30} {:>6}", "most leases on one worker", self.max_worker_leases)?;
+        writeln!(
+            f,
+            "{:<30} {:>6}",
+            "most migrations running", self.max_running
+        )?;
+        writeln!(
+            f,
+            "{:<30} {:>6}",
+            "most leases on one worker", self.max_worker_leases
+        )?;
+        for ((rpc, code), n) in &self.retried_calls {
+            writeln!(f, "{:<30} {n:>6}", format!("{rpc} retried after {code}"))?;
+        }
         if !self.violations.is_empty() {
             writeln!(f, "replay: --backend {} --seed {}", self.backend, self.seed)?;
             writeln!(f, "faults, in order:")?;

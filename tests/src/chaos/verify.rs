@@ -55,20 +55,21 @@ pub async fn verify(
     let mut all_events = Vec::new();
     for m in &migrations {
         let Some(events) = read_events(clients, m.id).await else {
-            report
-                .violations
-                .push(format!("migration {}: no coordinator answers ListEvents", m.id));
+            report.violations.push(format!(
+                "migration {}: no coordinator answers ListEvents",
+                m.id
+            ));
             continue;
         };
         let t = by_id.get(&m.id).copied();
         let shape = t.map_or("untracked", |t| t.shape.name());
-        *report
-            .migrations
-            .entry((shape, state_name(m)))
-            .or_default() += 1;
+        *report.migrations.entry((shape, state_name(m))).or_default() += 1;
         let mut errors = Vec::new();
         if !is_terminal(m.state()) {
-            errors.push(format!("not finished after the settling time: {:?}", m.state()));
+            errors.push(format!(
+                "not finished after the settling time: {:?}",
+                m.state()
+            ));
         }
         if let Err(e) = check_invariants(m, &events) {
             errors.extend(e);
@@ -119,7 +120,12 @@ fn count(events: &[Event], report: &mut Report) {
     for e in events {
         *report
             .events
-            .entry(e.kind().as_str_name().trim_start_matches("EVENT_KIND_").to_string())
+            .entry(
+                e.kind()
+                    .as_str_name()
+                    .trim_start_matches("EVENT_KIND_")
+                    .to_string(),
+            )
             .or_default() += 1;
         if e.task_id != 0 {
             tasks.insert(e.task_id);
@@ -169,7 +175,8 @@ async fn no_live_lease(clients: &[Client]) -> Result<(), String> {
 
 async fn read_migrations(clients: &[Client]) -> Option<Vec<Migration>> {
     for c in clients {
-        if let Ok(Ok(all)) = tokio::time::timeout(Duration::from_secs(10), c.list_migrations()).await
+        if let Ok(Ok(all)) =
+            tokio::time::timeout(Duration::from_secs(10), c.list_migrations()).await
         {
             return Some(all);
         }

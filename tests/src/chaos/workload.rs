@@ -8,7 +8,9 @@
 //! answer was lost to a fault can be sent again, to any coordinator), and
 //! for some shapes acts later as a client would (cancel, fix and retry).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rand::rngs::StdRng;
@@ -112,6 +114,41 @@ pub struct Tracked {
     pub max_attempts: u32,
 }
 
+/// The harness's clients of every coordinator, and a count of the calls
+/// they sent again after an answer a fault may cause (by RPC and code), so
+/// the report shows every `INTERNAL` or `UNAVAILABLE` the faults drew.
+#[derive(Debug, Clone)]
+pub struct Calls {
+    clients: Vec<Client>,
+    retried: Arc<Mutex<BTreeMap<(String, String), u64>>>,
+}
+
+impl Calls {
+    pub fn new(clients: Vec<Client>) -> Calls {
+        Calls {
+            clients,
+            retried: Arc::default(),
+        }
+    }
+
+    /// Calls sent again, by RPC and the code that made the harness retry.
+    pub fn retried(&self) -> BTreeMap<(String, String), u64> {
+        self.retried
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn count(&self, what: &str, code: Code) {
+        *self
+            .retried
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((what.to_string(), format!("{code:?}")))
+            .or_default() += 1;
+    }
+}
+
 /// What the driver of migration `n` ended with.
 pub type Driven = Result<Tracked, String>;
 
@@ -122,7 +159,7 @@ fn migration_rng(seed: u64, n: u64) -> StdRng {
 
 /// Creates migration `n` and plays its client's part; returns it with its
 /// expected outcome, or why the harness could not drive it.
-pub async fn drive(seed: u64, n: u64, clients: Vec<Client>, markers: PathBuf) -> Driven {
+pub async fn drive(seed: u64, n: u64, calls: Calls, markers: PathBuf) -> Driven {
     let mut rng = migration_rng(seed, n);
     let shape = SHAPES[rng.random_range(0..SHAPES.len())];
     let marker = markers.join(format!("m-{n}"));
@@ -132,9 +169,9 @@ pub async fn drive(seed: u64, n: u64, clients: Vec<Client>, markers: PathBuf) ->
     // Counted from each send: a create refused or lost to a fault is sent
     // again later, and a deadline already past would be refused (the
     // idempotency key finds a create that did commit, whatever its deadline).
-    let deadline_in = (shape == Shape::Deadline)
-        .then(|| Duration::from_millis(rng.random_range(1_500..5_000)));
-    let m = create(&clients, n, req, deadline_in).await?;
+    let deadline_in =
+        (shape == Shape::Deadline).then(|| Duration::from_millis(rng.random_range(1_500..5_000)));
+    let m = create(&calls, n, req, deadline_in).await?;
     let mut tracked = Tracked {
         n,
         id: m.id,
@@ -152,7 +189,7 @@ pub async fn drive(seed: u64, n: u64, clients: Vec<Client>, markers: PathBuf) ->
         }
         Shape::Cancel => {
             tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_500))).await;
-            let canceled = call(&clients, n, "CancelMigration", |c| async move {
+            let canceled = call(&calls, n, "CancelMigration", |c| async move {
                 c.cancel(m.id, "chaos: canceled by the client").await
             })
             .await;
@@ -165,9 +202,9 @@ pub async fn drive(seed: u64, n: u64, clients: Vec<Client>, markers: PathBuf) ->
             };
         }
         Shape::ClientRetry => {
-            wait_failed(&clients, n, m.id).await?;
+            wait_failed(&calls, n, m.id).await?;
             write_marker(&marker).await?;
-            let retried = call(&clients, n, "RetryMigration", |c| async move {
+            let retried = call(&calls, n, "RetryMigration", |c| async move {
                 c.retry(m.id).await
             })
             .await;
@@ -175,7 +212,7 @@ pub async fn drive(seed: u64, n: u64, clients: Vec<Client>, markers: PathBuf) ->
                 Ok(_) => {}
                 // An earlier try whose answer was lost may have retried it.
                 Err(s) if s.code() == Code::FailedPrecondition => {
-                    let now = call(&clients, n, "GetMigration", |c| async move {
+                    let now = call(&calls, n, "GetMigration", |c| async move {
                         c.get_migration(m.id).await
                     })
                     .await
@@ -240,8 +277,10 @@ fn plan_of(shape: Shape, rng: &mut StdRng, marker: &Path) -> (Plan, u32) {
             );
             let p = plan(
                 name,
-                vec![stage("flaky", vec![flaky, task("noop", json!({}))])
-                    .with_retry(retry(100, 100, 400, 0))],
+                vec![
+                    stage("flaky", vec![flaky, task("noop", json!({}))])
+                        .with_retry(retry(100, 100, 400, 0)),
+                ],
             );
             (p, 100)
         }
@@ -280,14 +319,20 @@ fn plan_of(shape: Shape, rng: &mut StdRng, marker: &Path) -> (Plan, u32) {
             let p = plan(
                 name,
                 vec![
-                    stage("long", vec![sleep(rng, 2_000, 5_000), sleep(rng, 2_000, 5_000)]),
+                    stage(
+                        "long",
+                        vec![sleep(rng, 2_000, 5_000), sleep(rng, 2_000, 5_000)],
+                    ),
                     stage("longer", vec![sleep(rng, 2_000, 5_000)]),
                 ],
             );
             (p, 3)
         }
         Shape::ClientRetry => {
-            let broken = task("fail", json!({"unless_file": marker, "message": "needs a fix"}));
+            let broken = task(
+                "fail",
+                json!({"unless_file": marker, "message": "needs a fix"}),
+            );
             let p = plan(
                 name,
                 vec![stage("fixable", vec![broken, task("noop", json!({}))])],
@@ -300,12 +345,12 @@ fn plan_of(shape: Shape, rng: &mut StdRng, marker: &Path) -> (Plan, u32) {
 /// Creates the migration, trying each coordinator in turn through faults;
 /// with a deadline `deadline_in` after each send.
 async fn create(
-    clients: &[Client],
+    calls: &Calls,
     n: u64,
     req: CreateMigrationRequest,
     deadline_in: Option<Duration>,
 ) -> Result<Migration, String> {
-    call(clients, n, "CreateMigration", |c| {
+    call(calls, n, "CreateMigration", |c| {
         let mut req = req.clone();
         req.deadline = deadline_in.map(|d| prost_types::Timestamp::from(SystemTime::now() + d));
         async move { c.create(req).await }
@@ -316,10 +361,10 @@ async fn create(
 
 /// Waits until the migration failed (the first run of a client-retry
 /// plan).
-async fn wait_failed(clients: &[Client], n: u64, id: i64) -> Result<(), String> {
+async fn wait_failed(calls: &Calls, n: u64, id: i64) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + CALL_PATIENCE;
     loop {
-        let m = call(clients, n, "GetMigration", |c| async move {
+        let m = call(calls, n, "GetMigration", |c| async move {
             c.get_migration(id).await
         })
         .await
@@ -352,7 +397,7 @@ async fn write_marker(marker: &Path) -> Result<(), String> {
 /// Sends a call to the coordinators in turn (starting with one chosen by
 /// `n`) until one answers with something other than a transient error, for
 /// at most [`CALL_PATIENCE`]. Only idempotent calls go through here.
-async fn call<T, F, Fut>(clients: &[Client], n: u64, what: &str, send: F) -> Result<T, Status>
+async fn call<T, F, Fut>(calls: &Calls, n: u64, what: &str, send: F) -> Result<T, Status>
 where
     F: Fn(Client) -> Fut,
     Fut: std::future::Future<Output = Result<T, Status>>,
@@ -360,13 +405,16 @@ where
     let deadline = tokio::time::Instant::now() + CALL_PATIENCE;
     let mut last = Status::unavailable(format!("{what} was never sent"));
     for i in (n as usize).. {
-        let client = clients[i % clients.len()].clone();
+        let client = calls.clients[i % calls.clients.len()].clone();
         match tokio::time::timeout(CALL_TIMEOUT, send(client)).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(s)) if !transient(&s) => return Err(s),
             Ok(Err(s)) => last = s,
-            Err(_) => last = Status::deadline_exceeded(format!("{what}: no answer in {CALL_TIMEOUT:?}")),
+            Err(_) => {
+                last = Status::deadline_exceeded(format!("{what}: no answer in {CALL_TIMEOUT:?}"))
+            }
         }
+        calls.count(what, last.code());
         if tokio::time::Instant::now() >= deadline {
             break;
         }
