@@ -141,3 +141,78 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo server on loopback, and a proxy to it.
+    async fn echo_behind_proxy() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        Proxy::start(target).await.unwrap()
+    }
+
+    async fn round_trip(s: &mut TcpStream, within: Duration) -> Option<Duration> {
+        let began = tokio::time::Instant::now();
+        s.write_all(b"ping").await.ok()?;
+        let mut buf = [0u8; 4];
+        match tokio::time::timeout(within, s.read_exact(&mut buf)).await {
+            Ok(Ok(_)) if &buf == b"ping" => Some(began.elapsed()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn passes_blackholes_delays_and_drops() {
+        let proxy = echo_behind_proxy().await;
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        let second = Duration::from_secs(1);
+        assert!(round_trip(&mut s, second).await.is_some(), "pass");
+
+        proxy.set(Mode::Blackhole);
+        assert!(
+            round_trip(&mut s, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "black-holed, yet answered"
+        );
+        proxy.set(Mode::Pass);
+        // What was held is forwarded once the black hole ends.
+        let mut held = [0u8; 4];
+        tokio::time::timeout(second, s.read_exact(&mut held))
+            .await
+            .expect("the held bytes arrive")
+            .unwrap();
+        assert_eq!(&held, b"ping");
+
+        proxy.set(Mode::Latency(Duration::from_millis(150)));
+        let took = round_trip(&mut s, second).await.expect("delayed, not lost");
+        assert!(
+            took >= Duration::from_millis(300),
+            "two delayed hops took {took:?}"
+        );
+        proxy.set(Mode::Pass);
+
+        proxy.drop_connections();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(second, s.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "still open: {read:?}"
+        );
+        let mut again = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert!(
+            round_trip(&mut again, second).await.is_some(),
+            "new connections pass"
+        );
+    }
+}

@@ -438,3 +438,47 @@ fn transient(s: &Status) -> bool {
             | Code::ResourceExhausted
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(state: MigrationState, reason: &str) -> Migration {
+        Migration {
+            state: state as i32,
+            reason: reason.to_string(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_outcome_other_than_the_plan_implies_is_refused() {
+        use MigrationState::*;
+        let deadline = ended(Failed, "deadline exceeded");
+        let broken = ended(Failed, "task 3 failed: broken for good");
+        assert!(Expect::DeadlineOrSucceeded.accepts(&deadline));
+        assert!(Expect::DeadlineOrSucceeded.accepts(&ended(Succeeded, "")));
+        assert!(!Expect::DeadlineOrSucceeded.accepts(&broken));
+        assert!(!Expect::Succeeded.accepts(&deadline));
+        assert!(Expect::Failed.accepts(&broken));
+        assert!(!Expect::Failed.accepts(&ended(Canceled, "")));
+        assert!(!Expect::Canceled.accepts(&ended(Succeeded, "")));
+        assert!(Expect::CanceledOrSucceeded.accepts(&ended(Succeeded, "")));
+        assert!(!Expect::CanceledOrSucceeded.accepts(&ended(Running, "")));
+    }
+
+    #[test]
+    fn the_workload_replays_from_the_seed() {
+        let draw = |seed| {
+            (0..20)
+                .map(|n| {
+                    let mut rng = migration_rng(seed, n);
+                    let shape = SHAPES[rng.random_range(0..SHAPES.len())];
+                    plan_of(shape, &mut rng, Path::new("/m"))
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+}
