@@ -62,7 +62,7 @@ impl fmt::Display for Report {
             "chaos on {}, seed {}: {} coordinators, {} workers, {:.1?} of faults and work, settled in {:.1?}",
             self.backend, self.seed, self.coordinators, self.workers, self.elapsed, self.settled_in
         )?;
-        writeln!(f, "{:<22} {:>10}  final states", "shape", "migrations")?;
+        writeln!(f, "{:<36} {:>10}  final states", "shape", "migrations")?;
         let mut by_shape: BTreeMap<&str, Vec<(&str, usize)>> = BTreeMap::new();
         for ((shape, state), n) in &self.migrations {
             by_shape.entry(shape).or_default().push((state, *n));
@@ -70,14 +70,14 @@ impl fmt::Display for Report {
         for (shape, states) in &by_shape {
             let total: usize = states.iter().map(|(_, n)| n).sum();
             let states: Vec<String> = states.iter().map(|(s, n)| format!("{s} {n}")).collect();
-            writeln!(f, "{shape:<22} {total:>10}  {}", states.join(", "))?;
+            writeln!(f, "{shape:<36} {total:>10}  {}", states.join(", "))?;
         }
-        writeln!(f, "{:<30} {:>6}", "fault", "count")?;
+        writeln!(f, "{:<44} {:>6}", "fault", "count")?;
         for (kind, n) in self.fault_counts() {
-            writeln!(f, "{:<30} {n:>6}", kind.name())?;
+            writeln!(f, "{:<44} {n:>6}", kind.name())?;
         }
-        writeln!(f, "{:<30} {:>6}", "tasks", self.tasks)?;
-        writeln!(f, "{:<30} {:>6}", "reassignments", self.reassignments)?;
+        writeln!(f, "{:<44} {:>6}", "tasks", self.tasks)?;
+        writeln!(f, "{:<44} {:>6}", "reassignments", self.reassignments)?;
         for (label, kind) in [
             ("leases expired", "TASK_LEASE_EXPIRED"),
             ("attempts handed back", "TASK_HANDED_BACK"),
@@ -85,20 +85,20 @@ impl fmt::Display for Report {
             ("rejected reports", "REPORT_REJECTED"),
             ("client retries", "MIGRATION_RETRIED"),
         ] {
-            writeln!(f, "{label:<30} {:>6}", self.event(kind))?;
+            writeln!(f, "{label:<44} {:>6}", self.event(kind))?;
         }
         writeln!(
             f,
-            "{:<30} {:>6}",
+            "{:<44} {:>6}",
             "most migrations running", self.max_running
         )?;
         writeln!(
             f,
-            "{:<30} {:>6}",
+            "{:<44} {:>6}",
             "most leases on one worker", self.max_worker_leases
         )?;
         for ((rpc, code), n) in &self.retried_calls {
-            writeln!(f, "{:<30} {n:>6}", format!("{rpc} retried after {code}"))?;
+            writeln!(f, "{:<44} {n:>6}", format!("{rpc} retried after {code}"))?;
         }
         if !self.violations.is_empty() {
             writeln!(f, "replay: --backend {} --seed {}", self.backend, self.seed)?;

@@ -170,7 +170,7 @@ pub async fn drive(seed: u64, n: u64, calls: Calls, markers: PathBuf) -> Driven 
     // again later, and a deadline already past would be refused (the
     // idempotency key finds a create that did commit, whatever its deadline).
     let deadline_in =
-        (shape == Shape::Deadline).then(|| Duration::from_millis(rng.random_range(1_500..5_000)));
+        (shape == Shape::Deadline).then(|| Duration::from_millis(rng.random_range(2_000..10_000)));
     let m = create(&calls, n, req, deadline_in).await?;
     let mut tracked = Tracked {
         n,
@@ -343,20 +343,37 @@ fn plan_of(shape: Shape, rng: &mut StdRng, marker: &Path) -> (Plan, u32) {
 }
 
 /// Creates the migration, trying each coordinator in turn through faults;
-/// with a deadline `deadline_in` after each send.
+/// with a deadline `deadline_in` after each send. A send that spent longer
+/// than that in flight (a coordinator restarting, a store black-holed) is
+/// refused for a deadline already past, rightly: it is sent again, a few
+/// times, with a new one.
 async fn create(
     calls: &Calls,
     n: u64,
     req: CreateMigrationRequest,
     deadline_in: Option<Duration>,
 ) -> Result<Migration, String> {
-    call(calls, n, "CreateMigration", |c| {
-        let mut req = req.clone();
-        req.deadline = deadline_in.map(|d| prost_types::Timestamp::from(SystemTime::now() + d));
-        async move { c.create(req).await }
-    })
-    .await
-    .map_err(|s| format!("migration n={n}: create: {s}"))
+    let mut late = 0;
+    loop {
+        let created = call(calls, n, "CreateMigration", |c| {
+            let mut req = req.clone();
+            req.deadline = deadline_in.map(|d| prost_types::Timestamp::from(SystemTime::now() + d));
+            async move { c.create(req).await }
+        })
+        .await;
+        match created {
+            Err(s)
+                if deadline_in.is_some()
+                    && s.code() == Code::InvalidArgument
+                    && s.message().starts_with("deadline:")
+                    && late < 5 =>
+            {
+                late += 1;
+                calls.count("CreateMigration", s.code());
+            }
+            other => return other.map_err(|s| format!("migration n={n}: create: {s}")),
+        }
+    }
 }
 
 /// Waits until the migration failed (the first run of a client-retry
