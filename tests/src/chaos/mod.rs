@@ -30,12 +30,14 @@ pub mod report;
 pub mod verify;
 pub mod workload;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use cluster::{ChaosCluster, SetupError};
 pub use options::{BadOption, Options};
@@ -79,6 +81,7 @@ pub async fn run(opts: Options) -> Result<Report, RunError> {
         seed,
         until,
         Duration::from_millis(opts.create_every_ms),
+        opts.max_in_flight,
         calls.clone(),
         markers,
     ));
@@ -131,20 +134,37 @@ pub async fn run(opts: Options) -> Result<Report, RunError> {
 }
 
 /// Creates one migration every `every` until `until`, each driven by a task
-/// of its own, and returns what every driver ended with.
+/// of its own, and returns what every driver ended with. At most
+/// `max_in_flight` are unfinished at once: a tick finding them all busy
+/// waits for one to finish.
 async fn create_migrations(
     seed: u64,
     until: Instant,
     every: Duration,
+    max_in_flight: usize,
     calls: Calls,
     markers: std::path::PathBuf,
 ) -> Vec<Driven> {
+    let permits = Arc::new(Semaphore::new(max_in_flight));
     let mut drivers = JoinSet::new();
     let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut n = 0;
     while Instant::now() < until {
         tick.tick().await;
-        drivers.spawn(workload::drive(seed, n, calls.clone(), markers.clone()));
+        let Ok(Ok(permit)) = tokio::time::timeout_at(until, permits.clone().acquire_owned()).await
+        else {
+            break;
+        };
+        let (calls, markers) = (calls.clone(), markers.clone());
+        drivers.spawn(async move {
+            let driven = workload::drive(seed, n, calls.clone(), markers).await;
+            if let Ok(t) = &driven {
+                workload::wait_finished(&calls, n, t.id).await;
+            }
+            drop(permit);
+            driven
+        });
         n += 1;
     }
     let mut out = Vec::new();

@@ -40,6 +40,10 @@ pub struct Options {
     /// Milliseconds between two new migrations.
     #[arg(long, default_value_t = 400)]
     pub create_every_ms: u64,
+    /// Most migrations unfinished at once; creation waits beyond it, so a
+    /// slowed cluster is not buried under a queue.
+    #[arg(long, default_value_t = 24)]
+    pub max_in_flight: usize,
     /// Mean milliseconds between the end of one fault and the next.
     #[arg(long, default_value_t = 1_500)]
     pub fault_gap_ms: u64,
@@ -69,6 +73,7 @@ impl Options {
             worker_slots: 4,
             pool_slots: 6,
             create_every_ms: 400,
+            max_in_flight: 24,
             fault_gap_ms: 800,
             settle: Duration::from_secs(150),
         }
@@ -108,6 +113,9 @@ impl Options {
         }
         if self.create_every_ms < 20 {
             return bad("create-every-ms", &self.create_every_ms, "give at least 20");
+        }
+        if self.max_in_flight == 0 {
+            return bad("max-in-flight", &self.max_in_flight, "give at least 1");
         }
         if self.fault_gap_ms < 50 {
             return bad("fault-gap-ms", &self.fault_gap_ms, "give at least 50");

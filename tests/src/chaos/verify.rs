@@ -53,14 +53,17 @@ pub async fn verify(
     };
     let by_id: HashMap<i64, &Tracked> = tracked.iter().map(|t| (t.id, t)).collect();
     let mut all_events = Vec::new();
-    for m in &migrations {
-        let Some(events) = read_events(clients, m.id).await else {
+    for listed in &migrations {
+        // The migration as of after its log was read: one that was still
+        // moving when listed must not be judged against a newer log.
+        let Some((m, events)) = read_consistent(clients, listed.id).await else {
             report.violations.push(format!(
-                "migration {}: no coordinator answers ListEvents",
-                m.id
+                "migration {}: no coordinator answers GetMigration and ListEvents",
+                listed.id
             ));
             continue;
         };
+        let m = &m;
         let t = by_id.get(&m.id).copied();
         let shape = t.map_or("untracked", |t| t.shape.name());
         *report.migrations.entry((shape, state_name(m))).or_default() += 1;
@@ -184,13 +187,27 @@ async fn read_migrations(clients: &[Client]) -> Option<Vec<Migration>> {
     None
 }
 
-async fn read_events(clients: &[Client], id: i64) -> Option<Vec<Event>> {
-    for c in clients {
-        if let Ok(Ok(events)) = tokio::time::timeout(Duration::from_secs(10), c.events(id)).await {
-            return Some(events);
+/// A migration and its log, read until the migration's state is the same
+/// before and after the log (three tries).
+async fn read_consistent(clients: &[Client], id: i64) -> Option<(Migration, Vec<Event>)> {
+    let quick = Duration::from_secs(10);
+    let mut last = None;
+    for _ in 0..3 {
+        for c in clients {
+            let before = tokio::time::timeout(quick, c.get_migration(id)).await;
+            let events = tokio::time::timeout(quick, c.events(id)).await;
+            let after = tokio::time::timeout(quick, c.get_migration(id)).await;
+            if let (Ok(Ok(before)), Ok(Ok(events)), Ok(Ok(after))) = (before, events, after) {
+                let same = before.state == after.state;
+                last = Some((after, events));
+                if same {
+                    return last;
+                }
+                break;
+            }
         }
     }
-    None
+    last
 }
 
 fn state_name(m: &Migration) -> String {

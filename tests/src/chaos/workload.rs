@@ -376,6 +376,24 @@ async fn create(
     }
 }
 
+/// Waits until the migration is finished, quietly giving up after a while
+/// (the checks at the end judge it): the workload keeps a bounded number
+/// of migrations unfinished, so a slowed cluster is not buried under a
+/// queue it can never drain.
+pub async fn wait_finished(calls: &Calls, n: u64, id: i64) {
+    let deadline = tokio::time::Instant::now() + 2 * CALL_PATIENCE;
+    while tokio::time::Instant::now() < deadline {
+        let m = call(calls, n, "GetMigration", |c| async move {
+            c.get_migration(id).await
+        })
+        .await;
+        if m.is_ok_and(|m| crate::client::is_terminal(m.state())) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Waits until the migration failed (the first run of a client-retry
 /// plan).
 async fn wait_failed(calls: &Calls, n: u64, id: i64) -> Result<(), String> {
