@@ -16,6 +16,7 @@
 //! | [`fuzz`] | the `fuzz` command: hostile input against a live coordinator, and its checks |
 //! | [`metrics`] | `/metrics` over HTTP ([`metrics::get`]) and a strict parser of the Prometheus text format |
 //! | [`python`] | the Python examples (`worker/examples/python/`): their virtualenv under the target dir, stubs, processes |
+//! | [`chaos`] | the `chaos` command: random, seeded faults against a cluster of real processes, every migration checked |
 //! | [`fake_worker`] | [`FakeWorker`]: a worker over raw gRPC whose every report the test sends by hand |
 //! | [`plans`] | short builders for the plans tests write |
 //! | [`sample`] | the sample export plan and a source database to export |
@@ -50,6 +51,7 @@
 //! | `dashboard.rs` | the web dashboard: its JSON API (filters, paging, spans, tail, leased tasks, live feed, tokens) and the page in headless Chromium (states, Gantt chart, a live update without reload, hostile subjects as text, 390 px, the token prompt) |
 //! | `metrics.rs` | `/metrics`: every family with its type, counts matching a run of succeeded, failed, canceled and stuck migrations; 401/403/200 by token; two coordinators on one PostgreSQL report the same database gauges |
 //! | `python_clients.rs` | the Python example worker and client (stubs generated from our proto) run a migration, a forged lease secret is refused, a killed Python worker's task is redone, `--tls-ca` (SQLite only) |
+//! | `chaos_smoke.rs` | 30 s of the chaos harness on each backend: faults of several kinds, every migration as its plan implies, 0 violations |
 //! | `cluster_postgres.rs` | three coordinators on one PostgreSQL database: a fleet, a `kill -9`, racing admissions, a cancel across coordinators (I2, I3, I6, I9) |
 //! | `cluster_streams.rs` | one live `Subscribe` stream per worker id across two coordinators on one PostgreSQL database; instant failover of the same worker process |
 //!
@@ -84,6 +86,7 @@ pub mod backend;
 pub mod bench;
 pub mod binaries;
 pub mod capacity;
+pub mod chaos;
 pub mod chromium;
 pub mod client;
 pub mod cluster;

@@ -93,7 +93,7 @@ impl Options {
     }
 }
 
-fn parse_backend(s: &str) -> Result<Backend, String> {
+pub fn parse_backend(s: &str) -> Result<Backend, String> {
     match s {
         "sqlite" => Ok(Backend::Sqlite),
         "postgres" | "postgresql" => Ok(Backend::Postgres),
@@ -101,7 +101,7 @@ fn parse_backend(s: &str) -> Result<Backend, String> {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
     match unit {
