@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 #
-# One image with both Stagecoach binaries, `coordinator` and `worker`, for
-# every service of docker-compose.yml:
+# One image with the Stagecoach binaries (`coordinator`, `worker`, and the
+# `stagecoach` CLI) for every service of docker-compose.yml:
 #
 #   docker build -t stagecoach:local .
 #   docker run --rm -p 50051:50051 -v $PWD/tokens:/tokens \
@@ -23,9 +23,9 @@ COPY . .
 # target directory is not part of the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin coordinator --bin worker \
+    cargo build --release --locked --bin coordinator --bin worker --bin stagecoach \
  && mkdir -p /out \
- && cp target/release/coordinator target/release/worker /out/
+ && cp target/release/coordinator target/release/worker target/release/stagecoach /out/
 
 # --- run: slim Debian of the same release as the build image (same glibc) --
 FROM debian:bookworm-slim
@@ -38,7 +38,7 @@ RUN apt-get update \
  # with this ownership, so the non-root user can write to it.
  && mkdir -p /var/lib/stagecoach/shared \
  && chown -R stagecoach:stagecoach /var/lib/stagecoach
-COPY --from=build /out/coordinator /out/worker /usr/local/bin/
+COPY --from=build /out/coordinator /out/worker /out/stagecoach /usr/local/bin/
 USER stagecoach
 WORKDIR /var/lib/stagecoach
 ENV STAGECOACH_SHARED_DIR=/var/lib/stagecoach/shared
