@@ -18,7 +18,7 @@ use stagecoach_worker::Worker;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use stagecoach_coordinator::config::{Config, LogFormat};
+use stagecoach_coordinator::config::{Config, HttpListen, LogFormat};
 use stagecoach_coordinator::domain::RequestLimits;
 
 /// Settings of `coordinator demo`.
@@ -38,6 +38,14 @@ pub struct DemoArgs {
     /// Size of the sample source database (1 = some thousands of rows).
     #[arg(long, default_value_t = 1)]
     pub scale: u32,
+    /// Address of the dashboard and `/metrics` (another free port when this
+    /// one is taken), or `off`.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub http_listen: HttpListen,
+    /// Keep the coordinator, its workers and the dashboard running after
+    /// the migration ended, until Ctrl-C.
+    #[arg(long)]
+    pub stay: bool,
 }
 
 /// Runs the demo; `Ok(true)` when the migration succeeded.
@@ -76,17 +84,28 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         allow_unauthenticated: false,
         log_format: LogFormat::Text,
         tls: Default::default(),
-        // The demo's coordinator lives as long as its migration.
-        http_listen: stagecoach_coordinator::config::HttpListen::Off,
+        http_listen: args.http_listen,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
+    let http = match args.http_listen.addr() {
+        None => None,
+        Some(at) => match tokio::net::TcpListener::bind(at).await {
+            Ok(l) => Some(l),
+            // A second demo, or a coordinator, has the port: take another.
+            Err(_) => Some(tokio::net::TcpListener::bind((at.ip(), 0)).await?),
+        },
+    };
+    let dashboard = http
+        .as_ref()
+        .map(|l| l.local_addr().map(|a| format!("http://{a}/")))
+        .transpose()?;
     let server = tokio::spawn(stagecoach_coordinator::server::run(
         config,
         stagecoach_coordinator::server::Listeners {
             grpc: listener,
-            http: None,
+            http,
         },
         shutdown.clone(),
         || {},
@@ -119,7 +138,17 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         source.tables.len(),
         source.total_rows()
     );
+    if let Some(dashboard) = &dashboard {
+        println!("  dashboard    {dashboard}");
+    }
     let outcome = drive(&url, &source.path, &shutdown).await;
+    let ended = Instant::now();
+    if args.stay && !shutdown.is_cancelled() {
+        println!(
+            "\nthe migration ended; coordinator, workers and dashboard keep running (--stay): Ctrl-C stops them"
+        );
+        shutdown.cancelled().await;
+    }
     shutdown.cancel();
     for w in workers {
         if let Ok(Err(e)) = w.await {
@@ -129,7 +158,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     server.await?.context("coordinator")?;
     let (migration, started) = outcome?;
 
-    let elapsed = started.elapsed();
+    let elapsed = ended.duration_since(started);
     if migration.state != pb::MigrationState::Succeeded as i32 {
         println!(
             "\nmigration {} {}: {}",
