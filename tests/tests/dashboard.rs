@@ -458,14 +458,20 @@ fn text_of(selector: &str) -> String {
     format!("document.querySelector({selector:?})?.textContent")
 }
 
-/// Saves a screenshot of `page` as `name.png` in `STAGECOACH_SCREENSHOTS`,
-/// when that names a directory (to look at the page a test saw).
+/// Saves a screenshot of `page` as `name.png`, the test's artefact: in
+/// `STAGECOACH_SCREENSHOTS` when set, else in `dashboard-screenshots/`
+/// beside the built binaries (`target/debug/`).
 async fn screenshot(page: &Page<'_>, name: &str) {
-    if let Some(dir) = std::env::var_os("STAGECOACH_SCREENSHOTS") {
-        let dir = Path::new(&dir);
-        std::fs::create_dir_all(dir).expect("create the screenshot dir");
-        page.screenshot(&dir.join(format!("{name}.png"))).await;
-    }
+    let dir = match std::env::var_os("STAGECOACH_SCREENSHOTS") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => binaries()
+            .coordinator
+            .parent()
+            .expect("the binaries' directory")
+            .join("dashboard-screenshots"),
+    };
+    std::fs::create_dir_all(&dir).expect("create the screenshot dir");
+    page.screenshot(&dir.join(format!("{name}.png"))).await;
 }
 
 /// The page scrolls horizontally by this many pixels (0: it fits).
