@@ -33,6 +33,23 @@ pub struct Executables {
 }
 
 impl Executables {
+    /// For a harness binary (`fuzz`, `chaos`): the e2e helpers find the
+    /// executables beside a test binary under `<profile>/deps/`, which a
+    /// `[[bin]]` is not, so build them with this binary's profile and point
+    /// the helpers at them (`STAGECOACH_BIN_DIR`), unless that is set
+    /// already. Call it before any other thread starts.
+    pub fn point_harness_at_them() -> anyhow::Result<()> {
+        if std::env::var_os("STAGECOACH_BIN_DIR").is_some() {
+            return Ok(());
+        }
+        let exes = Executables::locate_or_build(None)?;
+        if let Some(dir) = exes.coordinator.parent() {
+            // SAFETY: the caller runs this before starting any thread.
+            unsafe { std::env::set_var("STAGECOACH_BIN_DIR", dir) };
+        }
+        Ok(())
+    }
+
     /// Takes them from `bin_dir`, or builds them with the running
     /// executable's profile and target directory.
     pub fn locate_or_build(bin_dir: Option<&Path>) -> anyhow::Result<Executables> {

@@ -10,21 +10,9 @@ use stagecoach_tests::fuzz::{self, Options};
 
 fn main() -> ExitCode {
     let opts = Options::parse();
-    // The e2e harness finds the executables beside a test binary under
-    // `<profile>/deps/`, which a `[[bin]]` is not: build them with this
-    // binary's profile (as `bench` does) and point the harness at them.
-    if std::env::var_os("STAGECOACH_BIN_DIR").is_none() {
-        let dir = match Executables::locate_or_build(None) {
-            Ok(exes) => exes.coordinator.parent().map(|d| d.to_path_buf()),
-            Err(e) => {
-                eprintln!("fuzz: {e:#}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if let Some(dir) = dir {
-            // SAFETY: no other thread exists yet (the runtime starts below).
-            unsafe { std::env::set_var("STAGECOACH_BIN_DIR", dir) };
-        }
+    if let Err(e) = Executables::point_harness_at_them() {
+        eprintln!("fuzz: {e:#}");
+        return ExitCode::FAILURE;
     }
     let runtime = tokio::runtime::Runtime::new().expect("a Tokio runtime");
     match runtime.block_on(fuzz::run(opts)) {
