@@ -158,7 +158,10 @@ impl Conn {
             connections: connections.clone(),
             peer,
             inner,
-            idle: timeouts.idle,
+            // Calls are matched to their connection by the peer's address:
+            // without one, none would count and a busy connection would
+            // look idle.
+            idle: timeouts.idle.filter(|_| peer.is_some()),
             read: 0,
             timer: Some(Box::pin(tokio::time::sleep(timeouts.handshake))),
         }
