@@ -59,9 +59,12 @@ fn the_image_has_the_binaries_the_services_run() {
         "build on the run image's Debian release (same glibc): {}",
         image.build_from
     );
-    let both: BTreeSet<String> = ["coordinator", "worker"].map(String::from).into();
-    assert_eq!(image.built, both, "cargo build --bin …");
-    assert_eq!(image.installed, both, "COPY --from=build … /usr/local/bin/");
+    // The services run the first two; the CLI is there for operators.
+    let all: BTreeSet<String> = ["coordinator", "worker", "stagecoach"]
+        .map(String::from)
+        .into();
+    assert_eq!(image.built, all, "cargo build --bin …");
+    assert_eq!(image.installed, all, "COPY --from=build … /usr/local/bin/");
     assert!(image.installs_ca_certificates, "ca-certificates installed");
     let user = image.user.as_deref().expect("a USER line");
     assert!(
