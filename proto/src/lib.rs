@@ -14,4 +14,7 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/stagecoach_descriptor.bin"));
 
+mod code;
 pub mod json;
+
+pub use code::code_name;

@@ -2,8 +2,8 @@
 //! (`error: NOT_FOUND: migration 7 does not exist`) by `main`, never as a
 //! Rust debug dump.
 
+use stagecoach_proto::code_name;
 use stagecoach_worker::TlsError;
-use tonic::Code;
 
 /// A command that could not do its job.
 #[derive(Debug, thiserror::Error)]
@@ -57,29 +57,6 @@ pub enum CliError {
     /// Writing the output failed (e.g. a closed pipe).
     #[error("writing the output: {0}")]
     Output(#[from] std::io::Error),
-}
-
-/// The canonical name of a gRPC code, as grpcurl and the gRPC docs spell it.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// `text` with its line breaks as spaces: an error is one line.

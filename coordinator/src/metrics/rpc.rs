@@ -21,6 +21,7 @@ use std::time::Instant;
 use http_body::{Body as _, Frame, SizeHint};
 use prometheus::Histogram;
 use prost::Message;
+use stagecoach_proto::code_name;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Bytes, Context, Poll, Service, http};
 use tonic::server::NamedService;
@@ -211,29 +212,6 @@ impl Drop for Timed {
 fn status_code(headers: &http::HeaderMap) -> Option<Code> {
     let value = headers.get("grpc-status")?;
     Some(Code::from_bytes(value.as_bytes()))
-}
-
-/// The canonical name of a status code, as gRPC documents it.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 #[cfg(test)]
